@@ -1,0 +1,126 @@
+"""The application factory: builds one gateway (state passed explicitly) and its FastAPI app."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse, Response
+
+from gateway.auth import TokenVerifier
+from gateway.bus import Bus
+from gateway.config import Settings
+from gateway.hub import Hub
+from gateway.logs import install_redaction
+from gateway.metrics import Metrics
+from gateway.permissions import AclStore
+from gateway.session import serve_socket
+
+if TYPE_CHECKING:
+    from gateway.devidp import DevIdentityProvider
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Everything one gateway process owns; created by `create_app`, reachable as `app.state.gateway`."""
+
+    def __init__(
+        self, settings: Settings, *, metrics: Metrics | None = None, issuer: str | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.acl = AclStore()
+        self.hub = Hub(settings, self.metrics, self.acl)
+        self.bus = Bus(settings, self.hub, self.acl, self.metrics)
+        self.verifier = TokenVerifier.from_settings(settings, issuer=issuer)
+
+    async def start(self) -> None:
+        await self.verifier.start()
+        await self.bus.start()
+
+    async def stop(self) -> None:
+        for conn in list(self.hub.connections.values()):
+            self.hub.go_away(conn)
+        await self.bus.stop()
+        await self.verifier.aclose()
+
+    def readiness(self) -> dict[str, bool]:
+        nc = self.bus.nc
+        return {
+            "nats_connected": bool(nc and nc.is_connected),
+            "consumer_live": self.bus.consuming,
+            "acl_loaded": self.bus.acl_ready.is_set(),
+            "jwks_loaded": self.verifier.ready,
+        }
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    dev_idp: DevIdentityProvider | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """Build the gateway app. In dev mode the development identity provider is mounted at /dev/idp."""
+    settings = settings or Settings()
+    install_redaction()
+    gateway = Gateway(settings, metrics=metrics, issuer=dev_idp.issuer if dev_idp else None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="wsgateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway
+
+    if dev_idp is not None:
+        app.include_router(dev_idp.router(), prefix="/dev/idp", tags=["dev identity provider (insecure)"])
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """The process is up and serving HTTP."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz() -> JSONResponse:
+        """Ready to serve: NATS connected, consumer live, ACLs and JWKS loaded."""
+        checks = gateway.readiness()
+        ok = all(checks.values())
+        return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["operations"])
+    async def metrics_endpoint() -> Response:
+        body, ctype = gateway.metrics.exposition()
+        return Response(body, media_type=ctype)
+
+    @app.websocket("/v1/ws")
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await serve_socket(gateway, websocket)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for `wsgateway serve` worker processes: settings from WSGATEWAY_* variables."""
+    return create_app(Settings())
+
+
+def uvicorn_options(settings: Settings) -> dict[str, object]:
+    """The uvicorn settings the data path relies on (protocol class, limits, keepalive, shutdown)."""
+    return {
+        "ws": "gateway.transport:GatewayWSProtocol",
+        "ws_max_size": settings.max_frame_bytes,
+        "ws_ping_interval": settings.heartbeat_s,
+        "ws_ping_timeout": settings.heartbeat_s,
+        "ws_per_message_deflate": False,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+        "lifespan": "on",
+        "log_level": settings.log_level,
+    }

@@ -1,0 +1,201 @@
+"""The bus: this instance's one JetStream ordered consumer, the ACL bucket watch, and NATS health.
+
+Every instance reads every event (an ordered consumer is a broadcast, not a work queue), so any number
+of instances run side by side. The bus never gives up: a failed first connection is retried with
+backoff, a lost connection is re-established by nats-py, and the ordered consumer re-creates itself
+from the last stream sequence it saw, so no event is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from gateway.config import Settings
+from gateway.events import InvalidEvent, parse_event
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+from gateway.permissions import AclStore, watch_acl
+
+log = logging.getLogger(__name__)
+
+
+async def ensure_stream(js: JetStreamContext, settings: Settings) -> int:
+    """Make sure the events stream exists (creating it when allowed); returns its last sequence."""
+    subject = f"{settings.subject_prefix}.>"
+    try:
+        info = await js.stream_info(settings.stream)
+    except NotFoundError:
+        if not settings.create_stream:
+            raise RuntimeError(
+                f"JetStream stream {settings.stream!r} does not exist and stream creation is disabled"
+            ) from None
+        info = await js.add_stream(
+            StreamConfig(
+                name=settings.stream,
+                subjects=[subject],
+                storage=StorageType.FILE,
+                max_age=settings.stream_max_age_s,
+                max_bytes=settings.stream_max_bytes,
+                num_replicas=settings.stream_replicas,
+                duplicate_window=120.0,
+            )
+        )
+        log.info("created JetStream stream %s on %s", settings.stream, subject)
+    else:
+        if subject not in (info.config.subjects or []):
+            log.warning("stream %s does not list subject %s: events may be missed", settings.stream, subject)
+    return int(info.state.last_seq)
+
+
+async def ensure_bucket(js: JetStreamContext, settings: Settings) -> object:
+    try:
+        return await js.key_value(settings.acl_bucket)
+    except (BucketNotFoundError, NotFoundError):
+        if not settings.create_stream:
+            raise
+        log.info("creating ACL bucket %s", settings.acl_bucket)
+        return await js.create_key_value(bucket=settings.acl_bucket, history=1)
+
+
+class Bus:
+    """Connects to NATS and feeds the hub; `ready` when connected, consuming and ACLs loaded."""
+
+    def __init__(self, settings: Settings, hub: Hub, acl: AclStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.acl = acl
+        self.metrics = metrics
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.consuming = False
+        self.acl_ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._last_invalid_log = 0.0
+        self._invalid_unlogged = 0
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.nc and self.nc.is_connected and self.consuming and self.acl_ready.is_set())
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="wsgateway-bus")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in (self._watch_task, self._task):
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        self.metrics.nats_connected.set(0)
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while not self._stopping:
+            try:
+                await self._connect()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep trying: readiness tells the orchestrator meanwhile
+                log.warning("NATS not ready (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
+                if self.nc is not None:
+                    with contextlib.suppress(Exception):
+                        await self.nc.close()
+                    self.nc = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _connect(self) -> None:
+        s = self.settings
+
+        async def disconnected() -> None:
+            self.metrics.nats_connected.set(0)
+            log.warning("NATS disconnected")
+
+        async def reconnected() -> None:
+            self.metrics.nats_connected.set(1)
+            log.info("NATS reconnected to %s", self.nc.connected_url.netloc if self.nc else "?")
+
+        async def error(exc: Exception) -> None:
+            log.debug("NATS error: %s", exc)
+
+        opts: dict[str, object] = {}
+        if s.nats_credentials:
+            opts["user_credentials"] = str(s.nats_credentials)
+        self.nc = await nats.connect(
+            servers=s.nats_servers,
+            name="wsgateway",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            allow_reconnect=True,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+            **opts,  # type: ignore[arg-type]
+        )
+        self.metrics.nats_connected.set(1)
+        self.js = self.nc.jetstream()
+        last = await ensure_stream(self.js, s)
+        kv = await ensure_bucket(self.js, s)
+        self._watch_task = asyncio.create_task(
+            watch_acl(kv, self.acl, lambda tenant: self.hub.recheck(tenant=tenant), self.acl_ready),
+            name="wsgateway-acl-watch",
+        )
+        await asyncio.wait_for(self.acl_ready.wait(), timeout=30)
+        # Start right after the stream's current end: the hub's cursor is exact from the first event.
+        self.hub.skip(last)
+        await self.js.subscribe(
+            f"{s.subject_prefix}.>",
+            stream=s.stream,
+            cb=self._on_msg,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=last + 1,
+                inactive_threshold=30.0,
+            ),
+            idle_heartbeat=2.0,
+        )
+        self.consuming = True
+        log.info("consuming %s.> from stream %s after seq %d", s.subject_prefix, s.stream, last)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        self.metrics.consumer_lag.set(meta.num_pending)
+        self.metrics.events_received.inc()
+        try:
+            env = parse_event(msg.data, msg.subject, self.settings.subject_prefix)
+        except InvalidEvent as exc:
+            self.hub.skip(seq)
+            self.metrics.events_invalid.labels(exc.reason).inc()
+            self._log_invalid(seq, msg.subject, exc)
+            return
+        self.hub.dispatch(seq, env, msg.data)
+
+    def _log_invalid(self, seq: int, subject: str, exc: InvalidEvent) -> None:
+        now = time.monotonic()
+        if now - self._last_invalid_log >= 1.0:
+            more = f" (+{self._invalid_unlogged} more since last log)" if self._invalid_unlogged else ""
+            log.warning("invalid event seq=%d subject=%s: %s: %s%s", seq, subject, exc.reason, exc.message, more)
+            self._last_invalid_log = now
+            self._invalid_unlogged = 0
+        else:
+            self._invalid_unlogged += 1

@@ -1,0 +1,145 @@
+"""Permissions: default deny, hierarchical, live (docs/permissions.md).
+
+ACL documents live in a NATS KV bucket written by the platform's REST services:
+
+    <tenant>.org                 {"admins": [...]}
+    <tenant>.project.<id>        {"admins": [...], "viewers": [...]}
+    <tenant>.<kind>.<id>         {"project": "<id>", "members": [...], "owner": "..."}
+
+Entries are principal ids, `user:<sub>` or `group:<name>` (a bare name means `user:<name>`).
+A principal may see scope `<kind>:<id>` of tenant T iff it belongs to T and it is an org admin of T,
+or an admin or viewer of the scope's project, or the owner or a member of the scope. Anything else,
+including a missing or unreadable document, is denied.
+
+`AclStore` is the in-memory copy the hot path reads (a dict lookup or three per decision);
+`watch_acl` keeps it in step with the bucket and reports which tenant changed, so the hub re-checks
+only that tenant's subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from gateway.auth import Principal
+
+log = logging.getLogger(__name__)
+
+
+def _normalize(entries: list[str]) -> frozenset[str]:
+    return frozenset(e if ":" in e else f"user:{e}" for e in entries)
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class OrgAcl(_Doc):
+    admins: frozenset[str] = frozenset()
+
+    _n = field_validator("admins", mode="before")(lambda v: _normalize(list(v or [])))
+
+
+class ProjectAcl(_Doc):
+    admins: frozenset[str] = frozenset()
+    viewers: frozenset[str] = frozenset()
+
+    _n = field_validator("admins", "viewers", mode="before")(lambda v: _normalize(list(v or [])))
+
+
+class ResourceAcl(_Doc):
+    project: str | None = None
+    members: frozenset[str] = frozenset()
+    owner: str | None = None
+
+    _n = field_validator("members", mode="before")(lambda v: _normalize(list(v or [])))
+
+    @field_validator("owner", mode="before")
+    @classmethod
+    def _owner(cls, v: str | None) -> str | None:
+        return None if not v else (v if ":" in v else f"user:{v}")
+
+
+def parse_doc(key: str, value: bytes) -> OrgAcl | ProjectAcl | ResourceAcl | None:
+    """Parse one bucket entry; None (and a warning) when key or body is unusable: fail closed."""
+    parts = key.split(".")
+    try:
+        body = orjson.loads(value) if value else {}
+        if len(parts) == 2 and parts[1] == "org":
+            return OrgAcl.model_validate(body)
+        if len(parts) == 3 and parts[1] == "project":
+            return ProjectAcl.model_validate(body)
+        if len(parts) == 3 and parts[1] in ("conversation", "process", "agent"):
+            return ResourceAcl.model_validate(body)
+    except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
+        log.warning("ACL entry %r is unreadable, treated as absent (deny): %s", key, str(exc)[:200])
+        return None
+    log.warning("ACL key %r does not name an org, project or scope; ignored", key)
+    return None
+
+
+class AclStore:
+    """In-memory ACL documents keyed like the bucket."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, OrgAcl | ProjectAcl | ResourceAcl] = {}
+        self.loaded = False
+
+    def apply(self, key: str, value: bytes | None) -> str:
+        """Put (value) or delete (None) one entry; returns the tenant it belongs to."""
+        doc = parse_doc(key, value) if value is not None else None
+        if doc is None:
+            self.docs.pop(key, None)
+        else:
+            self.docs[key] = doc
+        return key.split(".", 1)[0]
+
+    def may_see(self, principal: Principal, tenant: str, kind: str, resource_id: str) -> bool:
+        if principal.tenant != tenant:
+            return False
+        ids = principal.ids
+        org = self.docs.get(f"{tenant}.org")
+        if isinstance(org, OrgAcl) and not ids.isdisjoint(org.admins):
+            return True
+        res = self.docs.get(f"{tenant}.{kind}.{resource_id}")
+        if not isinstance(res, ResourceAcl):
+            return False
+        if (res.owner is not None and res.owner in ids) or not ids.isdisjoint(res.members):
+            return True
+        if res.project:
+            proj = self.docs.get(f"{tenant}.project.{res.project}")
+            if isinstance(proj, ProjectAcl) and (
+                not ids.isdisjoint(proj.admins) or not ids.isdisjoint(proj.viewers)
+            ):
+                return True
+        return False
+
+
+OnChange = Callable[[str], None]
+
+
+async def watch_acl(kv: object, store: AclStore, on_change: OnChange, ready: asyncio.Event) -> None:
+    """Follow the bucket forever: initial values first (then `ready` is set), then every change.
+
+    `kv` is a nats.js.kv.KeyValue. The watcher is an ordered consumer, so it survives reconnects.
+    """
+    watcher = await kv.watchall()  # type: ignore[attr-defined]
+    try:
+        async for entry in watcher:
+            if entry is None:  # end of initial values
+                store.loaded = True
+                ready.set()
+                continue
+            deleted = entry.operation in ("DEL", "PURGE")
+            tenant = store.apply(entry.key, None if deleted else entry.value)
+            if store.loaded:
+                on_change(tenant)
+    finally:
+        await watcher.stop()
+
+
+AclChangeHandler = Callable[[str], Awaitable[None] | None]

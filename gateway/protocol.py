@@ -1,0 +1,128 @@
+"""Client protocol v1: the frames a client may send, the frames the server sends, and their encoding.
+
+Server frames are encoded once into complete WebSocket frames (wsproto's sans-I/O frame encoder), so
+an event going to many clients is serialized and framed exactly once; what each connection does on
+fan-out is append bytes. Client frames are parsed with pydantic into a closed set of operations:
+this socket is read-only, so anything that is not subscribe/unsubscribe/refresh/ping is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from wsproto.frame_protocol import FrameProtocol
+
+SCOPE_RE = re.compile(r"^(?:\*|(conversation|process|agent):[A-Za-z0-9_-]{1,128})$")
+WILDCARD = "*"
+
+# Close codes (documented in docs/protocol.md).
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_TOKEN_EXPIRED = 4408
+CLOSE_TOO_SLOW = 4429
+
+# Error codes carried by `error` frames.
+ERR_BAD_REQUEST = "bad_request"
+ERR_READ_ONLY = "read_only"
+ERR_FORBIDDEN = "forbidden"
+ERR_LIMIT = "limit"
+ERR_UNAUTHORIZED = "unauthorized"
+
+# Operations that try to write through the socket: refused with `read_only`.
+WRITE_OPS = frozenset({"publish", "pub", "send", "emit", "broadcast", "event", "message", "post", "put"})
+
+RequestId = Annotated[str | int, Field(union_mode="left_to_right")]
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Subscribe(_Frame):
+    op: Literal["subscribe"]
+    id: RequestId | None = None
+    scope: Annotated[str, Field(pattern=SCOPE_RE.pattern)]
+    since: Annotated[int, Field(ge=0)] | None = None
+
+
+class Unsubscribe(_Frame):
+    op: Literal["unsubscribe"]
+    id: RequestId | None = None
+    scope: Annotated[str, Field(pattern=SCOPE_RE.pattern)]
+
+
+class Refresh(_Frame):
+    op: Literal["refresh"]
+    id: RequestId | None = None
+    token: Annotated[str, Field(min_length=1, max_length=16384)]
+
+
+class Ping(_Frame):
+    op: Literal["ping"]
+    id: RequestId | None = None
+
+
+ClientFrame = Annotated[Subscribe | Unsubscribe | Refresh | Ping, Field(discriminator="op")]
+_client_frame: TypeAdapter[Subscribe | Unsubscribe | Refresh | Ping] = TypeAdapter(ClientFrame)
+
+
+class FrameError(Exception):
+    """A client frame that is refused; `code` goes into the `error` frame."""
+
+    def __init__(self, code: str, message: str, request_id: str | int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def parse_client_frame(text: str | bytes) -> Subscribe | Unsubscribe | Refresh | Ping:
+    """Parse one client frame or raise FrameError with `bad_request` or `read_only`."""
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise FrameError(ERR_BAD_REQUEST, "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise FrameError(ERR_BAD_REQUEST, "frame must be a JSON object")
+    op = obj.get("op")
+    rid = obj.get("id") if isinstance(obj.get("id"), str | int) else None
+    if not isinstance(op, str):
+        raise FrameError(ERR_BAD_REQUEST, 'frame needs an "op": subscribe, unsubscribe, refresh or ping', rid)
+    if op in WRITE_OPS or op not in ("subscribe", "unsubscribe", "refresh", "ping"):
+        code = ERR_READ_ONLY if op in WRITE_OPS else ERR_BAD_REQUEST
+        raise FrameError(
+            code, f'unknown op "{op[:32]}": this socket is read-only (subscribe, unsubscribe, refresh, ping)', rid
+        )
+    try:
+        return _client_frame.validate_python(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:]) or op
+        raise FrameError(ERR_BAD_REQUEST, f"{where}: {first['msg']}", rid) from None
+
+
+# --- server frames -----------------------------------------------------------------------------
+
+_encoder = FrameProtocol(client=False, extensions=[])
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """One complete, unmasked WebSocket text frame around a UTF-8 payload (wsproto does the framing)."""
+    return bytes(_encoder.send_data(payload.decode("utf-8"), fin=True))
+
+
+def server_frame(kind: str, **fields: Any) -> bytes:
+    """A control frame (welcome, subscribed, error, ...) as ready-to-write WebSocket bytes."""
+    fields = {"type": kind, **{k: v for k, v in fields.items() if v is not None}}
+    return ws_text_frame(orjson.dumps(fields))
+
+
+def event_payload(seq: int, raw_event: bytes) -> bytes:
+    """The JSON of an `event` frame: the publisher's envelope is forwarded byte for byte."""
+    return b'{"type":"event","seq":%d,"event":%s}' % (seq, raw_event)

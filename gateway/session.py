@@ -1,0 +1,142 @@
+"""One client's WebSocket session: authenticate, then answer frames until the socket closes.
+
+The session runs in the connection's ASGI task and only ever *receives*; everything it sends goes
+through the hub's queue (so control frames stay ordered with events) and the raw channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from starlette.websockets import WebSocket
+
+from gateway.auth import AuthError, Principal, extract_token
+from gateway.hub import Connection, control
+from gateway.protocol import (
+    CLOSE_POLICY,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOO_SLOW,
+    CLOSE_UNAUTHORIZED,
+    ERR_BAD_REQUEST,
+    ERR_UNAUTHORIZED,
+    FrameError,
+    Ping,
+    Refresh,
+    Subscribe,
+    Unsubscribe,
+    parse_client_frame,
+)
+from gateway.transport import EXTENSION, RawChannel
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+
+def principal_info(p: Principal) -> dict[str, object]:
+    return {"id": p.name, "subject": p.subject, "tenant": p.tenant, "groups": list(p.groups)}
+
+
+async def _until_disconnect(ws: WebSocket) -> None:
+    while (await ws.receive())["type"] != "websocket.disconnect":
+        pass
+
+
+async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
+    channel: RawChannel | None = ws.scope.get("extensions", {}).get(EXTENSION)
+    if channel is None:
+        raise RuntimeError("the gateway must run with ws=gateway.transport:GatewayWSProtocol")
+    metrics, hub, settings = gw.metrics, gw.hub, gw.settings
+    src = extract_token(
+        ws.headers, ws.scope.get("subprotocols") or [], ws.query_params, allow_query=settings.allow_query_token
+    )
+    await ws.accept(subprotocol=src.subprotocol)
+    if len(hub.connections) >= settings.max_connections:
+        metrics.connection_attempts.labels("rejected").inc()
+        channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")
+        await _until_disconnect(ws)
+        return
+    try:
+        principal = await gw.verifier.verify(src.token)
+    except AuthError as exc:
+        metrics.auth_failures.labels(exc.reason).inc()
+        metrics.connection_attempts.labels("unauthorized").inc()
+        channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
+        await _until_disconnect(ws)
+        return
+    metrics.connection_attempts.labels("accepted").inc()
+    conn = Connection(hub, channel, principal, uuid.uuid4().hex)
+    hub.add(conn)
+    try:
+        conn.send(control(
+            "welcome", connection_id=conn.id, principal=principal_info(principal),
+            expires_at=int(principal.expires_at), heartbeat_s=settings.heartbeat_s,
+        ))
+        _arm_expiry(gw, conn)
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                break
+            text = msg.get("text")
+            if text is None:
+                _bad(gw, conn, FrameError(ERR_BAD_REQUEST, "binary frames are not accepted: send JSON text"))
+                continue
+            try:
+                frame = parse_client_frame(text)
+            except FrameError as exc:
+                _bad(gw, conn, exc)
+                continue
+            if isinstance(frame, Subscribe):
+                hub.subscribe(conn, frame.id, frame.scope)
+            elif isinstance(frame, Unsubscribe):
+                hub.unsubscribe(conn, frame.id, frame.scope)
+            elif isinstance(frame, Ping):
+                conn.send(control("pong", id=frame.id))
+            elif isinstance(frame, Refresh):
+                await _refresh(gw, conn, frame)
+    finally:
+        hub.remove(conn)
+
+
+def _bad(gw: Gateway, conn: Connection, exc: FrameError) -> None:
+    gw.metrics.client_frames_rejected.labels(exc.code).inc()
+    conn.bad_frames += 1
+    if conn.bad_frames > gw.settings.max_bad_frames:
+        gw.hub.close(conn, CLOSE_POLICY, f"too many bad frames ({conn.bad_frames})")
+        return
+    conn.send(control("error", id=exc.request_id, code=exc.code, message=exc.message))
+
+
+def _arm_expiry(gw: Gateway, conn: Connection) -> None:
+    if conn.expiry is not None:
+        conn.expiry.cancel()
+    loop = asyncio.get_running_loop()
+    delay = max(0.0, conn.principal.expires_at - time.time())
+    conn.expiry = loop.call_later(
+        delay, gw.hub.close, conn, CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token"
+    )
+
+
+async def _refresh(gw: Gateway, conn: Connection, frame: Refresh) -> None:
+    try:
+        new = await gw.verifier.verify(frame.token)
+    except AuthError as exc:
+        gw.metrics.auth_failures.labels(exc.reason).inc()
+        conn.send(control("error", id=frame.id, code=ERR_UNAUTHORIZED, message=f"{exc.reason}: {exc.message}"))
+        return
+    old = conn.principal
+    if conn.closed:
+        return
+    if (new.subject, new.tenant) != (old.subject, old.tenant):
+        conn.send(control("error", id=frame.id, code=ERR_UNAUTHORIZED,
+                          message="refresh token must be for the same subject and tenant"))
+        return
+    conn.principal = new
+    _arm_expiry(gw, conn)
+    gw.hub.recheck(conns=[conn])
+    conn.send(control("refreshed", id=frame.id, expires_at=int(new.expires_at)))

@@ -1,0 +1,34 @@
+"""Shared fixtures: real nats-server processes on free ports, never the machine's shared server; a real
+test identity provider over HTTP; a real gateway on a free port; the platform side (publisher + ACLs)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from gateway.natsproc import NatsProcess
+from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.idp import TestIdP, idp  # noqa: F401  (fixture)
+from tests.support.platform import Platform
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsProcess]:
+    """A fresh `nats-server -js` with its own store dir, stopped and removed after the test."""
+    with NatsProcess() as server:
+        yield server
+
+
+@pytest.fixture
+async def gw(nats_server: NatsProcess, idp: TestIdP) -> AsyncIterator[RunningGateway]:
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience) as g:
+        yield g
+
+
+@pytest.fixture
+async def platform(nats_server: NatsProcess) -> AsyncIterator[Platform]:
+    p = await Platform.connect(nats_server.url)
+    try:
+        yield p
+    finally:
+        await p.close()

@@ -1,0 +1,79 @@
+"""A thin test client over the real WebSocket protocol (the `websockets` library)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+
+async def connect(url: str, token: str | None = None, *, via: str = "header", **kw: Any) -> ClientConnection:
+    headers: dict[str, str] = {}
+    subprotocols: list[str] | None = kw.pop("subprotocols", None)
+    if token is not None:
+        if via == "header":
+            headers["Authorization"] = f"Bearer {token}"
+        elif via == "subprotocol":
+            subprotocols = ["wsgateway.v1", f"bearer.{token}"]
+        elif via == "query":
+            url = f"{url}{'&' if '?' in url else '?'}access_token={token}"
+    return await websockets.connect(
+        url, additional_headers=headers, subprotocols=subprotocols, max_size=None, open_timeout=10, **kw  # type: ignore[arg-type]
+    )
+
+
+async def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+    raw = await asyncio.wait_for(ws.recv(), timeout)
+    return json.loads(raw)  # type: ignore[no-any-return]
+
+
+async def recv_type(ws: ClientConnection, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Next frame, which must be of type `kind`."""
+    frame = await recv(ws, timeout)
+    assert frame["type"] == kind, f"expected {kind}, got {frame}"
+    return frame
+
+
+async def welcome(ws: ClientConnection) -> dict[str, Any]:
+    return await recv_type(ws, "welcome")
+
+
+async def subscribe(ws: ClientConnection, scope: str, rid: str = "s1", **extra: Any) -> dict[str, Any]:
+    await ws.send(json.dumps({"op": "subscribe", "id": rid, "scope": scope, **extra}))
+    return await recv(ws)
+
+
+async def events(ws: ClientConnection, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The next n event frames (other frames are not expected in between)."""
+    out: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(out) < n:
+        frame = await recv(ws, max(0.01, deadline - loop.time()))
+        assert frame["type"] == "event", f"expected an event, got {frame}"
+        out.append(frame)
+    return out
+
+
+async def silence(ws: ClientConnection, wait: float = 0.5) -> None:
+    """Assert that no frame arrives within `wait` seconds."""
+    try:
+        raw = await asyncio.wait_for(ws.recv(), wait)
+    except TimeoutError:
+        return
+    raise AssertionError(f"unexpected frame: {raw!r}")
+
+
+async def closed(ws: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
+    """Wait for the server to close; returns (code, reason). Frames before the close are skipped."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as exc:
+        assert exc.rcvd is not None, "connection dropped without a close frame"
+        return exc.rcvd.code, exc.rcvd.reason

@@ -1,0 +1,290 @@
+"""Client protocol v1 through a real WebSocket, real NATS JetStream and a real identity provider."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.idp import TestIdP
+from tests.support.platform import Platform
+from tests.support.wsclient import closed, connect, events, recv, recv_type, silence, subscribe, welcome
+
+ADMIN = {"admins": ["user:alice"]}
+
+
+async def test_welcome_then_live_events_in_stream_order(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
+    await platform.grant("acme.org", ADMIN)
+    ws = await connect(gw.ws, idp.mint("alice"))
+    hello = await welcome(ws)
+    assert hello["principal"]["id"] == "user:alice"
+    assert hello["principal"]["tenant"] == "acme"
+    assert hello["heartbeat_s"] == gw.settings.heartbeat_s
+    assert hello["connection_id"]
+    ack = await subscribe(ws, "conversation:c1", rid="a")
+    assert ack == {"type": "subscribed", "id": "a", "scope": "conversation:c1", "seq": ack["seq"]}
+    seqs = [await platform.publish("acme", "conversation:c1", data={"fraction": i / 10}) for i in range(10)]
+    got = await events(ws, 10)
+    assert [f["seq"] for f in got] == seqs
+    assert [f["event"]["data"]["fraction"] for f in got] == [i / 10 for i in range(10)]
+    assert all(f["event"]["scope"] == "conversation:c1" and f["event"]["tenant"] == "acme" for f in got)
+    await ws.close()
+
+
+async def test_one_cursor_across_scopes_no_duplicates(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
+    """Overlapping subscriptions (two scopes plus `*`) still give each event once, in stream order."""
+    await platform.grant("acme.org", ADMIN)
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    for i, scope in enumerate(["conversation:c1", "process:p1", "*"]):
+        assert (await subscribe(ws, scope, rid=str(i)))["type"] == "subscribed"
+    published = []
+    for i in range(30):
+        scope = ["conversation:c1", "process:p1", "agent:a9"][i % 3]
+        published.append(await platform.publish("acme", scope))
+    got = await events(ws, 30)
+    assert [f["seq"] for f in got] == published
+    await silence(ws, 0.3)
+    await ws.close()
+
+
+async def test_wildcard_sees_only_permitted_scopes(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
+    await platform.grant("acme.conversation.c1", {"members": ["user:bob"]})
+    await platform.grant("acme.process.p1", {"members": ["user:carol"]})
+    ws = await connect(gw.ws, idp.mint("bob"))
+    await welcome(ws)
+    assert (await subscribe(ws, "*"))["type"] == "subscribed"
+    await platform.publish("acme", "process:p1")
+    await platform.publish("other", "conversation:c1")
+    mine = await platform.publish("acme", "conversation:c1")
+    got = await events(ws, 1)
+    assert got[0]["seq"] == mine
+    await silence(ws, 0.3)
+    assert await gw.metric("wsgateway_events_denied_total") >= 1
+    await ws.close()
+
+
+async def test_unsubscribe_stops_delivery(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
+    await platform.grant("acme.org", ADMIN)
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    await subscribe(ws, "process:p1")
+    await platform.publish("acme", "process:p1")
+    await events(ws, 1)
+    await ws.send(json.dumps({"op": "unsubscribe", "id": 7, "scope": "process:p1"}))
+    assert await recv(ws) == {"type": "unsubscribed", "id": 7, "scope": "process:p1"}
+    await platform.publish("acme", "process:p1")
+    await silence(ws, 0.4)
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("not json", "bad_request"),
+        ("[1,2]", "bad_request"),
+        ('{"id": 1}', "bad_request"),
+        ('{"op": "subscribe", "id": 1}', "bad_request"),
+        ('{"op": "subscribe", "id": 1, "scope": "tenant:x"}', "bad_request"),
+        ('{"op": "subscribe", "id": 1, "scope": "conversation:c1", "since": -3}', "bad_request"),
+        ('{"op": "subscribe", "id": 1, "scope": "conversation:c1", "extra": true}', "bad_request"),
+        ('{"op": "dance", "id": 1}', "bad_request"),
+        ('{"op": "publish", "id": 1, "scope": "conversation:c1", "data": {}}', "read_only"),
+        ('{"op": "send", "id": 1}', "read_only"),
+    ],
+)
+async def test_bad_frames_get_an_error_and_the_connection_lives(
+    gw: RunningGateway, idp: TestIdP, platform: Platform, frame: str, code: str
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    await ws.send(frame)
+    err = await recv_type(ws, "error")
+    assert err["code"] == code and err["message"]
+    # still usable
+    await ws.send(json.dumps({"op": "ping", "id": "p"}))
+    assert await recv(ws) == {"type": "pong", "id": "p"}
+    await ws.close()
+
+
+async def test_binary_frames_refused(gw: RunningGateway, idp: TestIdP) -> None:
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    await ws.send(b'{"op":"ping"}')
+    assert (await recv_type(ws, "error"))["code"] == "bad_request"
+    await ws.close()
+
+
+async def test_client_that_keeps_sending_garbage_is_closed_1008(gw: RunningGateway, idp: TestIdP) -> None:
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    for _ in range(gw.settings.max_bad_frames + 1):
+        await ws.send("garbage")
+    code, reason = await closed(ws)
+    assert code == 1008 and "bad frames" in reason
+
+
+async def test_oversized_frame_closed_1009_others_unharmed(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    bystander = await connect(gw.ws, idp.mint("alice"))
+    await welcome(bystander)
+    await subscribe(bystander, "conversation:c1")
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    await ws.send(json.dumps({"op": "ping", "id": "x" * (gw.settings.max_frame_bytes + 10)}))
+    code, _ = await closed(ws)
+    assert code == 1009
+    seq = await platform.publish("acme", "conversation:c1")
+    assert (await events(bystander, 1))[0]["seq"] == seq
+    await bystander.close()
+
+
+async def test_invalid_events_are_counted_never_delivered(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    await subscribe(ws, "*")
+    good = {
+        "id": "e1", "type": "process.progress", "tenant": "acme", "scope": "process:p1",
+        "time": "2026-01-01T00:00:00Z", "data": {"fraction": 0.1},
+    }
+    await platform.publish_raw("events.acme.process.p1", b"{not json")
+    await platform.publish_raw("events.acme.process.p1", json.dumps({**good, "scope": "process:p2"}).encode())
+    await platform.publish_raw("events.acme.process.p1", json.dumps({**good, "tenant": "beta"}).encode())
+    await platform.publish_raw("events.acme.process.p1", json.dumps({**good, "data": {"fraction": 7}}).encode())
+    await platform.publish_raw("events.acme.process.p1", json.dumps({"id": "x"}).encode())
+    ok = await platform.publish("acme", "process:p1")
+    got = await events(ws, 1)
+    assert got[0]["seq"] == ok
+    assert await gw.metric("wsgateway_events_invalid_total") == 5
+    assert await gw.metric("wsgateway_events_invalid_total", {"reason": "json"}) == 1
+    assert await gw.metric("wsgateway_events_invalid_total", {"reason": "scope_mismatch"}) == 1
+    assert await gw.metric("wsgateway_events_invalid_total", {"reason": "tenant_mismatch"}) == 1
+    assert await gw.metric("wsgateway_events_invalid_total", {"reason": "data"}) == 1
+    await ws.close()
+
+
+async def test_unknown_event_types_pass_through_untouched(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    await subscribe(ws, "agent:a1")
+    body = (b'{"id":"u1","type":"future.thing","tenant":"acme","scope":"agent:a1",'
+            b'"time":"2026-01-01T00:00:00Z","data":{"nested":{"x":[1,2,3]},"\\u00e9":"\xc3\xa9"},"newfield":1}')
+    await platform.publish_raw("events.acme.agent.a1", body, msg_id="u1")
+    frame = (await events(ws, 1))[0]
+    assert frame["event"] == json.loads(body)
+    await ws.close()
+
+
+async def test_two_instances_deliver_identical_streams(
+    nats_server: object, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    url = nats_server.url  # type: ignore[attr-defined]
+    async with (
+        run_gateway(url, idp.issuer, audience=idp.audience) as g1,
+        run_gateway(url, idp.issuer, audience=idp.audience) as g2,
+    ):
+        clients = []
+        for g in (g1, g2, g1, g2):
+            ws = await connect(g.ws, idp.mint("alice"))
+            await welcome(ws)
+            await subscribe(ws, "conversation:c1")
+            clients.append(ws)
+        seqs = []
+        for i in range(25):
+            seqs.append(await platform.publish("acme", "conversation:c1", data={"fraction": i / 25}))
+        streams = await asyncio.gather(*(events(ws, 25) for ws in clients))
+        assert all([f["seq"] for f in s] == seqs for s in streams)
+        assert all(s == streams[0] for s in streams)
+        for ws in clients:
+            await ws.close()
+
+
+async def test_slow_client_closed_4429_others_unaffected(
+    nats_server: object, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    url = nats_server.url  # type: ignore[attr-defined]
+    async with run_gateway(url, idp.issuer, audience=idp.audience, queue_max_messages=50) as g:
+        slow = await connect(g.ws, idp.mint("alice"), max_queue=1)
+        await welcome(slow)
+        await subscribe(slow, "conversation:c1")
+        fast = await connect(g.ws, idp.mint("alice"))
+        await welcome(fast)
+        await subscribe(fast, "conversation:c1")
+        # stop reading on the slow socket: pause its transport so the kernel buffers fill up
+        slow.transport.pause_reading()
+        # enough to overflow the kernel's socket buffers (several MB on loopback) and the queue
+        big = "x" * 32_000
+        n = 600
+        reader = asyncio.create_task(events(fast, n, timeout=30))
+        for _ in range(n):
+            await platform.publish("acme", "conversation:c1", type="custom.blob", data={"blob": big})
+        got = await reader
+        assert len(got) == n
+        assert await g.metric("wsgateway_slow_client_disconnects_total") == 1
+        slow.transport.resume_reading()
+        code, reason = await closed(slow, 10)
+        assert code == 4429 and "resume" in reason
+        await fast.close()
+
+
+async def test_graceful_shutdown_closes_1001(nats_server: object, idp: TestIdP, platform: Platform) -> None:
+    await platform.grant("acme.org", ADMIN)
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience) as g:  # type: ignore[attr-defined]
+        ws = await connect(g.ws, idp.mint("alice"))
+        await welcome(ws)
+        await subscribe(ws, "conversation:c1")
+        g.server.should_exit = True
+        code, reason = await closed(ws, 10)
+    assert code == 1001
+
+
+async def test_health_readiness_metrics(gw: RunningGateway) -> None:
+    import httpx
+
+    async with httpx.AsyncClient() as c:
+        assert (await c.get(f"{gw.http}/healthz")).json() == {"status": "ok"}
+        ready = (await c.get(f"{gw.http}/readyz")).json()
+        assert ready == {"ready": True, "nats_connected": True, "consumer_live": True,
+                         "acl_loaded": True, "jwks_loaded": True}
+    text = await gw.metrics_text()
+    for name in ("wsgateway_connections", "wsgateway_auth_failures_total", "wsgateway_delivery_latency_seconds",
+                 "wsgateway_events_received_total", "wsgateway_events_delivered_total",
+                 "wsgateway_events_denied_total", "wsgateway_events_invalid_total",
+                 "wsgateway_slow_client_disconnects_total", "wsgateway_nats_connected"):
+        assert name in text, name
+    assert await gw.metric("wsgateway_nats_connected") == 1
+
+
+async def test_latency_and_delivery_metrics_count_deliveries(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    clients = []
+    for _ in range(3):
+        ws = await connect(gw.ws, idp.mint("alice"))
+        await welcome(ws)
+        await subscribe(ws, "process:p1")
+        clients.append(ws)
+    assert await gw.metric("wsgateway_connections") == 3
+    for _ in range(4):
+        await platform.publish("acme", "process:p1")
+    for ws in clients:
+        await events(ws, 4)
+    assert await gw.metric("wsgateway_events_delivered_total") == 12
+    assert await gw.metric("wsgateway_delivery_latency_seconds_count", {"kind": "process"}) == 12
+    assert await gw.metric("wsgateway_events_received_total") == 4
+    for ws in clients:
+        await ws.close()
