@@ -331,6 +331,7 @@ class TokenVerifier:
         self._inflight: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self._closed = False
+        self._initial_failures = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, issuer: str | None = None) -> TokenVerifier:
@@ -394,6 +395,8 @@ class TokenVerifier:
 
     async def _fetch_shared(self) -> None:
         """Run one fetch, or join the one in flight (failures are logged by :meth:`_fetch`)."""
+        if self._closed:
+            return
         if self._inflight is None or self._inflight.done():
             self._last_attempt = time.monotonic()
             self._inflight = asyncio.create_task(self._fetch(), name="jwks-fetch")
@@ -434,7 +437,11 @@ class TokenVerifier:
             elif self._loaded:
                 log.warning("JWKS refresh failed, keeping the previous keys: %s", exc)
             else:
-                log.info("JWKS fetch failed (will retry): %s", exc)
+                # Expected for a moment when the issuer is this gateway (dev IdP) and not up yet;
+                # escalated when it persists, since the gateway cannot authenticate anyone meanwhile.
+                self._initial_failures += 1
+                level = logging.WARNING if self._initial_failures % 10 == 5 else logging.INFO
+                log.log(level, "JWKS not loaded yet (attempt %d failed): %s", self._initial_failures, exc)
             return
         self._keys = keys
         self._loaded = True
@@ -549,9 +556,7 @@ class TokenVerifier:
             raise AuthError("missing_claim", "token 'sub' claim must be a non-empty string")
         tenant = _claim(claims, self.tenant_claim)
         if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
-            raise AuthError(
-                "missing_claim", f"token {self.tenant_claim!r} claim must match {NAME_PATTERN}"
-            )
+            raise AuthError("missing_claim", f"token {self.tenant_claim!r} claim must match {NAME_PATTERN}")
         raw_groups = _claim(claims, self.groups_claim)
         if raw_groups is None:
             groups: tuple[str, ...] = ()

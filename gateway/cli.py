@@ -58,7 +58,7 @@ def _watch(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(watch(args.url, args.token, args.scope, since=args.since))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):
         pass
     return 0
 

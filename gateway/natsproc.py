@@ -85,7 +85,8 @@ class NatsProcess:
     def start(self, wait: float = 10.0) -> NatsProcess:
         out = subprocess.DEVNULL if self.quiet else None
         self.proc = subprocess.Popen(  # noqa: S603 - fixed binary, our own arguments
-            self.command(), stdout=out, stderr=out, preexec_fn=_die_with_parent
+            self.command(), stdout=out, stderr=out, preexec_fn=_die_with_parent,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop the server last
         )
         self.wait_ready(wait)
         return self

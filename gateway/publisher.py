@@ -84,7 +84,11 @@ class Publisher:
         ``nats.connect`` (e.g. ``user_credentials``, ``name``, ``max_reconnect_attempts``).
         """
         check_prefix(subject_prefix)
-        server_list = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else list(servers)
+        if isinstance(servers, str):  # "nats://a:4222,nats://b:4222", as in WSGATEWAY_NATS_URL
+            servers = [s.strip() for s in servers.split(",") if s.strip()]
+        server_list = list(servers)
+        if not server_list:
+            raise ValueError("no NATS server given")
         nc = await nats.connect(servers=server_list, **kw)
         pub = cls(nc.jetstream(), subject_prefix=subject_prefix, stream=stream)
         pub._nc = nc

@@ -204,7 +204,9 @@ async def test_alg_none_refused(idp: TestIdP, verifier: TokenVerifier) -> None:
     assert (await refused(verifier, idp.mint_unsigned())).reason == "bad_algorithm"
 
 
-async def test_hs256_refused_even_with_the_rsa_public_key_as_secret(idp: TestIdP, verifier: TokenVerifier) -> None:
+async def test_hs256_refused_even_with_the_rsa_public_key_as_secret(
+    idp: TestIdP, verifier: TokenVerifier
+) -> None:
     rsa_kid = idp.kid("RS256")
     pem = public_pem(idp.private_key(rsa_kid))
     # Classic key confusion: a naive verifier would HMAC-verify with the PEM of the RSA key.
@@ -255,7 +257,9 @@ async def test_jwk_alg_and_use_are_enforced(idp: TestIdP) -> None:
         ({"drop": ("exp",)}, "no exp"),
     ],
 )
-async def test_missing_claim(idp: TestIdP, verifier: TokenVerifier, mint_kwargs: dict[str, Any], why: str) -> None:
+async def test_missing_claim(
+    idp: TestIdP, verifier: TokenVerifier, mint_kwargs: dict[str, Any], why: str
+) -> None:
     assert (await refused(verifier, idp.mint(**mint_kwargs))).reason == "missing_claim", why
 
 
@@ -398,7 +402,9 @@ async def test_from_settings(idp: TestIdP) -> None:
         assert idp.discovery_fetches == 1
     finally:
         await v.aclose()
-    dev = TokenVerifier.from_settings(Settings(dev_mode=True, jwks_url="http://x/jwks"), issuer="http://gw/dev/idp")
+    dev = TokenVerifier.from_settings(
+        Settings(dev_mode=True, jwks_url="http://x/jwks"), issuer="http://gw/dev/idp"
+    )
     try:
         assert dev.issuer == "http://gw/dev/idp"
         assert dev._configured_jwks_url is None  # the override replaces the whole IdP
@@ -428,13 +434,17 @@ def test_extract_header_wins_over_subprotocol_and_query() -> None:
 
 @pytest.mark.parametrize("value", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer ", "Token a.b.c", "Bearer a b"])
 async def test_malformed_header_does_not_fall_through(verifier: TokenVerifier, value: str) -> None:
-    src = extract_token({"Authorization": value}, ["bearer.x.y.z"], {"access_token": "q.q.q"}, allow_query=True)
+    src = extract_token(
+        {"Authorization": value}, ["bearer.x.y.z"], {"access_token": "q.q.q"}, allow_query=True
+    )
     assert (src.token, src.via) == ("", "header")
     assert (await refused(verifier, src.token)).reason == "malformed"
 
 
 def test_extract_from_subprotocol() -> None:
-    src = extract_token({}, ["wsgateway.v1", "bearer.aaa.bbb.ccc"], {"access_token": "q.q.q"}, allow_query=True)
+    src = extract_token(
+        {}, ["wsgateway.v1", "bearer.aaa.bbb.ccc"], {"access_token": "q.q.q"}, allow_query=True
+    )
     assert src == ("aaa.bbb.ccc", "subprotocol", "wsgateway.v1")
     src = extract_token({}, ["bearer.aaa.bbb.ccc"], {}, allow_query=True)
     assert src == ("aaa.bbb.ccc", "subprotocol", None)

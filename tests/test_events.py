@@ -309,6 +309,8 @@ def test_unknown_type_passes_through_with_data_untouched() -> None:
         ("events.acme.conversation." + "x" * 129, "events"),
         ("eventsX.acme.conversation.c1", "events"),
         ("events.acme.conversation.c1", "acme.events"),
+        ("events.acme.conversation.c1\n", "events"),
+        ("events.acme\n.conversation.c1", "events"),
     ],
 )
 def test_bad_subject(subject: str, prefix: str) -> None:
@@ -538,13 +540,15 @@ def test_subject_for_and_parse_scope() -> None:
     assert parse_scope("process:p1") == ("process", "p1")
     assert parse_scope("agent:" + "a" * 128) == ("agent", "a" * 128)
     for bad in ("conversation", "conversation:", ":c1", "thread:c1", "conversation:c.1", "agent:" + "a" * 129,
-                "conversation:c1:x", "conversation:c*"):  # fmt: skip
+                "conversation:c1:x", "conversation:c*", "conversation:c1\n"):  # fmt: skip
         with pytest.raises(ValueError):
             parse_scope(bad)
     for prefix, tenant, scope in (
         ("events", "ac.me", "conversation:c1"),
         ("events", "", "conversation:c1"),
         ("events", "acme", "bad"),
+        ("events", "acme\n", "conversation:c1"),
+        ("events", "acme", "conversation:c1\r\n"),
         ("events.>", "acme", "conversation:c1"),
         ("events.*", "acme", "conversation:c1"),
         ("", "acme", "conversation:c1"),
@@ -558,7 +562,7 @@ def test_subject_for_and_parse_scope() -> None:
 def test_name_re() -> None:
     assert NAME_RE.match("Az09_-")
     assert NAME_RE.match("a" * 128)
-    for bad in ("", "a" * 129, "a.b", "a b", "a*", "é"):
+    for bad in ("", "a" * 129, "a.b", "a b", "a*", "é", "a\n", "a\r\n"):
         assert not NAME_RE.match(bad), bad
 
 

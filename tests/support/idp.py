@@ -250,7 +250,14 @@ class TestIdP:
         header: dict[str, Any] = {"typ": "JWT"} if "kid" in drop else {"kid": header_kid, "typ": "JWT"}
         header.update(headers or {})
         claims = self.claims(
-            sub, tenant, groups, exp_in=exp_in, nbf_in=nbf_in, iss=iss, aud=aud, extra=extra,
+            sub,
+            tenant,
+            groups,
+            exp_in=exp_in,
+            nbf_in=nbf_in,
+            iss=iss,
+            aud=aud,
+            extra=extra,
             drop=[d for d in drop if d != "kid"],
         )
         return jwt.encode(claims, key, algorithm=alg, headers=header)
@@ -284,13 +291,16 @@ class TestIdP:
                 if path == "/.well-known/openid-configuration":
                     with idp._lock:
                         idp.discovery_fetches += 1
-                    self._send(200, {
-                        "issuer": idp.issuer,
-                        "jwks_uri": idp.jwks_url,
-                        "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
-                        "response_types_supported": ["token"],
-                        "subject_types_supported": ["public"],
-                    })
+                    self._send(
+                        200,
+                        {
+                            "issuer": idp.issuer,
+                            "jwks_uri": idp.jwks_url,
+                            "id_token_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
+                            "response_types_supported": ["token"],
+                            "subject_types_supported": ["public"],
+                        },
+                    )
                 elif path == "/jwks.json":
                     with idp._lock:
                         idp.jwks_fetches += 1

@@ -1,0 +1,109 @@
+"""`wsgateway dev`: the gateway with an embedded nats-server, the INSECURE development identity
+provider and a simulated agent platform, so a newcomer sees live events at once.
+
+Ctrl-C stops everything; the nats-server child dies with us even on SIGKILL (see natsproc).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import nats
+import uvicorn
+
+from gateway.app import create_app, uvicorn_options
+from gateway.config import Settings
+from gateway.devidp import DevIdentityProvider
+from gateway.natsproc import NatsProcess
+from gateway.publisher import Publisher
+from gateway.simulator import DEMO_USERS, TENANT, Simulator, seed_acls
+
+log = logging.getLogger("gateway.dev")
+
+BANNER = """
+==========================================================================================
+  wsgateway DEV MODE: INSECURE. A development identity provider mints tokens for anyone
+  who asks (GET /dev/idp/token?sub=NAME). Never expose this to a network or use it in
+  production; production runs `wsgateway serve` against your real OpenID provider.
+==========================================================================================
+"""
+
+
+def _client_command(url: str, token: str) -> str:
+    exe = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0].endswith("wsgateway") else "wsgateway"
+    return f"{shlex.quote(str(exe))} watch --url {url} --token {token}"
+
+
+async def _main(host: str, port: int, nats_port: int | None, simulate: bool) -> None:
+    store = tempfile.TemporaryDirectory(prefix="wsgateway-dev-")
+    natsd = NatsProcess(port=nats_port, store_dir=Path(store.name))
+    natsd.start()
+    try:
+        public_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        base = f"http://{public_host}:{port}"
+        settings = Settings(dev_mode=True, nats_url=natsd.url, host=host, port=port, audience="wsgateway",
+                            log_level="warning")
+        idp = DevIdentityProvider(f"{base}/dev/idp", audience="wsgateway")
+        app = create_app(settings, dev_idp=idp)
+        # seed demo permissions before the gateway starts watching them
+        nc = await nats.connect(natsd.url)
+        js = nc.jetstream()
+        kv = await js.create_key_value(bucket=settings.acl_bucket, history=1)
+        await seed_acls(kv)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options(settings)))  # type: ignore[arg-type]
+        serve = asyncio.create_task(server.serve())
+        while not server.started:
+            if serve.done():
+                serve.result()
+                return
+            await asyncio.sleep(0.05)
+        stop = asyncio.Event()
+        sim_task = None
+        if simulate:
+            sim_task = asyncio.create_task(Simulator(Publisher(js, subject_prefix=settings.subject_prefix)).run(stop))
+        ws_url = f"ws://{public_host}:{port}/v1/ws"
+        print(BANNER, flush=True)
+        print(f"  gateway        {base}   (WebSocket {ws_url})", flush=True)
+        print(f"  nats-server    {natsd.url}   (embedded, JetStream, temporary store)", flush=True)
+        print(f"  metrics        {base}/metrics      readiness {base}/readyz", flush=True)
+        print(f"  identity       {base}/dev/idp/.well-known/openid-configuration", flush=True)
+        print(f"\n  demo users of tenant {TENANT!r}:", flush=True)
+        for u in DEMO_USERS:
+            print(f"    {u.name:<6} {u.sees}", flush=True)
+        token = idp.mint("bob", tenant=TENANT, groups=("apollo-team",), ttl_s=12 * 3600)
+        print("\n  watch the live stream as bob (paste into another terminal):\n", flush=True)
+        print(f"    {_client_command(ws_url, token)}\n", flush=True)
+        print(f"  other tokens: curl '{base}/dev/idp/token?sub=alice&tenant={TENANT}'", flush=True)
+        print("  Ctrl-C stops everything.\n", flush=True)
+        try:
+            await serve
+        finally:
+            stop.set()
+            if sim_task is not None:
+                sim_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sim_task
+            with contextlib.suppress(Exception):
+                await nc.close()
+    finally:
+        natsd.stop()
+        store.cleanup()
+
+
+def run_dev(host: str = "127.0.0.1", port: int = 8080, nats_port: int | None = None, simulate: bool = True) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        asyncio.run(_main(host, port, nats_port, simulate))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"wsgateway dev: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,73 @@
+"""`wsgateway serve`: configuration from WSGATEWAY_* variables, several workers on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.natsproc import NatsProcess
+from tests.support.gateway import wait_ready
+from tests.support.idp import TestIdP
+from tests.support.platform import Platform
+from tests.support.ports import free_port
+from tests.support.wsclient import connect, events, subscribe, welcome
+
+WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
+
+
+def _env(nats: NatsProcess, idp: TestIdP, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATEWAY_")}
+    env.update({
+        "WSGATEWAY_NATS_URL": nats.url, "WSGATEWAY_OIDC_ISSUER": idp.issuer,
+        "WSGATEWAY_AUDIENCE": idp.audience, "WSGATEWAY_PORT": str(port), "WSGATEWAY_HOST": "127.0.0.1",
+        "WSGATEWAY_LOG_LEVEL": "warning",
+    })
+    return env
+
+
+@pytest.mark.timeout(90)
+async def test_two_workers_share_one_port_each_with_its_own_consumer(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen([WSGATEWAY, "serve", "--workers", "2"], env=_env(nats_server, idp, port))
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}", timeout=40)
+        await platform.grant("acme.org", {"admins": ["user:alice"]})
+        clients = []
+        for _ in range(12):  # the kernel spreads these over both workers
+            ws = await connect(f"ws://127.0.0.1:{port}/v1/ws", idp.mint("alice"))
+            await welcome(ws)
+            await subscribe(ws, "conversation:c1")
+            clients.append(ws)
+        seqs = [await platform.publish("acme", "conversation:c1") for _ in range(5)]
+        for ws in clients:
+            assert [f["seq"] for f in await events(ws, 5)] == seqs
+        # every worker runs its own ordered consumer on the stream
+        info = await platform.js.stream_info("EVENTS")
+        assert info.state.consumer_count == 2
+        # /metrics sums the workers (whichever worker answers)
+        async with httpx.AsyncClient() as c:
+            for _ in range(4):
+                text = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
+                line = next(ln for ln in text.splitlines() if ln.startswith("wsgateway_connections "))
+                assert float(line.split()[1]) == 12
+        for ws in clients:
+            await ws.close()
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 20)
+
+
+def test_serve_refuses_a_configuration_without_identity_provider(nats_server: NatsProcess) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATEWAY_")}
+    env["WSGATEWAY_NATS_URL"] = nats_server.url
+    out = subprocess.run([WSGATEWAY, "serve"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "WSGATEWAY_OIDC_ISSUER" in out.stderr
