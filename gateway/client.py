@@ -110,7 +110,7 @@ class GatewayClient:
             except ConnectionClosed as exc:
                 rcvd = exc.rcvd
                 code, reason = (rcvd.code, rcvd.reason) if rcvd else (1006, "connection lost")
-            except (OSError, asyncio.TimeoutError, websockets.InvalidHandshake) as exc:
+            except (TimeoutError, OSError, websockets.InvalidHandshake) as exc:
                 code, reason = 1006, str(exc)
             finally:
                 self._ws = None

@@ -84,7 +84,7 @@ class NatsProcess:
 
     def start(self, wait: float = 10.0) -> NatsProcess:
         out = subprocess.DEVNULL if self.quiet else None
-        self.proc = subprocess.Popen(  # noqa: S603 - fixed binary, our own arguments
+        self.proc = subprocess.Popen(
             self.command(), stdout=out, stderr=out, preexec_fn=_die_with_parent,
             start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop the server last
         )

@@ -110,7 +110,7 @@ class Publisher:
         event_id: str | None = None,
         time: datetime | None = None,
         traceparent: str | None = None,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the ack wait of the JetStream request, as in nats-py
+        timeout: float = 5.0,
     ) -> PubAck:
         """Build, validate and publish one event; returns JetStream's ack (``ack.duplicate`` is true
         when the stream already held an event with this id).
@@ -152,7 +152,7 @@ class Publisher:
         env: Envelope,
         *,
         traceparent: str | None = None,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the ack wait of the JetStream request, as in nats-py
+        timeout: float = 5.0,
     ) -> PubAck:
         """Publish a ready-made envelope (e.g. one re-published from elsewhere) after the same checks.
 

@@ -4,13 +4,19 @@ test identity provider over HTTP; a real gateway on a free port; the platform si
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from gateway.natsproc import NatsProcess
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.idp import TestIdP, idp  # noqa: F401  (fixture)
 from tests.support.platform import Platform
+
+if TYPE_CHECKING:
+    from tests.support.idp import TestIdP
+
+pytest_plugins = ["tests.support.idp"]
+
 
 @pytest.fixture
 def nats_server() -> Iterator[NatsProcess]:

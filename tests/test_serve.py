@@ -36,7 +36,7 @@ async def test_two_workers_share_one_port_each_with_its_own_consumer(
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     port = free_port()
-    proc = subprocess.Popen([WSGATEWAY, "serve", "--workers", "2"], env=_env(nats_server, idp, port))
+    proc = subprocess.Popen([WSGATEWAY, "serve", "--workers", "2"], env=_env(nats_server, idp, port))  # noqa: ASYNC220
     try:
         await wait_ready(f"http://127.0.0.1:{port}", timeout=40)
         await platform.grant("acme.org", {"admins": ["user:alice"]})

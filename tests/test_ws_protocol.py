@@ -248,7 +248,7 @@ async def test_graceful_shutdown_closes_1001(nats_server: object, idp: TestIdP, 
         await subscribe(ws, "conversation:c1")
         g.server.should_exit = True
         code, reason = await closed(ws, 10)
-    assert code == 1001
+    assert code == 1001 and "shutting down" in reason
 
 
 async def test_health_readiness_metrics(gw: RunningGateway) -> None:
