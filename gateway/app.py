@@ -13,10 +13,13 @@ from fastapi.responses import JSONResponse, Response
 from gateway.auth import TokenVerifier
 from gateway.bus import Bus
 from gateway.config import Settings
+from gateway.history import StreamReader
+from gateway.http_api import build_router
 from gateway.hub import Hub
 from gateway.logs import install_redaction
 from gateway.metrics import Metrics
 from gateway.permissions import AclStore
+from gateway.replay import Replayer
 from gateway.session import serve_socket
 
 if TYPE_CHECKING:
@@ -37,6 +40,20 @@ class Gateway:
         self.hub = Hub(settings, self.metrics, self.acl)
         self.bus = Bus(settings, self.hub, self.acl, self.metrics)
         self.verifier = TokenVerifier.from_settings(settings, issuer=issuer)
+
+        self._replayer: Replayer | None = None
+
+    @property
+    def reader(self) -> StreamReader:
+        if self.bus.js is None:
+            raise RuntimeError("not connected to NATS yet")
+        return StreamReader(self.bus.js, self.settings.stream)
+
+    @property
+    def replayer(self) -> Replayer:
+        if self._replayer is None:
+            self._replayer = Replayer(self.hub, self.reader, max_concurrent=self.settings.max_concurrent_replays)
+        return self._replayer
 
     async def start(self) -> None:
         await self.verifier.start()
@@ -99,6 +116,8 @@ def create_app(
     async def metrics_endpoint() -> Response:
         body, ctype = gateway.metrics.exposition()
         return Response(body, media_type=ctype)
+
+    app.include_router(build_router(gateway))
 
     @app.websocket("/v1/ws")
     async def ws_endpoint(websocket: WebSocket) -> None:

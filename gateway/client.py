@@ -6,10 +6,10 @@
                 handle(frame["event"])
 
 `seq` (the JetStream stream sequence) is one cursor across all scopes of a connection. The client
-remembers the highest `seq` it has handed out; after a disconnect it reconnects, subscribes again with
-`since=<cursor>` and skips anything at or below the cursor, so the application sees every event once,
-in order. Close codes 4401 (unauthorized) and 4400 (bad request) are final; others are retried with
-capped exponential backoff.
+remembers the highest `seq` it has handed out; after a disconnect it reconnects with
+`?scope=...&since=<cursor>` (the gateway replays what was missed, then goes live) and skips anything at
+or below the cursor, so the application sees every event once, in order. Close codes 4401
+(unauthorized) and 4400 (bad request) are final; others are retried with capped exponential backoff.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import websockets
 from websockets.exceptions import ConnectionClosed
@@ -80,6 +81,14 @@ class GatewayClient:
             with contextlib.suppress(Exception):
                 self._ws.transport.abort()
 
+    def _connect_url(self) -> str:
+        """Subscriptions go on the URL so that a resume replays all scopes as ONE ordered stream."""
+        query = [("scope", scope) for scope in self.scopes]
+        if self.cursor is not None:
+            query.append(("since", str(self.cursor)))
+        sep = "&" if "?" in self.url else "?"
+        return f"{self.url}{sep}{urlencode(query)}"
+
     async def frames(self) -> AsyncIterator[dict[str, Any]]:
         """Every server frame; event frames exactly once and in `seq` order across reconnects."""
         delay = 0.1
@@ -87,16 +96,11 @@ class GatewayClient:
             try:
                 token = await self._get_token()
                 async with websockets.connect(
-                    self.url, subprotocols=["wsgateway.v1", f"bearer.{token}"],  # type: ignore[list-item]
+                    self._connect_url(), subprotocols=["wsgateway.v1", f"bearer.{token}"],  # type: ignore[list-item]
                     max_size=None, open_timeout=10,
                 ) as ws:
                     self._ws = ws
                     self.connects += 1
-                    for i, scope in enumerate(self.scopes):
-                        sub: dict[str, Any] = {"op": "subscribe", "id": f"s{i}", "scope": scope}
-                        if self.cursor is not None:
-                            sub["since"] = self.cursor
-                        await ws.send(json.dumps(sub))
                     delay = 0.1
                     async for raw in ws:
                         frame = json.loads(raw)

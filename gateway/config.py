@@ -57,8 +57,15 @@ class Settings(BaseSettings):
     max_bad_frames: int = Field(10, ge=1, description="Bad client frames tolerated before close 1008.")
     queue_max_messages: int = Field(10_000, ge=1, description="Frames queued per connection before 4429.")
     queue_max_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Bytes queued per connection.")
+    socket_send_buffer: int = Field(
+        128 * 1024, ge=0,
+        description="Kernel send buffer per connection (SO_SNDBUF; 0: OS autotuning). Small keeps a slow "
+                    "client's backlog in the gateway's bounded queue, where it is coalesced, not in kernel memory.",
+    )
     heartbeat_s: float = Field(20, gt=0, description="WebSocket ping interval; a missed pong closes.")
     shutdown_timeout_s: float = Field(10, ge=0, description="Time to drain and close on shutdown.")
+    max_concurrent_replays: int = Field(8, ge=1, description="Replays from JetStream running at once.")
+    history_max_limit: int = Field(1000, ge=1, le=10_000, description="Largest `limit` of GET /v1/history.")
     flush_interval_ms: float = Field(
         0, ge=0, le=50, description="Extra batching delay before writing queued frames (0: next loop turn)."
     )

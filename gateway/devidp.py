@@ -213,9 +213,7 @@ async def _body_params(request: Request) -> Mapping[str, Any]:
 
 
 def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}" for err in exc.errors())
 
 
 def _error(description: str) -> JSONResponse:

@@ -19,9 +19,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from gateway.auth import Principal
 from gateway.config import Settings
-from gateway.events import Envelope
+from gateway.events import Envelope, coalesce_key, delivery_class
 from gateway.metrics import Metrics
 from gateway.permissions import AclStore
 from gateway.protocol import (
@@ -31,7 +33,7 @@ from gateway.protocol import (
     ERR_LIMIT,
     WILDCARD,
     event_payload,
-    server_frame,
+    server_payload,
     ws_text_frame,
 )
 from gateway.transport import RawChannel
@@ -39,21 +41,56 @@ from gateway.transport import RawChannel
 log = logging.getLogger(__name__)
 
 
+class EventMeta:
+    """What coalescing needs to know about a queued event (see `coalesce`)."""
+
+    __slots__ = ("cls", "key", "raw")
+
+    def __init__(self, cls: str, key: tuple[str, ...] | None, raw: bytes) -> None:
+        self.cls = cls  # delivery class: lifecycle | delta | snapshot | state_delta | other
+        self.key = key  # delta: (scope, type, stream id); snapshot/state_delta: (scope, run_id)
+        self.raw = raw  # the envelope as published
+
+
 class OutFrame:
     """One encoded server frame, shared by every connection it goes to."""
 
-    __slots__ = ("data", "latency", "sent", "seq", "t")
+    __slots__ = ("ctl", "data", "latency", "meta", "payload", "sent", "seq", "sse", "t")
 
-    def __init__(self, data: bytes, seq: int = 0, latency: Any = None, t: float = 0.0) -> None:
-        self.data = data
+    def __init__(
+        self, payload: bytes, seq: int = 0, latency: Any = None, t: float = 0.0,
+        meta: EventMeta | None = None, ctl: str | None = None,
+    ) -> None:
+        self.payload = payload  # the frame's JSON
+        self.data = ws_text_frame(payload)  # ... as one complete WebSocket frame
+        self.sse: bytes | None = None  # ... as a Server-Sent Event, made on first use
         self.seq = seq  # stream sequence, 0 for control frames
         self.latency = latency  # histogram child for this event's kind
         self.t = t  # envelope time (epoch seconds)
         self.sent = 0  # deliveries written in the current flush, for the latency histogram
+        self.meta = meta
+        self.ctl = ctl  # control frame type, None for events
+
+    def sse_bytes(self) -> bytes:
+        if self.sse is None:
+            head = b"id: %d\n" % self.seq if self.seq else b"event: %s\n" % (self.ctl or "message").encode()
+            self.sse = head + b"data: " + self.payload + b"\n\n"
+        return self.sse
 
 
 def control(kind: str, **fields: Any) -> OutFrame:
-    return OutFrame(server_frame(kind, **fields))
+    return OutFrame(server_payload(kind, **fields), ctl=kind)
+
+
+def event_frame(seq: int, env: Envelope, raw: bytes, latency: Any = None) -> OutFrame:
+    cls = delivery_class(env.type)
+    key: tuple[str, ...] | None = None
+    if cls == "delta":
+        ck = coalesce_key(env)
+        key = (env.scope, *ck) if ck else None
+    elif cls in ("snapshot", "state_delta") and env.run_id:
+        key = (env.scope, env.run_id)
+    return OutFrame(event_payload(seq, raw), seq, latency, env.timestamp, EventMeta(cls, key, raw))
 
 
 class Subscription:
@@ -86,11 +123,13 @@ class Connection:
     """Gateway-side state of one authenticated WebSocket."""
 
     __slots__ = (
-        "bad_frames", "blocked", "channel", "closed", "dirty", "expiry", "hub", "id", "last_seq",
-        "pending", "pending_bytes", "principal", "subs", "wild",
+        "bad_frames", "blocked", "channel", "closed", "cursor", "dirty", "drained", "expiry", "hub", "id",
+        "last_seq", "pending", "pending_bytes", "principal", "replay_lock", "replaying", "sse", "subs", "wild",
     )
 
-    def __init__(self, hub: Hub, channel: RawChannel, principal: Principal, conn_id: str) -> None:
+    def __init__(
+        self, hub: Hub, channel: RawChannel | Any, principal: Principal, conn_id: str, *, sse: bool = False
+    ) -> None:
         self.hub = hub
         self.channel = channel
         self.principal = principal
@@ -105,6 +144,11 @@ class Connection:
         self.closed = False
         self.bad_frames = 0
         self.expiry: asyncio.TimerHandle | None = None
+        self.replaying = 0  # >0 while a replay runs: live frames are held in `pending`, not written
+        self.replay_lock: asyncio.Lock | None = None
+        self.cursor: int | None = None  # connected with ?since=N: every subscription resumes from a cursor
+        self.sse = sse  # Server-Sent Events instead of WebSocket frames
+        self.drained: asyncio.Future[None] | None = None  # a replay waiting for the socket to drain
 
     def send(self, frame: OutFrame) -> None:
         """Queue a control frame behind whatever is pending, and schedule a flush."""
@@ -169,7 +213,7 @@ class Hub:
         if conn.closed:
             return
         if drain and conn.pending:
-            conn.channel.write(b"".join(f.data for f in conn.pending))
+            conn.channel.write(encode(conn, conn.pending))
         self.remove(conn)
         conn.channel.close(code, reason[:120])
 
@@ -188,20 +232,18 @@ class Hub:
 
     # --- subscriptions ---------------------------------------------------------------------
 
-    def subscribe(self, conn: Connection, request_id: str | int | None, scope: str) -> None:
+    def add_subscription(self, conn: Connection, scope: str) -> Subscription | WildSubscription | None:
+        """Register interest in a scope (idempotent); None when the connection is at its limit."""
         if scope == WILDCARD:
             if conn.wild is None:
                 conn.wild = WildSubscription(conn)
                 self.wild.setdefault(conn.principal.tenant, {})[conn.wild] = None
                 self._update_sub_gauge()
-            conn.send(control("subscribed", id=request_id, scope=scope, seq=self.last_seq))
-            return
+            return conn.wild
         sub = conn.subs.get(scope)
         if sub is None:
             if len(conn.subs) >= self.settings.max_subscriptions:
-                conn.send(control("error", id=request_id, code=ERR_LIMIT,
-                                  message=f"at most {self.settings.max_subscriptions} subscriptions"))
-                return
+                return None
             kind, _, rid = scope.partition(":")
             allowed = self.acl.may_see(conn.principal, conn.principal.tenant, kind, rid)
             sub = Subscription(conn, scope, kind, rid, allowed)
@@ -209,12 +251,26 @@ class Hub:
             self.by_scope.setdefault(sub.key, {})[sub] = None
             self.by_tenant.setdefault(sub.key[0], {})[sub] = None
             self._update_sub_gauge()
-        if sub.allowed:
-            conn.send(control("subscribed", id=request_id, scope=scope, seq=self.last_seq))
-        else:
+        return sub
+
+    def refuse(self, conn: Connection, request_id: str | int | None, scope: str, sub: object) -> bool:
+        """Answer a subscription that cannot start now (limit, or not allowed yet); True if refused."""
+        if sub is None:
+            conn.send(control("error", id=request_id, code=ERR_LIMIT, scope=scope,
+                              message=f"at most {self.settings.max_subscriptions} subscriptions"))
+            return True
+        if isinstance(sub, Subscription) and not sub.allowed:
             conn.send(control("error", id=request_id, code=ERR_FORBIDDEN, scope=scope,
                               message="not allowed to see this scope; the subscription stays pending "
                                       "and starts if access is granted"))
+            return True
+        return False
+
+    def subscribe(self, conn: Connection, request_id: str | int | None, scope: str) -> None:
+        """A live subscription: events from the current stream position on."""
+        sub = self.add_subscription(conn, scope)
+        if not self.refuse(conn, request_id, scope, sub):
+            conn.send(control("subscribed", id=request_id, scope=scope, seq=self.last_seq))
 
     def unsubscribe(self, conn: Connection, request_id: str | int | None, scope: str) -> None:
         if scope == WILDCARD:
@@ -300,10 +356,8 @@ class Hub:
         wild = self.wild.get(tenant)
         if not subs and not wild:
             return 0
-        latency = self.metrics.latency_by_kind.get(env.kind)
-        data = ws_text_frame(event_payload(seq, raw))
-        frame = OutFrame(data, seq, latency, env.timestamp)
-        size = len(data)
+        frame = event_frame(seq, env, raw, self.metrics.latency_by_kind.get(env.kind))
+        size = len(frame.data)
         max_msgs, max_bytes = self._max_msgs, self._max_bytes
         dirty = self._dirty
         slow: list[Connection] = []
@@ -355,7 +409,7 @@ class Hub:
         if denied:
             self.metrics.events_denied.inc(denied)
         for c in slow:
-            self.too_slow(c)
+            self.overflow(c)
         if dirty:
             self._schedule_flush()
         return recipients
@@ -377,7 +431,23 @@ class Hub:
         else:
             loop.call_soon(self.flush)
 
+    def overflow(self, conn: Connection) -> None:
+        """A connection's queue is over its bounds: coalesce what may be merged, else close with 4429."""
+        if conn.closed:
+            return
+        before = len(conn.pending)
+        conn.pending = coalesce(conn.pending)
+        removed = before - len(conn.pending)
+        if removed:
+            self.metrics.events_coalesced.inc(removed)
+            conn.pending_bytes = sum(len(f.data) for f in conn.pending)
+        # hysteresis: only keep a connection whose queue came well below its bounds
+        if len(conn.pending) > self._max_msgs * 3 // 4 or conn.pending_bytes > self._max_bytes * 3 // 4:
+            self.too_slow(conn)
+
     def _on_writable(self, conn: Connection) -> None:
+        if conn.drained is not None and not conn.drained.done():
+            conn.drained.set_result(None)
         if conn.blocked and conn.pending and not conn.closed:
             conn.blocked = False
             conn.dirty = True
@@ -390,14 +460,17 @@ class Hub:
         touched: list[OutFrame] = []
         for c in dirty:
             c.dirty = False
-            if c.closed or not c.pending:
-                continue
+            if c.closed or not c.pending or c.replaying:
+                continue  # a replaying connection's live frames wait until the replay reaches them
             ch = c.channel
             if not ch.writable:
                 c.blocked = True  # resumes from _on_writable; bounded by the queue limits
                 continue
             p = c.pending
-            ch.write(p[0].data if len(p) == 1 else b"".join([f.data for f in p]))
+            if c.sse:
+                ch.write(encode(c, p))
+            else:
+                ch.write(p[0].data if len(p) == 1 else b"".join([f.data for f in p]))
             for f in p:
                 if f.seq:
                     if not f.sent:
@@ -417,4 +490,72 @@ class Hub:
             self.metrics.events_delivered.inc(delivered)
 
 
-__all__ = ["Connection", "Hub", "OutFrame", "control"]
+def encode(conn: Connection, frames: list[OutFrame]) -> bytes:
+    if conn.sse:
+        return b"".join([f.sse_bytes() for f in frames])
+    return b"".join([f.data for f in frames])
+
+
+def _merge_deltas(older: OutFrame, newer: OutFrame) -> OutFrame:
+    """One delta frame standing for two: the newer envelope, with the older text prepended."""
+    a, b = older.meta, newer.meta
+    assert a is not None and b is not None
+    env_a, env_b = orjson.loads(a.raw), orjson.loads(b.raw)
+    env_b["data"]["delta"] = env_a["data"].get("delta", "") + env_b["data"].get("delta", "")
+    raw = orjson.dumps(env_b)
+    count = _coalesced_count(older) + _coalesced_count(newer)
+    frame = OutFrame(event_payload(newer.seq, raw, count), newer.seq, newer.latency, older.t,
+                     EventMeta("delta", b.key, raw))
+    frame.sse = None
+    return frame
+
+
+def _coalesced_count(f: OutFrame) -> int:
+    marker = b'"coalesced":'
+    i = f.payload.find(marker, 0, 64)
+    if i < 0:
+        return 1
+    j = f.payload.index(b",", i)
+    return int(f.payload[i + len(marker):j])
+
+
+def coalesce(frames: list[OutFrame]) -> list[OutFrame]:
+    """Shrink a queue without losing meaning (docs/protocol.md, "Slow clients").
+
+    - consecutive deltas of the same message / reasoning / tool-call arguments merge into one delta
+      (carrying the newest `seq` and a `coalesced` count); a lifecycle or control frame between them
+      is a barrier, so nothing moves across it;
+    - a state snapshot makes earlier snapshots and state deltas of the same run obsolete: they go;
+    - lifecycle events and everything else stay, in order.
+    """
+    out: list[OutFrame | None] = []
+    last_delta: dict[tuple[str, ...], int] = {}
+    last_snapshot: dict[tuple[str, ...], int] = {}
+    for f in frames:
+        m = f.meta
+        if m is None or m.cls == "lifecycle":
+            last_delta.clear()
+            out.append(f)
+        elif m.cls == "delta" and m.key is not None:
+            i = last_delta.get(m.key)
+            if i is not None:
+                prev = out[i]
+                assert prev is not None
+                out[i] = None
+                f = _merge_deltas(prev, f)
+            last_delta[m.key] = len(out)
+            out.append(f)
+        else:
+            if m.cls == "snapshot" and m.key is not None:
+                last_snapshot[m.key] = len(out)
+            out.append(f)
+    if last_snapshot:
+        for i, f in enumerate(out):
+            if f is None or f.meta is None or f.meta.key is None:
+                continue
+            if f.meta.cls in ("snapshot", "state_delta") and i < last_snapshot.get(f.meta.key, -1):
+                out[i] = None
+    return [f for f in out if f is not None]
+
+
+__all__ = ["Connection", "Hub", "OutFrame", "coalesce", "control", "event_frame"]

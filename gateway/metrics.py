@@ -82,6 +82,14 @@ class Metrics:
             "wsgateway_events_invalid", "Events that failed validation and were never delivered.",
             ["reason"], registry=reg,
         )
+        self.events_coalesced = Counter(
+            "wsgateway_events_coalesced", "Queued frames merged or dropped by slow-client coalescing.",
+            registry=reg,
+        )
+        self.events_replayed = Counter(
+            "wsgateway_events_replayed", "Events sent from JetStream history (resume, SSE resume).",
+            registry=reg,
+        )
         self.slow_client_disconnects = Counter(
             "wsgateway_slow_client_disconnects", "Connections closed with 4429 because they fell behind.",
             registry=reg,

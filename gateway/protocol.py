@@ -33,6 +33,7 @@ ERR_READ_ONLY = "read_only"
 ERR_FORBIDDEN = "forbidden"
 ERR_LIMIT = "limit"
 ERR_UNAUTHORIZED = "unauthorized"
+ERR_UNAVAILABLE = "unavailable"
 
 # Operations that try to write through the socket: refused with `read_only`.
 WRITE_OPS = frozenset({"publish", "pub", "send", "emit", "broadcast", "event", "message", "post", "put"})
@@ -117,12 +118,16 @@ def ws_text_frame(payload: bytes) -> bytes:
     return bytes(_encoder.send_data(payload.decode("utf-8"), fin=True))
 
 
-def server_frame(kind: str, **fields: Any) -> bytes:
-    """A control frame (welcome, subscribed, error, ...) as ready-to-write WebSocket bytes."""
-    fields = {"type": kind, **{k: v for k, v in fields.items() if v is not None}}
-    return ws_text_frame(orjson.dumps(fields))
+def server_payload(kind: str, **fields: Any) -> bytes:
+    """The JSON of a control frame (welcome, subscribed, error, ...); None fields are left out."""
+    return orjson.dumps({"type": kind, **{k: v for k, v in fields.items() if v is not None}})
 
 
-def event_payload(seq: int, raw_event: bytes) -> bytes:
-    """The JSON of an `event` frame: the publisher's envelope is forwarded byte for byte."""
+def event_payload(seq: int, raw_event: bytes, coalesced: int = 0) -> bytes:
+    """The JSON of an `event` frame: the publisher's envelope is forwarded byte for byte.
+
+    `coalesced` (only on frames merged for a slow client) says how many published events it stands for.
+    """
+    if coalesced:
+        return b'{"type":"event","seq":%d,"coalesced":%d,"event":%s}' % (seq, coalesced, raw_event)
     return b'{"type":"event","seq":%d,"event":%s}' % (seq, raw_event)

@@ -10,19 +10,22 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from starlette.websockets import WebSocket
 
 from gateway.auth import AuthError, Principal, extract_token
 from gateway.hub import Connection, control
 from gateway.protocol import (
+    CLOSE_BAD_REQUEST,
     CLOSE_POLICY,
     CLOSE_TOKEN_EXPIRED,
     CLOSE_TOO_SLOW,
     CLOSE_UNAUTHORIZED,
     ERR_BAD_REQUEST,
     ERR_UNAUTHORIZED,
+    ERR_UNAVAILABLE,
+    SCOPE_RE,
     FrameError,
     Ping,
     Refresh,
@@ -69,7 +72,15 @@ async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
         channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
         await _until_disconnect(ws)
         return
+    try:
+        initial = parse_initial(ws.query_params.getlist("scope"), ws.query_params.get("since"))
+    except FrameError as exc:
+        metrics.connection_attempts.labels("rejected").inc()
+        channel.close(CLOSE_BAD_REQUEST, exc.message)
+        await _until_disconnect(ws)
+        return
     metrics.connection_attempts.labels("accepted").inc()
+    channel.limit_kernel_buffer(settings.socket_send_buffer)
     conn = Connection(hub, channel, principal, uuid.uuid4().hex)
     hub.add(conn)
     try:
@@ -77,7 +88,8 @@ async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
             "welcome", connection_id=conn.id, principal=principal_info(principal),
             expires_at=int(principal.expires_at), heartbeat_s=settings.heartbeat_s,
         ))
-        _arm_expiry(gw, conn)
+        arm_expiry(gw, conn)
+        start_subscriptions(gw, conn, None, initial.scopes, initial.since, from_url=True)
         while True:
             msg = await ws.receive()
             if msg["type"] == "websocket.disconnect":
@@ -92,7 +104,7 @@ async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
                 _bad(gw, conn, exc)
                 continue
             if isinstance(frame, Subscribe):
-                hub.subscribe(conn, frame.id, frame.scope)
+                start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since)
             elif isinstance(frame, Unsubscribe):
                 hub.unsubscribe(conn, frame.id, frame.scope)
             elif isinstance(frame, Ping):
@@ -101,6 +113,55 @@ async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
                 await _refresh(gw, conn, frame)
     finally:
         hub.remove(conn)
+
+
+class Initial(NamedTuple):
+    scopes: list[str]
+    since: int | None
+
+
+def parse_initial(scopes: list[str], since: str | None) -> Initial:
+    """`?scope=...&scope=...&since=N` on the connection URL: subscriptions made at connect time.
+
+    With `since`, the connection has a cursor: these and all later subscriptions resume from it.
+    """
+    wanted: list[str] = []
+    for item in scopes:
+        for scope in filter(None, item.split(",")):
+            if not SCOPE_RE.match(scope):
+                raise FrameError(ERR_BAD_REQUEST, f"bad scope in URL: {scope[:40]!r}")
+            if scope not in wanted:
+                wanted.append(scope)
+    cursor: int | None = None
+    if since is not None:
+        if not since.isdigit() or len(since) > 19:
+            raise FrameError(ERR_BAD_REQUEST, "since must be a stream sequence (a non-negative integer)")
+        cursor = int(since)
+    return Initial(wanted, cursor)
+
+
+def start_subscriptions(
+    gw: Gateway, conn: Connection, request_id: str | int | None, scopes: list[str], since: int | None,
+    *, from_url: bool = False,
+) -> None:
+    """Live subscriptions, or (with a cursor) one replay for all of them followed by live delivery."""
+    if from_url and since is not None:
+        conn.cursor = since  # ?since= on the URL: the connection resumes from this cursor
+    if not scopes:
+        return
+    if since is None and conn.cursor is not None:
+        since = max(conn.cursor, conn.last_seq)
+    if since is None:
+        for scope in scopes:
+            gw.hub.subscribe(conn, request_id, scope)
+        return
+    try:
+        replayer = gw.replayer
+    except RuntimeError:
+        conn.send(control("error", id=request_id, code=ERR_UNAVAILABLE,
+                          message="history is unavailable right now (NATS); retry shortly"))
+        return
+    replayer.start(conn, request_id, scopes, since)
 
 
 def _bad(gw: Gateway, conn: Connection, exc: FrameError) -> None:
@@ -112,7 +173,7 @@ def _bad(gw: Gateway, conn: Connection, exc: FrameError) -> None:
     conn.send(control("error", id=exc.request_id, code=exc.code, message=exc.message))
 
 
-def _arm_expiry(gw: Gateway, conn: Connection) -> None:
+def arm_expiry(gw: Gateway, conn: Connection) -> None:
     if conn.expiry is not None:
         conn.expiry.cancel()
     loop = asyncio.get_running_loop()
@@ -137,6 +198,6 @@ async def _refresh(gw: Gateway, conn: Connection, frame: Refresh) -> None:
                           message="refresh token must be for the same subject and tenant"))
         return
     conn.principal = new
-    _arm_expiry(gw, conn)
+    arm_expiry(gw, conn)
     gw.hub.recheck(conns=[conn])
     conn.send(control("refreshed", id=frame.id, expires_at=int(new.expires_at)))

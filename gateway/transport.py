@@ -9,6 +9,8 @@ hot path (one `transport.write` of many frames, no await per client) bypasses th
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +46,13 @@ class RawChannel:
             return False
         self._proto.transport.write(data)
         return True
+
+    def limit_kernel_buffer(self, size: int) -> None:
+        """Bound the socket's kernel send buffer (SO_SNDBUF); 0 leaves the OS default."""
+        sock = self._proto.transport.get_extra_info("socket")
+        if size and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def buffered(self) -> int:
         return int(self._proto.transport.get_write_buffer_size())

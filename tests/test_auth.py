@@ -73,9 +73,7 @@ async def wait_until(condition: Any, timeout_s: float = 5.0) -> None:
 @contextlib.contextmanager
 def serve_app(app: FastAPI, port: int) -> Iterator[str]:
     """``app`` on a real uvicorn server in its own thread (independent of the test's event loop)."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -204,9 +202,17 @@ async def test_alg_none_refused(idp: TestIdP, verifier: TokenVerifier) -> None:
     assert (await refused(verifier, idp.mint_unsigned())).reason == "bad_algorithm"
 
 
-async def test_hs256_refused_even_with_the_rsa_public_key_as_secret(
-    idp: TestIdP, verifier: TokenVerifier
-) -> None:
+async def test_refused_algorithm_is_decided_before_any_key_lookup(idp: TestIdP, verifier: TokenVerifier) -> None:
+    await verifier.verify(idp.mint())
+    fetches = idp.jwks_fetches
+    # Unknown kids with refused algorithms must not cost the IdP a JWKS refetch.
+    assert (await refused(verifier, idp.mint_unsigned(kid="fresh-1"))).reason == "bad_algorithm"
+    assert (await refused(verifier, idp.mint_hs256(b"k" * 32, kid="fresh-2"))).reason == "bad_algorithm"
+    assert (await refused(verifier, idp.mint(alg="RS512", kid="fresh-3"))).reason == "bad_algorithm"
+    assert idp.jwks_fetches == fetches
+
+
+async def test_hs256_refused_even_with_the_rsa_public_key_as_secret(idp: TestIdP, verifier: TokenVerifier) -> None:
     rsa_kid = idp.kid("RS256")
     pem = public_pem(idp.private_key(rsa_kid))
     # Classic key confusion: a naive verifier would HMAC-verify with the PEM of the RSA key.
@@ -257,9 +263,7 @@ async def test_jwk_alg_and_use_are_enforced(idp: TestIdP) -> None:
         ({"drop": ("exp",)}, "no exp"),
     ],
 )
-async def test_missing_claim(
-    idp: TestIdP, verifier: TokenVerifier, mint_kwargs: dict[str, Any], why: str
-) -> None:
+async def test_missing_claim(idp: TestIdP, verifier: TokenVerifier, mint_kwargs: dict[str, Any], why: str) -> None:
     assert (await refused(verifier, idp.mint(**mint_kwargs))).reason == "missing_claim", why
 
 
@@ -402,9 +406,7 @@ async def test_from_settings(idp: TestIdP) -> None:
         assert idp.discovery_fetches == 1
     finally:
         await v.aclose()
-    dev = TokenVerifier.from_settings(
-        Settings(dev_mode=True, jwks_url="http://x/jwks"), issuer="http://gw/dev/idp"
-    )
+    dev = TokenVerifier.from_settings(Settings(dev_mode=True, jwks_url="http://x/jwks"), issuer="http://gw/dev/idp")
     try:
         assert dev.issuer == "http://gw/dev/idp"
         assert dev._configured_jwks_url is None  # the override replaces the whole IdP
@@ -434,17 +436,13 @@ def test_extract_header_wins_over_subprotocol_and_query() -> None:
 
 @pytest.mark.parametrize("value", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer ", "Token a.b.c", "Bearer a b"])
 async def test_malformed_header_does_not_fall_through(verifier: TokenVerifier, value: str) -> None:
-    src = extract_token(
-        {"Authorization": value}, ["bearer.x.y.z"], {"access_token": "q.q.q"}, allow_query=True
-    )
+    src = extract_token({"Authorization": value}, ["bearer.x.y.z"], {"access_token": "q.q.q"}, allow_query=True)
     assert (src.token, src.via) == ("", "header")
     assert (await refused(verifier, src.token)).reason == "malformed"
 
 
 def test_extract_from_subprotocol() -> None:
-    src = extract_token(
-        {}, ["wsgateway.v1", "bearer.aaa.bbb.ccc"], {"access_token": "q.q.q"}, allow_query=True
-    )
+    src = extract_token({}, ["wsgateway.v1", "bearer.aaa.bbb.ccc"], {"access_token": "q.q.q"}, allow_query=True)
     assert src == ("aaa.bbb.ccc", "subprotocol", "wsgateway.v1")
     src = extract_token({}, ["bearer.aaa.bbb.ccc"], {}, allow_query=True)
     assert src == ("aaa.bbb.ccc", "subprotocol", None)

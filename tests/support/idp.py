@@ -64,9 +64,7 @@ def public_jwk(key: PrivateKey) -> dict[str, Any]:
 
 def public_pem(key: PrivateKey) -> bytes:
     """The SubjectPublicKeyInfo PEM of ``key`` (what a key-confusion attacker would use as HMAC secret)."""
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @functools.cache
@@ -117,9 +115,7 @@ class TestIdP:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> TestIdP:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self._thread.start()
         return self
 

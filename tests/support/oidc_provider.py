@@ -39,9 +39,7 @@ def _die_with_parent() -> None:  # in the child between fork and exec: no orphan
 
 def ensure_npm_packages() -> None:
     """Install ``tools/`` npm packages when missing or stale (fast no-op otherwise)."""
-    result = subprocess.run(
-        ["bash", str(ENSURE_NPM)], capture_output=True, text=True, timeout=300, check=False
-    )
+    result = subprocess.run(["bash", str(ENSURE_NPM)], capture_output=True, text=True, timeout=300, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"scripts/ensure-npm.sh failed:\n{result.stdout}\n{result.stderr}")
 

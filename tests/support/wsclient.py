@@ -26,6 +26,19 @@ async def connect(url: str, token: str | None = None, *, via: str = "header", **
     )
 
 
+async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnection:
+    """A client with a tiny socket receive buffer (so the server's queue, not the kernel, absorbs a backlog)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (u.hostname or "127.0.0.1", u.port or 80))
+    return await connect(url, token, sock=sock, max_queue=1)
+
+
 async def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
     raw = await asyncio.wait_for(ws.recv(), timeout)
     return json.loads(raw)  # type: ignore[no-any-return]

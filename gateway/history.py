@@ -1,0 +1,95 @@
+"""Reading retained events back from JetStream: the source of resume, the history API and SSE resume.
+
+A read is an ephemeral pull consumer filtered to one subject (a scope, or a whole tenant), starting at
+a stream sequence. Pulling in batches gives natural back-pressure: the next batch is only fetched
+once the previous one was written. The consumer is deleted when the read ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamBounds:
+    earliest: int  # first sequence still held (0 when the stream is empty)
+    latest: int  # last sequence written
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    seq: int
+    subject: str
+    data: bytes
+
+
+class StreamReader:
+    def __init__(self, js: JetStreamContext, stream: str) -> None:
+        self.js = js
+        self.stream = stream
+
+    async def bounds(self) -> StreamBounds:
+        info = await self.js.stream_info(self.stream)
+        st = info.state
+        earliest = int(st.first_seq) if st.messages else 0
+        return StreamBounds(earliest=earliest, latest=int(st.last_seq))
+
+    async def read(
+        self, subject: str, after: int, *, upto: int | None = None, batch: int = 256, limit: int | None = None
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """Batches of stored events on `subject` with sequence > after (and <= upto), in order."""
+        if upto is not None and upto <= after:
+            return
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+            ack_policy=AckPolicy.ALL,  # one ack per batch keeps max_ack_pending from stalling the read
+            ack_wait=60.0,
+            max_ack_pending=-1,
+            inactive_threshold=30.0,
+            num_replicas=1,
+            mem_storage=True,
+            filter_subject=subject,
+        )
+        psub = await self.js.pull_subscribe(subject, stream=self.stream, config=config)
+        returned = 0
+        try:
+            info = await psub.consumer_info()
+            pending = int(info.num_pending)
+            while pending > 0:
+                want = batch if limit is None else min(batch, limit - returned)
+                if want <= 0:
+                    return
+                msgs: list[Msg] = await psub.fetch(want, timeout=5)
+                out: list[StoredEvent] = []
+                done = False
+                for m in msgs:
+                    meta = m.metadata
+                    seq = int(meta.sequence.stream)
+                    pending = int(meta.num_pending)
+                    if upto is not None and seq > upto:
+                        done = True
+                        break
+                    out.append(StoredEvent(seq, m.subject, m.data))
+                if msgs:
+                    with contextlib.suppress(Exception):
+                        await msgs[-1].ack()
+                if out:
+                    returned += len(out)
+                    yield out
+                if done or (upto is not None and out and out[-1].seq >= upto):
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(self.stream, config.name or "")  # type: ignore[attr-defined]

@@ -1,0 +1,164 @@
+"""HTTP read APIs beside the WebSocket: the history API and Server-Sent Events.
+
+Both use the same token rules as the socket (Authorization header, or `access_token` in the query)
+and the same permission check; both read the same JetStream stream, so what they return is byte for
+byte what a live subscriber saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.auth import AuthError, Principal, extract_token
+from gateway.events import InvalidEvent, parse_event
+from gateway.hub import Connection, control
+from gateway.protocol import SCOPE_RE, WILDCARD, FrameError
+from gateway.session import arm_expiry, parse_initial, principal_info, start_subscriptions
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+async def _authenticate(gw: Gateway, request: Request) -> Principal | JSONResponse:
+    src = extract_token(request.headers, [], request.query_params, allow_query=gw.settings.allow_query_token)
+    try:
+        return await gw.verifier.verify(src.token)
+    except AuthError as exc:
+        gw.metrics.auth_failures.labels(exc.reason).inc()
+        return _error(401, "unauthorized", f"{exc.reason}: {exc.message}", **{"WWW-Authenticate": "Bearer"})
+
+
+class SseChannel:
+    """The RawChannel counterpart for a Server-Sent Events response: bytes go to a buffer the
+    response body drains; `writable` is False while the buffer is above its high-water mark."""
+
+    HIGH_WATER = 256 * 1024
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.ready = asyncio.Event()
+        self.done = False
+        self.close_code: int | None = None
+        self.on_writable: Any = None
+        self.on_shutdown: Any = None
+
+    @property
+    def open(self) -> bool:
+        return not self.done
+
+    @property
+    def writable(self) -> bool:
+        return len(self.buf) < self.HIGH_WATER
+
+    def write(self, data: bytes) -> bool:
+        if self.done:
+            return False
+        self.buf += data
+        self.ready.set()
+        return True
+
+    def close(self, code: int, reason: str = "") -> None:
+        if self.done:
+            return
+        self.write(control("close", code=code, reason=reason).sse_bytes())
+        self.close_code = code
+        self.done = True
+        self.ready.set()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            if self.buf:
+                was_full = not self.writable
+                chunk = bytes(self.buf)
+                self.buf.clear()
+                yield chunk
+                if was_full and self.on_writable is not None:
+                    self.on_writable()
+            elif self.done:
+                return
+
+
+def build_router(gw: Gateway) -> APIRouter:
+    router = APIRouter(tags=["read APIs"])
+
+    @router.get("/v1/history")
+    async def history(request: Request, scope: str = "", after: str = "0", limit: str = "100") -> Response:
+        """Retained events of one scope after a stream sequence, oldest first (pages with `next_after`)."""
+        principal = await _authenticate(gw, request)
+        if isinstance(principal, JSONResponse):
+            return principal
+        if not SCOPE_RE.match(scope) or scope == WILDCARD:
+            return _error(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
+        if not after.isdigit() or len(after) > 19:
+            return _error(400, "bad_request", "after must be a stream sequence (a non-negative integer)")
+        if not limit.isdigit() or not 1 <= int(limit) <= gw.settings.history_max_limit:
+            return _error(400, "bad_request", f"limit must be an integer from 1 to {gw.settings.history_max_limit}")
+        kind, _, rid = scope.partition(":")
+        if not gw.acl.may_see(principal, principal.tenant, kind, rid):
+            return _error(403, "forbidden", "not allowed to see this scope")
+        try:
+            reader = gw.reader
+            bounds = await reader.bounds()
+            items: list[bytes] = []
+            last = int(after)
+            subject = f"{gw.settings.subject_prefix}.{principal.tenant}.{kind}.{rid}"
+            async for batch in reader.read(subject, int(after), limit=int(limit), batch=min(int(limit), 256)):
+                for ev in batch:
+                    last = ev.seq
+                    try:
+                        parse_event(ev.data, ev.subject, gw.settings.subject_prefix)
+                    except InvalidEvent:
+                        continue  # never delivered live either
+                    items.append(b'{"seq":%d,"event":%s}' % (ev.seq, ev.data))
+        except Exception as exc:  # NATS down: say so, the client retries
+            return _error(503, "unavailable", f"history is unavailable right now: {type(exc).__name__}")
+        gw.metrics.events_replayed.inc(len(items))
+        body = b'{"events":[%s],"next_after":%d,"earliest":%d,"latest":%d}' % (
+            b",".join(items), last, bounds.earliest, bounds.latest)
+        return Response(body, media_type="application/json")
+
+    @router.get("/v1/sse")
+    async def sse(request: Request) -> Response:
+        """The live stream as Server-Sent Events: `id:` is the stream sequence; resume with Last-Event-ID."""
+        principal = await _authenticate(gw, request)
+        if isinstance(principal, JSONResponse):
+            return principal
+        since = request.headers.get("last-event-id") or request.query_params.get("since")
+        try:
+            initial = parse_initial(request.query_params.getlist("scope") or [WILDCARD], since)
+        except FrameError as exc:
+            return _error(400, "bad_request", exc.message)
+        if len(gw.hub.connections) >= gw.settings.max_connections:
+            return _error(503, "over_limit", "over connection limit: retry on another instance")
+        channel = SseChannel()
+        conn = Connection(gw.hub, channel, principal, uuid.uuid4().hex, sse=True)
+        gw.hub.add(conn)
+        gw.metrics.connection_attempts.labels("accepted").inc()
+        conn.send(control("welcome", connection_id=conn.id, principal=principal_info(principal),
+                          expires_at=int(principal.expires_at)))
+        start_subscriptions(gw, conn, None, initial.scopes, initial.since, from_url=True)
+        arm_expiry(gw, conn)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in channel.body():
+                    yield chunk
+            finally:
+                gw.hub.remove(conn)
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return router

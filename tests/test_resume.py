@@ -1,0 +1,287 @@
+"""Lossless resume through the real protocol: replay from JetStream, exact seam to live, recovery flags."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import nats
+from nats.js.api import StreamConfig
+from websockets.exceptions import ConnectionClosed
+
+from gateway.client import GatewayClient
+from gateway.natsproc import NatsProcess
+from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.idp import TestIdP
+from tests.support.platform import Platform
+from tests.support.wsclient import connect, connect_slow, events, recv, recv_type, silence, welcome
+
+ADMIN = {"admins": ["user:alice"]}
+
+
+async def test_since_replays_then_goes_live_with_no_gap_or_duplicate_under_load(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    history = [await platform.publish("acme", "conversation:c1") for _ in range(300)]
+    for _ in range(50):
+        await platform.publish("acme", "process:other")  # not in the scope
+    cursor = history[99]
+    stop = asyncio.Event()
+    live: list[int] = []
+
+    async def keep_publishing() -> None:
+        while not stop.is_set() and len(live) < 400:
+            live.append(await platform.publish("acme", "conversation:c1"))
+
+    pub = asyncio.create_task(keep_publishing())
+    await asyncio.sleep(0.05)
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    await ws.send(json.dumps({"op": "subscribe", "id": "r", "scope": "conversation:c1", "since": cursor}))
+    ack = await recv_type(ws, "subscribed")
+    assert ack["recovered"] is True and ack["since"] == cursor and ack["earliest"] == 1
+    await asyncio.sleep(0.3)
+    stop.set()
+    await pub
+    expected = [s for s in history if s > cursor] + live
+    got = [f["seq"] for f in await events(ws, len(expected), timeout=30)]
+    assert got == expected
+    await silence(ws, 0.3)
+    assert await gw.metric("wsgateway_events_replayed_total") >= 200
+    await ws.close()
+
+
+async def test_url_since_resumes_several_scopes_as_one_ordered_stream(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    seqs = []
+    for i in range(60):
+        seqs.append((["conversation:a", "process:b", "agent:c"][i % 3], await platform.publish(
+            "acme", ["conversation:a", "process:b", "agent:c"][i % 3])))
+    cursor = seqs[20][1]
+    ws = await connect(f"{gw.ws}?scope=conversation:a&scope=process:b&since={cursor}", idp.mint("alice"))
+    await welcome(ws)
+    acks = [await recv_type(ws, "subscribed"), await recv_type(ws, "subscribed")]
+    assert {a["scope"] for a in acks} == {"conversation:a", "process:b"}
+    expected = [s for scope, s in seqs if s > cursor and scope != "agent:c"]
+    assert [f["seq"] for f in await events(ws, len(expected))] == expected
+    # later subscriptions on a cursor connection resume too
+    await platform.publish("acme", "agent:c")
+    ws_seq = await platform.publish("acme", "conversation:a")
+    assert (await events(ws, 1))[0]["seq"] == ws_seq
+    await ws.close()
+
+
+async def test_replay_rechecks_permissions_per_event(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
+    await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+    await platform.grant("acme.conversation.c2", {"members": ["user:mia"]})
+    mine = [await platform.publish("acme", scope) for scope in ["conversation:c1", "conversation:c2"] * 5]
+    await platform.revoke("acme.conversation.c2")  # access as it is NOW decides
+    await asyncio.sleep(0.2)
+    ws = await connect(gw.ws, idp.mint("mia"))
+    await welcome(ws)
+    await ws.send(json.dumps({"op": "subscribe", "id": 1, "scope": "*", "since": 0}))
+    assert (await recv_type(ws, "subscribed"))["recovered"] is True
+    assert [f["seq"] for f in await events(ws, 5)] == mine[0::2]
+    await silence(ws, 0.3)
+    await ws.close()
+
+
+async def test_purged_history_says_recovered_false_and_earliest(idp: TestIdP) -> None:
+    with NatsProcess() as natsd:
+        nc = await nats.connect(natsd.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="EVENTS", subjects=["events.>"], max_msgs=50))
+        platform = Platform(nc)
+        async with run_gateway(natsd.url, idp.issuer, audience=idp.audience) as g:
+            await platform.grant("acme.org", ADMIN)
+            seqs = [await platform.publish("acme", "conversation:c1") for _ in range(100)]
+            ws = await connect(g.ws, idp.mint("alice"))
+            await welcome(ws)
+            await ws.send(json.dumps({"op": "subscribe", "id": 1, "scope": "conversation:c1", "since": 10}))
+            ack = await recv_type(ws, "subscribed")
+            assert ack["recovered"] is False
+            assert ack["earliest"] == 51
+            assert [f["seq"] for f in await events(ws, 50)] == seqs[50:]
+            await ws.close()
+        await nc.close()
+
+
+async def test_cursor_ahead_of_the_stream_is_not_recovered(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    await platform.publish("acme", "conversation:c1")
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    await ws.send(json.dumps({"op": "subscribe", "id": 1, "scope": "conversation:c1", "since": 99999}))
+    assert (await recv_type(ws, "subscribed"))["recovered"] is False
+    seq = await platform.publish("acme", "conversation:c1")
+    assert (await events(ws, 1))[0]["seq"] == seq
+    await ws.close()
+
+
+async def test_bad_since_on_url_closes_4400(gw: RunningGateway, idp: TestIdP) -> None:
+    from tests.support.wsclient import closed
+
+    ws = await connect(f"{gw.ws}?since=-1", idp.mint("alice"))
+    code, reason = await closed(ws)
+    assert code == 4400 and "since" in reason
+    ws = await connect(f"{gw.ws}?scope=bogus", idp.mint("alice"))
+    assert (await closed(ws))[0] == 4400
+
+
+async def test_client_helper_reconnects_with_its_cursor(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    """Drop the connection mid-stream while publishing continues: the app sees exactly what was published."""
+    await platform.grant("acme.org", ADMIN)
+    client = GatewayClient(gw.ws, token=idp.mint("alice"), scopes=["conversation:c1", "process:p1"], since=0)
+    published: list[int] = []
+    received: list[int] = []
+
+    async def publish() -> None:
+        for i in range(300):
+            published.append(await platform.publish("acme", ["conversation:c1", "process:p1"][i % 2]))
+            await asyncio.sleep(0.002)
+
+    async def consume() -> None:
+        async for frame in client.frames():
+            if frame["type"] == "event":
+                received.append(frame["seq"])
+                if len(received) in (40, 150):
+                    await client.drop()
+                if len(received) == 300:
+                    return
+
+    pub = asyncio.create_task(publish())
+    await asyncio.wait_for(consume(), 60)
+    await pub
+    assert received == published
+    assert client.connects == 3
+    await client.close()
+
+
+async def test_slow_client_coalesced_then_closed_and_resume_has_every_lifecycle_event(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    """10,000 events to a client that reads nothing: coalesced, then 4429; others keep flowing; the resumed
+    client has every lifecycle event, and merged deltas carry all the text they replace."""
+    await platform.grant("acme.org", ADMIN)
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=400) as g:
+        slow = await connect_slow(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
+        await welcome(slow)
+        await recv_type(slow, "subscribed")
+        slow.transport.pause_reading()
+        fast = await connect(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
+        await welcome(fast)
+        await recv_type(fast, "subscribed")
+        lifecycle: list[int] = []
+        published: list[int] = []
+        fast_got: list[dict] = []
+        latencies: list[float] = []
+
+        async def read_fast() -> None:
+            while len(fast_got) < 10_000:
+                frame = await recv(fast, 20)
+                fast_got.append(frame)
+                latencies.append(time.time() - frame["event"]["data"]["t"])
+
+        reader = asyncio.create_task(read_fast())
+        run = 0
+        while len(published) < 10_000:
+            r = f"run{run}"
+            run += 1
+            kw = {"run_id": r}
+            seq = await platform.publish("acme", "conversation:c1", type="run.message.started",
+                                         data={"message_id": r, "t": time.time()}, **kw)
+            lifecycle.append(seq)
+            published.append(seq)
+            for _ in range(min(40, 9_999 - len(published))):
+                published.append(await platform.publish("acme", "conversation:c1", type="run.message.delta",
+                                                        data={"message_id": r, "delta": "abc ", "t": time.time()},
+                                                        **kw))
+            if len(published) < 10_000:
+                seq = await platform.publish("acme", "conversation:c1", type="run.message.finished",
+                                             data={"message_id": r, "t": time.time()}, **kw)
+                lifecycle.append(seq)
+                published.append(seq)
+        await asyncio.wait_for(reader, 60)
+        assert [f["seq"] for f in fast_got] == published  # the fast client lost nothing and was not held up
+        latencies.sort()
+        p99 = latencies[int(len(latencies) * 0.99)]
+        assert p99 < 1.0, f"fast client p99 {p99 * 1000:.0f} ms: a slow client must not hold others up"
+        assert await g.metric("wsgateway_events_coalesced_total") > 0
+        assert await g.metric("wsgateway_slow_client_disconnects_total") == 1
+        slow.transport.resume_reading()
+        got: list[dict] = []
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                frame = await recv(slow, 10)
+                if frame["type"] == "event":
+                    got.append(frame)
+        assert slow.close_code == 4429
+        cursor = got[-1]["seq"]
+        again = await connect(f"{g.ws}?scope=conversation:c1&since={cursor}", idp.mint("alice"))
+        await welcome(again)
+        await recv_type(again, "subscribed")
+        rest = [f["seq"] for f in await events(again, sum(1 for s in published if s > cursor), timeout=30)]
+        assert rest == [s for s in published if s > cursor]  # the resume itself is complete, not coalesced
+        assert set(lifecycle) <= {f["seq"] for f in got} | set(rest)
+        await again.close()
+        await fast.close()
+
+
+async def test_coalescing_merges_deltas_and_drops_superseded_snapshots_keeping_lifecycle(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    """A client that falls behind, then catches up before its queue overflows, gets fewer frames that mean
+    the same: merged deltas with the full text, only the newest snapshot, every lifecycle event in order."""
+    await platform.grant("acme.org", ADMIN)
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=200) as g:
+        slow = await connect_slow(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
+        await welcome(slow)
+        await recv_type(slow, "subscribed")
+        slow.transport.pause_reading()
+        published: list[tuple[int, str]] = []
+        kw = {"run_id": "r1"}
+
+        async def pub(type_: str, data: dict) -> None:
+            data = {**data, "pad": "p" * 600}  # enough bytes to get past the kernel's socket buffers
+            published.append((await platform.publish("acme", "conversation:c1", type=type_, data=data, **kw), type_))
+
+        await pub("run.started", {})
+        for i in range(60):
+            await pub("run.message.started", {"message_id": f"m{i}"})
+            for k in range(8):
+                await pub("run.message.delta", {"message_id": f"m{i}", "delta": f"{i}.{k} "})
+                await pub("run.state.snapshot", {"state": {"i": i, "k": k}})
+            await pub("run.message.finished", {"message_id": f"m{i}"})
+        await pub("run.finished", {"outcome": "success"})
+        await asyncio.sleep(0.3)
+        assert await g.metric("wsgateway_events_coalesced_total") > 0
+        slow.transport.resume_reading()
+        got = []
+        while not got or got[-1]["seq"] != published[-1][0]:
+            got.extend(await events(slow, 1, timeout=10))
+        lifecycle = [s for s, t in published if t not in ("run.message.delta", "run.state.snapshot")]
+        assert [f["seq"] for f in got if f["event"]["type"] not in ("run.message.delta", "run.state.snapshot")] \
+            == lifecycle
+        assert [f["seq"] for f in got] == sorted(f["seq"] for f in got)
+        assert len(got) < len(published)
+        text: dict[str, str] = {}
+        for f in got:
+            if f["event"]["type"] == "run.message.delta":
+                d = f["event"]["data"]
+                text[d["message_id"]] = text.get(d["message_id"], "") + d["delta"]
+        assert text == {f"m{i}": "".join(f"{i}.{k} " for k in range(8)) for i in range(60)}
+        assert any(f.get("coalesced", 1) > 1 for f in got)
+        snaps = [f["event"]["data"]["state"] for f in got if f["event"]["type"] == "run.state.snapshot"]
+        assert snaps[-1] == {"i": 59, "k": 7}
+        assert len(snaps) < 60 * 8
+        assert await g.metric("wsgateway_slow_client_disconnects_total") == 0
+        await slow.close()
