@@ -285,3 +285,42 @@ async def test_coalescing_merges_deltas_and_drops_superseded_snapshots_keeping_l
         assert len(snaps) < 60 * 8
         assert await g.metric("wsgateway_slow_client_disconnects_total") == 0
         await slow.close()
+
+
+async def test_large_replay_does_not_stall_live_delivery_to_others(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    body = {"blob": "z" * 400}
+    for chunk in range(20):  # 20,000 retained events, published in pipelined chunks
+        await asyncio.gather(*(platform.publish("acme", "conversation:big", data=body) for _ in range(1000)))
+    live = await connect(f"{gw.ws}?scope=process:live", idp.mint("alice"))
+    await welcome(live)
+    await recv_type(live, "subscribed")
+    replayer = await connect(f"{gw.ws}?scope=conversation:big&since=0", idp.mint("alice"))
+    await welcome(replayer)
+    await recv_type(replayer, "subscribed")
+    got = 0
+    delays = []
+
+    async def drain_replay() -> None:
+        nonlocal got
+        while got < 20_000:
+            frame = await recv(replayer, 30)
+            got += frame["type"] == "event"
+
+    task = asyncio.create_task(drain_replay())
+    while got < 15_000:  # while the replay is running, live events still flow to the other client
+        t0 = time.monotonic()
+        seq = await platform.publish("acme", "process:live")
+        assert (await events(live, 1, timeout=5))[0]["seq"] == seq
+        delays.append(time.monotonic() - t0)
+        await asyncio.sleep(0.02)
+        if task.done():
+            break
+    await asyncio.wait_for(task, 60)
+    assert got == 20_000
+    assert len(delays) >= 3, "the replay finished before live delivery could be observed"
+    assert max(delays) < 2.0, f"live delivery stalled during a replay: {max(delays):.2f}s"
+    await live.close()
+    await replayer.close()

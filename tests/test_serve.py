@@ -39,6 +39,13 @@ async def test_two_workers_share_one_port_each_with_its_own_consumer(
     proc = subprocess.Popen([WSGATEWAY, "serve", "--workers", "2"], env=_env(nats_server, idp, port))  # noqa: ASYNC220
     try:
         await wait_ready(f"http://127.0.0.1:{port}", timeout=40)
+        # every worker runs its own ordered consumer on the stream (readiness answered for one of them)
+        for _ in range(200):
+            info = await platform.js.stream_info("EVENTS")
+            if info.state.consumer_count == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert info.state.consumer_count == 2
         await platform.grant("acme.org", {"admins": ["user:alice"]})
         clients = []
         for _ in range(12):  # the kernel spreads these over both workers
@@ -49,9 +56,6 @@ async def test_two_workers_share_one_port_each_with_its_own_consumer(
         seqs = [await platform.publish("acme", "conversation:c1") for _ in range(5)]
         for ws in clients:
             assert [f["seq"] for f in await events(ws, 5)] == seqs
-        # every worker runs its own ordered consumer on the stream
-        info = await platform.js.stream_info("EVENTS")
-        assert info.state.consumer_count == 2
         # /metrics sums the workers (whichever worker answers)
         async with httpx.AsyncClient() as c:
             for _ in range(4):

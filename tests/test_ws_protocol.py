@@ -288,3 +288,20 @@ async def test_latency_and_delivery_metrics_count_deliveries(
     assert await gw.metric("wsgateway_events_received_total") == 4
     for ws in clients:
         await ws.close()
+
+
+async def test_over_connection_limit_closes_4429(nats_server: object, idp: TestIdP) -> None:
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, max_connections=2) as g:  # type: ignore[attr-defined]
+        first = [await connect(g.ws, idp.mint("alice")) for _ in range(2)]
+        for ws in first:
+            await welcome(ws)
+        extra = await connect(g.ws, idp.mint("alice"))
+        code, reason = await closed(extra)
+        assert code == 4429 and "connection limit" in reason
+        assert await g.metric("wsgateway_connection_attempts_total", {"outcome": "rejected"}) == 1
+        await first[0].close()
+        await asyncio.sleep(0.2)
+        again = await connect(g.ws, idp.mint("alice"))
+        await welcome(again)
+        for ws in [*first[1:], again]:
+            await ws.close()
