@@ -16,7 +16,7 @@ from gateway.config import Settings
 from gateway.history import StreamReader
 from gateway.http_api import build_router
 from gateway.hub import Hub
-from gateway.logs import install_redaction
+from gateway.logs import configure_logging, install_redaction
 from gateway.metrics import Metrics
 from gateway.permissions import AclStore
 from gateway.replay import Replayer
@@ -83,6 +83,8 @@ def create_app(
 ) -> FastAPI:
     """Build the gateway app. In dev mode the development identity provider is mounted at /dev/idp."""
     settings = settings or Settings()
+    if settings.dev_mode and dev_idp is None and not (settings.oidc_issuer or settings.jwks_url):
+        raise ValueError("dev_mode needs the development identity provider: run `wsgateway dev`, not `serve`")
     install_redaction()
     gateway = Gateway(settings, metrics=metrics, issuer=dev_idp.issuer if dev_idp else None)
 
@@ -128,7 +130,9 @@ def create_app(
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for `wsgateway serve` worker processes: settings from WSGATEWAY_* variables."""
-    return create_app(Settings())
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 def uvicorn_options(settings: Settings) -> dict[str, object]:

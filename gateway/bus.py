@@ -155,7 +155,7 @@ class Bus:
         last = await ensure_stream(self.js, s)
         kv = await ensure_bucket(self.js, s)
         self._watch_task = asyncio.create_task(
-            watch_acl(kv, self.acl, lambda tenant: self.hub.recheck(tenant=tenant), self.acl_ready),
+            watch_acl(kv, self.acl, self._acl_changed, self.acl_ready),
             name="wsgateway-acl-watch",
         )
         await asyncio.wait_for(self.acl_ready.wait(), timeout=30)
@@ -175,6 +175,12 @@ class Bus:
         )
         self.consuming = True
         log.info("consuming %s.> from stream %s after seq %d", s.subject_prefix, s.stream, last)
+
+    def _acl_changed(self, tenant: str | None) -> None:
+        if tenant is None:
+            self.hub.recheck_all()
+        else:
+            self.hub.recheck(tenant=tenant)
 
     async def _on_msg(self, msg: Msg) -> None:
         meta = msg.metadata

@@ -27,6 +27,10 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"wsgateway: bad configuration:\n{exc}", file=sys.stderr)
         return 2
+    if settings.dev_mode:
+        print("wsgateway: WSGATEWAY_DEV_MODE is reserved for `wsgateway dev` (it has no production identity "
+              "provider); unset it and set WSGATEWAY_OIDC_ISSUER or WSGATEWAY_JWKS_URL", file=sys.stderr)
+        return 2
     workers = settings.workers or os.cpu_count() or 1
     mp_dir = None
     if workers > 1:  # metrics of all workers are summed through prometheus_client's multiprocess files

@@ -75,9 +75,15 @@ class SseChannel:
         self.done = True
         self.ready.set()
 
-    async def body(self) -> AsyncIterator[bytes]:
+    async def body(self, keepalive_s: float) -> AsyncIterator[bytes]:
+        """The response body: buffered frames as they come, a comment line when idle (keeps proxies from
+        cutting the stream), and the end of the response right after the `close` event."""
         while True:
-            await self.ready.wait()
+            try:
+                await asyncio.wait_for(self.ready.wait(), keepalive_s)
+            except TimeoutError:
+                yield b": keepalive\n\n"
+                continue
             self.ready.clear()
             if self.buf:
                 was_full = not self.writable
@@ -86,7 +92,7 @@ class SseChannel:
                 yield chunk
                 if was_full and self.on_writable is not None:
                     self.on_writable()
-            elif self.done:
+            if self.done and not self.buf:
                 return
 
 
@@ -153,7 +159,7 @@ def build_router(gw: Gateway) -> APIRouter:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in channel.body():
+                async for chunk in channel.body(gw.settings.heartbeat_s):
                     yield chunk
             finally:
                 gw.hub.remove(conn)

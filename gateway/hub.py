@@ -125,6 +125,7 @@ class Connection:
     __slots__ = (
         "bad_frames", "blocked", "channel", "closed", "cursor", "dirty", "drained", "expiry", "hub", "id",
         "last_seq", "pending", "pending_bytes", "principal", "replay_lock", "replaying", "sse", "subs", "wild",
+        "written",
     )
 
     def __init__(
@@ -137,6 +138,7 @@ class Connection:
         self.pending: list[OutFrame] = []
         self.pending_bytes = 0
         self.last_seq = 0  # highest event sequence queued for this client: never send one twice
+        self.written = 0  # highest event sequence handed to the socket
         self.subs: dict[str, Subscription] = {}
         self.wild: WildSubscription | None = None
         self.dirty = False
@@ -222,13 +224,9 @@ class Hub:
 
     def too_slow(self, conn: Connection) -> None:
         self.metrics.slow_client_disconnects.inc()
-        self.close(conn, CLOSE_TOO_SLOW, f"too slow: reconnect and resume after seq {self._acked(conn)}")
-
-    @staticmethod
-    def _acked(conn: Connection) -> int:
-        """Highest event sequence fully handed to the socket (the client resumes after it)."""
-        pending_min = min((f.seq for f in conn.pending if f.seq), default=0)
-        return pending_min - 1 if pending_min else conn.last_seq
+        # `written` is the last sequence handed to the socket: a client that read everything before the
+        # close frame has exactly that cursor (its own last seen `seq` is always the one to use)
+        self.close(conn, CLOSE_TOO_SLOW, f"too slow: reconnect and resume after seq {conn.written}")
 
     # --- subscriptions ---------------------------------------------------------------------
 
@@ -302,6 +300,11 @@ class Hub:
     def _update_sub_gauge(self) -> None:
         n = sum(len(v) for v in self.by_scope.values()) + sum(len(v) for v in self.wild.values())
         self.metrics.subscriptions.set(n)
+
+    def recheck_all(self) -> None:
+        """Re-decide every subscription (after the first full ACL load)."""
+        for tenant in set(self.by_tenant) | set(self.wild):
+            self.recheck(tenant=tenant)
 
     def recheck(self, conns: Iterable[Connection] | None = None, tenant: str | None = None) -> None:
         """Re-decide permissions after an ACL change (a tenant) or a token refresh (connections).
@@ -476,6 +479,7 @@ class Hub:
                     if not f.sent:
                         touched.append(f)
                     f.sent += 1
+            c.written = c.last_seq  # everything queued is now handed to the socket
             c.pending = []
             c.pending_bytes = 0
         if touched:

@@ -27,6 +27,21 @@ class RedactTokens(logging.Filter):
 _FILTER = RedactTokens()
 
 
+def configure_logging(level: str) -> None:
+    """`wsgateway serve` workers: gateway.* loggers at `level`, one line per record, tokens redacted."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("gateway").setLevel(numeric)
+    for handler in root.handlers:  # handler filters see records of every logger, children included
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+    install_redaction()
+
+
 def install_redaction() -> None:
     """Attach the filter to the loggers that print request paths (idempotent)."""
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "gateway"):

@@ -21,47 +21,44 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
 from gateway.auth import Principal
 
 log = logging.getLogger(__name__)
 
 
-def _normalize(entries: list[str]) -> frozenset[str]:
-    return frozenset(e if ":" in e else f"user:{e}" for e in entries)
+def _principal_id(entry: str) -> str:
+    return entry if ":" in entry else f"user:{entry}"
+
+
+PrincipalList = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=300)]],
+    AfterValidator(lambda entries: frozenset(_principal_id(e) for e in entries)),
+]
+"""A JSON list of principal ids; a string or an object where a list belongs makes the document unreadable."""
 
 
 class _Doc(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 class OrgAcl(_Doc):
-    admins: frozenset[str] = frozenset()
-
-    _n = field_validator("admins", mode="before")(lambda v: _normalize(list(v or [])))
+    admins: PrincipalList = frozenset()  # type: ignore[assignment]
 
 
 class ProjectAcl(_Doc):
-    admins: frozenset[str] = frozenset()
-    viewers: frozenset[str] = frozenset()
-
-    _n = field_validator("admins", "viewers", mode="before")(lambda v: _normalize(list(v or [])))
+    admins: PrincipalList = frozenset()  # type: ignore[assignment]
+    viewers: PrincipalList = frozenset()  # type: ignore[assignment]
 
 
 class ResourceAcl(_Doc):
-    project: str | None = None
-    members: frozenset[str] = frozenset()
-    owner: str | None = None
-
-    _n = field_validator("members", mode="before")(lambda v: _normalize(list(v or [])))
-
-    @field_validator("owner", mode="before")
-    @classmethod
-    def _owner(cls, v: str | None) -> str | None:
-        return None if not v else (v if ":" in v else f"user:{v}")
+    project: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")] | None = None
+    members: PrincipalList = frozenset()  # type: ignore[assignment]
+    owner: Annotated[str, StringConstraints(min_length=1, max_length=300), AfterValidator(_principal_id)] | None = None
 
 
 def parse_doc(key: str, value: bytes) -> OrgAcl | ProjectAcl | ResourceAcl | None:
@@ -119,7 +116,8 @@ class AclStore:
         return False
 
 
-OnChange = Callable[[str], None]
+OnChange = Callable[[str | None], None]
+"""Called with the tenant whose documents changed, or None after the initial load (re-check all)."""
 
 
 async def watch_acl(kv: object, store: AclStore, on_change: OnChange, ready: asyncio.Event) -> None:
@@ -130,9 +128,10 @@ async def watch_acl(kv: object, store: AclStore, on_change: OnChange, ready: asy
     watcher = await kv.watchall()  # type: ignore[attr-defined]
     try:
         async for entry in watcher:
-            if entry is None:  # end of initial values
+            if entry is None:  # end of initial values: decisions made before now are re-made
                 store.loaded = True
                 ready.set()
+                on_change(None)
                 continue
             deleted = entry.operation in ("DEL", "PURGE")
             tenant = store.apply(entry.key, None if deleted else entry.value)

@@ -78,6 +78,13 @@ class Replayer:
     ) -> None:
         hub = self.hub
         bounds = await self.reader.bounds()
+        if since > target and since <= bounds.latest:
+            # this instance lags the stream (the client came from one further ahead): nothing is lost;
+            # skip what the client already has instead of calling it unrecovered
+            recovered = True
+            conn.last_seq = max(conn.last_seq, since)
+            conn.pending = [f for f in conn.pending if not f.seq or f.seq > since]
+            conn.pending_bytes = sum(len(f.data) for f in conn.pending)
         if bounds.earliest and start + 1 < bounds.earliest and bounds.latest > start:
             recovered = False  # the stream no longer holds everything after `since`
             start = bounds.earliest - 1
@@ -121,10 +128,10 @@ class Replayer:
                     if ev.seq > conn.last_seq:
                         conn.last_seq = ev.seq
                 if frames:
-                    await self._write(conn, encode(conn, frames))
+                    await self._write(conn, encode(conn, frames), frames[-1].seq)
                     hub.metrics.events_replayed.inc(len(frames))
 
-    async def _write(self, conn: Connection, data: bytes) -> None:
+    async def _write(self, conn: Connection, data: bytes, seq: int = 0) -> None:
         """Hand bytes to the socket once it has room (the client paces the replay)."""
         while not conn.closed and not conn.channel.writable:
             conn.drained = asyncio.get_running_loop().create_future()
@@ -136,6 +143,7 @@ class Replayer:
                 conn.drained = None
         if not conn.closed:
             conn.channel.write(data)
+            conn.written = max(conn.written, seq)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

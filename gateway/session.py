@@ -177,7 +177,8 @@ def arm_expiry(gw: Gateway, conn: Connection) -> None:
     if conn.expiry is not None:
         conn.expiry.cancel()
     loop = asyncio.get_running_loop()
-    delay = max(0.0, conn.principal.expires_at - time.time())
+    # the verifier accepts a token until exp + leeway; the session lives exactly as long
+    delay = max(0.0, conn.principal.expires_at + gw.settings.jwt_leeway_s - time.time())
     conn.expiry = loop.call_later(
         delay, gw.hub.close, conn, CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token"
     )

@@ -130,3 +130,12 @@ async def test_sse_requires_a_valid_token(gw: RunningGateway, idp: TestIdP) -> N
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         r = await c.get("/v1/sse", params={"scope": "bad scope"}, headers=_auth(idp.mint("alice")))
         assert r.status_code == 400
+
+
+async def test_sse_stream_ends_after_the_close_event(gw: RunningGateway, idp: TestIdP) -> None:
+    """When the token expires the server sends a `close` event and ends the response (no hanging stream)."""
+    async with httpx.AsyncClient(base_url=gw.http, timeout=10) as c:
+        params = {"scope": "process:p1", "access_token": idp.mint("alice", exp_in=1)}
+        async with c.stream("GET", "/v1/sse", params=params) as r:
+            frames = await asyncio.wait_for(_sse_events(r.aiter_lines(), 100), 8)
+    assert frames[-1]["event"] == "close" and frames[-1]["data"]["code"] == 4408

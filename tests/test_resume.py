@@ -292,7 +292,7 @@ async def test_large_replay_does_not_stall_live_delivery_to_others(
 ) -> None:
     await platform.grant("acme.org", ADMIN)
     body = {"blob": "z" * 400}
-    for chunk in range(20):  # 20,000 retained events, published in pipelined chunks
+    for _ in range(20):  # 20,000 retained events, published in pipelined chunks
         await asyncio.gather(*(platform.publish("acme", "conversation:big", data=body) for _ in range(1000)))
     live = await connect(f"{gw.ws}?scope=process:live", idp.mint("alice"))
     await welcome(live)

@@ -75,3 +75,11 @@ def test_serve_refuses_a_configuration_without_identity_provider(nats_server: Na
     out = subprocess.run([WSGATEWAY, "serve"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "WSGATEWAY_OIDC_ISSUER" in out.stderr
+
+
+def test_serve_refuses_dev_mode(nats_server: NatsProcess) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATEWAY_")}
+    env.update({"WSGATEWAY_NATS_URL": nats_server.url, "WSGATEWAY_DEV_MODE": "true"})
+    out = subprocess.run([WSGATEWAY, "serve"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "wsgateway dev" in out.stderr and "Traceback" not in out.stderr

@@ -120,3 +120,15 @@ async def test_unreadable_acl_document_denies(gw: RunningGateway, idp: TestIdP, 
     await ws.send(json.dumps({"op": "ping"}))
     assert await recv(ws) == {"type": "pong"}
     await ws.close()
+
+
+async def test_document_with_a_string_where_a_list_belongs_denies(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    """`{"members": "bob"}` must not become the members b and o: the document is refused (deny)."""
+    await platform.grant("acme.conversation.c1", {"members": "bob"})
+    for sub in ("bob", "b", "o"):
+        ws = await connect(gw.ws, idp.mint(sub))
+        await welcome(ws)
+        assert (await subscribe(ws, "conversation:c1"))["code"] == "forbidden"
+        await ws.close()

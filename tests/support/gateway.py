@@ -67,7 +67,7 @@ async def run_gateway(
     port = overrides.pop("port", None) or free_port()
     values: dict[str, Any] = {
         "nats_url": nats_url, "host": "127.0.0.1", "port": port, "oidc_issuer": issuer,
-        "heartbeat_s": 5, "shutdown_timeout_s": 3, "log_level": "warning",
+        "heartbeat_s": 5, "shutdown_timeout_s": 3, "log_level": "warning", "jwt_leeway_s": 1,
     }
     values.update(overrides)
     settings = Settings(**values)

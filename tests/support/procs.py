@@ -144,6 +144,20 @@ async def gateway_processes(
                 p.proc.kill()
 
 
+def spawn_nats(server: NatsProcess) -> None:
+    """Launch the server's process from THIS thread (PR_SET_PDEATHSIG follows the thread that forked)."""
+    server.proc = subprocess.Popen(
+        server.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent, start_new_session=True,
+    )
+
+
+async def start_nats(server: NatsProcess, wait: float = 10.0) -> None:
+    """(Re)start a NatsProcess (same port, same store dir) without blocking the event loop."""
+    spawn_nats(server)
+    await asyncio.to_thread(server.wait_ready, wait)
+
+
 class NatsCluster:
     """Three (or n) `nats-server -js` nodes clustered over loopback routes, each with its own store dir."""
 
@@ -169,10 +183,7 @@ class NatsCluster:
 
     def start(self, wait: float = 15.0) -> NatsCluster:
         for n in self.nodes:  # start all before waiting: each node retries its routes
-            n.proc = subprocess.Popen(
-                n.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent, start_new_session=True,
-            )
+            spawn_nats(n)
         deadline = time.monotonic() + wait
         for n in self.nodes:
             n.wait_ready(max(0.5, deadline - time.monotonic()))
