@@ -81,6 +81,10 @@ class Bus:
         self.acl_ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self._kv: object | None = None
+        self._recover_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_invalid_log = 0.0
         self._invalid_unlogged = 0
@@ -94,7 +98,7 @@ class Bus:
 
     async def stop(self) -> None:
         self._stopping = True
-        for t in (self._watch_task, self._task):
+        for t in (self._watchdog_task, self._recover_task, self._watch_task, self._task):
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -130,6 +134,9 @@ class Bus:
 
         async def reconnected() -> None:
             self.metrics.nats_connected.set(1)
+            self.check_consumer("reconnected")  # a restarted server has lost our in-memory consumer
+            if self._kv is not None:
+                self._start_acl_watch()  # ... and the ACL watch's: revocations must not wait for it
             log.info("NATS reconnected to %s", self.nc.connected_url.netloc if self.nc else "?")
 
         async def error(exc: Exception) -> None:
@@ -153,34 +160,87 @@ class Bus:
         self.metrics.nats_connected.set(1)
         self.js = self.nc.jetstream()
         last = await ensure_stream(self.js, s)
-        kv = await ensure_bucket(self.js, s)
-        self._watch_task = asyncio.create_task(
-            watch_acl(kv, self.acl, self._acl_changed, self.acl_ready),
-            name="wsgateway-acl-watch",
-        )
+        self._kv = await ensure_bucket(self.js, s)
+        self._start_acl_watch()
         await asyncio.wait_for(self.acl_ready.wait(), timeout=30)
         # Start right after the stream's current end: the hub's cursor is exact from the first event.
         self.hub.skip(last)
-        await self.js.subscribe(
-            f"{s.subject_prefix}.>",
-            stream=s.stream,
-            cb=self._on_msg,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=last + 1,
-                inactive_threshold=30.0,
-            ),
-            idle_heartbeat=2.0,
-        )
+        self._sub = await self._subscribe(last + 1)
         self.consuming = True
+        self._watchdog_task = asyncio.create_task(self._watchdog(), name="wsgateway-consumer-watchdog")
         log.info("consuming %s.> from stream %s after seq %d", s.subject_prefix, s.stream, last)
+
+    def _start_acl_watch(self) -> None:
+        """(Re)start following the ACL bucket; a restart reloads every document and re-checks everything."""
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        self._watch_task = asyncio.create_task(
+            watch_acl(self._kv, self.acl, self._acl_changed, self.acl_ready), name="wsgateway-acl-watch"
+        )
 
     def _acl_changed(self, tenant: str | None) -> None:
         if tenant is None:
             self.hub.recheck_all()
         else:
             self.hub.recheck(tenant=tenant)
+
+    async def _subscribe(self, start: int) -> JetStreamContext.PushSubscription:
+        assert self.js is not None
+        s = self.settings
+        return await self.js.subscribe(
+            f"{s.subject_prefix}.>",
+            stream=s.stream,
+            cb=self._on_msg,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=start,
+                inactive_threshold=30.0,
+            ),
+            idle_heartbeat=2.0,
+        )
+
+    def check_consumer(self, why: str) -> None:
+        """The consumer may be gone: not ready until it is verified, or re-created from the hub's cursor."""
+        if self._stopping or self._sub is None or (self._recover_task and not self._recover_task.done()):
+            return
+        self.consuming = False
+        self._recover_task = asyncio.create_task(self._recover(why), name="wsgateway-consumer-recover")
+
+    async def _recover(self, why: str) -> None:
+        delay = 0.1
+        while not self._stopping:
+            assert self._sub is not None
+            try:
+                try:
+                    await self._sub.consumer_info()
+                    self.consuming = True  # still there; a gap is the ordered consumer's own business
+                    return
+                except NotFoundError:
+                    pass
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+                self._sub = await self._subscribe(self.hub.last_seq + 1)
+                self.consuming = True
+                log.warning("consumer re-created after seq %d (%s)", self.hub.last_seq, why)
+                return
+            except Exception as exc:
+                log.warning("consumer check failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _watchdog(self, every: float = 1.0) -> None:
+        """Catches a consumer lost WITHOUT a reconnect (e.g. its cluster node died) within `every` seconds."""
+        while not self._stopping:
+            await asyncio.sleep(every)
+            if self._sub is None or not self.consuming or not (self.nc and self.nc.is_connected):
+                continue
+            try:
+                await self._sub.consumer_info()
+            except NotFoundError:
+                self.check_consumer("consumer gone")
+            except Exception:
+                pass
 
     async def _on_msg(self, msg: Msg) -> None:
         meta = msg.metadata

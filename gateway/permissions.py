@@ -123,19 +123,26 @@ OnChange = Callable[[str | None], None]
 async def watch_acl(kv: object, store: AclStore, on_change: OnChange, ready: asyncio.Event) -> None:
     """Follow the bucket forever: initial values first (then `ready` is set), then every change.
 
-    `kv` is a nats.js.kv.KeyValue. The watcher is an ordered consumer, so it survives reconnects.
+    `kv` is a nats.js.kv.KeyValue. The initial values are loaded into a staging copy and swapped in at
+    once, so a re-started watch (after a NATS restart) never passes through a half-loaded, deny-all state;
+    after the swap every subscription is re-decided (on_change(None)).
     """
     watcher = await kv.watchall()  # type: ignore[attr-defined]
+    staging: AclStore | None = AclStore()
     try:
         async for entry in watcher:
-            if entry is None:  # end of initial values: decisions made before now are re-made
+            if entry is None:  # end of initial values
+                if staging is not None:
+                    store.docs = staging.docs
+                    staging = None
                 store.loaded = True
                 ready.set()
                 on_change(None)
                 continue
             deleted = entry.operation in ("DEL", "PURGE")
-            tenant = store.apply(entry.key, None if deleted else entry.value)
-            if store.loaded:
+            target = staging if staging is not None else store
+            tenant = target.apply(entry.key, None if deleted else entry.value)
+            if staging is None:
                 on_change(tenant)
     finally:
         await watcher.stop()

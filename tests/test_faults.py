@@ -511,3 +511,37 @@ async def test_cluster_node_killed_during_publishing_r3_stream_loses_nothing(idp
                 assert await until_ok(lambda: stream_state(js), 10, "stream info") == (len(pub.seqs), pub.seqs[-1])
         finally:
             await nc.close()
+
+
+async def test_revocation_after_a_nats_restart_takes_effect_at_once(tmp_path: Any, idp: TestIdP) -> None:
+    """The ACL watch is re-established with the connection: a revocation right after an outage is not
+    left waiting for a consumer heartbeat timeout."""
+    from tests.support.wsclient import connect, recv, recv_type, welcome
+
+    natsd = NatsProcess(free_port(), tmp_path / "nats")
+    natsd.start()
+    try:
+        async with run_gateway(natsd.url, idp.issuer, audience=idp.audience) as g:
+            platform = await Platform.connect(natsd.url)
+            await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+            ws = await connect(f"{g.ws}?scope=conversation:c1", idp.mint("mia"))
+            await welcome(ws)
+            assert (await recv_type(ws, "subscribed"))["scope"] == "conversation:c1"
+            await platform.close()
+            natsd.stop()
+            natsd.start()
+            async with httpx.AsyncClient() as c:
+                for _ in range(200):
+                    if (await c.get(f"{g.http}/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+            platform = await Platform.connect(natsd.url)
+            t0 = time.monotonic()
+            await platform.grant("acme.conversation.c1", {"members": ["user:someone-else"]})
+            assert await recv(ws, 10) == {"type": "revoked", "scope": "conversation:c1"}
+            took = time.monotonic() - t0
+            assert took < 2.0, f"revocation took {took:.1f}s after the restart"
+            await ws.close()
+            await platform.close()
+    finally:
+        natsd.cleanup()
