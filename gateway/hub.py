@@ -359,56 +359,40 @@ class Hub:
         wild = self.wild.get(tenant)
         if not subs and not wild:
             return 0
+        targets = [sub.conn for sub in subs if sub.allowed] if subs else []
+        denied = len(subs) - len(targets) if subs else 0
+        if wild:
+            kind, rid = env.kind, env.resource_id
+            for w in wild:
+                ok = w.decisions.get(scope)
+                if ok is None:
+                    ok = self.acl.may_see(w.conn.principal, tenant, kind, rid)
+                    if len(w.decisions) >= w.MAX_CACHED:
+                        w.decisions.clear()
+                    w.decisions[scope] = ok
+                if ok:
+                    targets.append(w.conn)
+                else:
+                    denied += 1
         frame = event_frame(seq, env, raw, self.metrics.latency_by_kind.get(env.kind))
         size = len(frame.data)
         max_msgs, max_bytes = self._max_msgs, self._max_bytes
         dirty = self._dirty
         slow: list[Connection] = []
-        denied = 0
         recipients = 0
-        if subs:
-            for sub in subs:
-                if not sub.allowed:
-                    denied += 1
-                    continue
-                c = sub.conn
-                if seq <= c.last_seq:
-                    continue
-                c.last_seq = seq
-                p = c.pending
-                p.append(frame)
-                c.pending_bytes += size
-                recipients += 1
-                if not c.dirty:
-                    c.dirty = True
-                    dirty.append(c)
-                if len(p) > max_msgs or c.pending_bytes > max_bytes:
-                    slow.append(c)
-        if wild:
-            kind, rid = env.kind, env.resource_id
-            for w in wild:
-                c = w.conn
-                ok = w.decisions.get(scope)
-                if ok is None:
-                    ok = self.acl.may_see(c.principal, tenant, kind, rid)
-                    if len(w.decisions) >= w.MAX_CACHED:
-                        w.decisions.clear()
-                    w.decisions[scope] = ok
-                if not ok:
-                    denied += 1
-                    continue
-                if seq <= c.last_seq:
-                    continue
-                c.last_seq = seq
-                p = c.pending
-                p.append(frame)
-                c.pending_bytes += size
-                recipients += 1
-                if not c.dirty:
-                    c.dirty = True
-                    dirty.append(c)
-                if len(p) > max_msgs or c.pending_bytes > max_bytes:
-                    slow.append(c)
+        for c in targets:
+            if seq <= c.last_seq:
+                continue  # already queued through another subscription (e.g. a scope and `*`)
+            c.last_seq = seq
+            p = c.pending
+            p.append(frame)
+            c.pending_bytes += size
+            recipients += 1
+            if not c.dirty:
+                c.dirty = True
+                dirty.append(c)
+            if len(p) > max_msgs or c.pending_bytes > max_bytes:
+                slow.append(c)
         if denied:
             self.metrics.events_denied.inc(denied)
         for c in slow:

@@ -19,11 +19,12 @@ from pathlib import Path
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """preexec_fn: the child gets `sig` when its parent dies, however the parent dies (Linux)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:  # not Linux: Ctrl-C still stops the child through the process group
+        libc.prctl(PR_SET_PDEATHSIG, sig)
+    except OSError:  # not Linux: the caller still stops the child on a normal exit
         pass
 
 
@@ -85,7 +86,7 @@ class NatsProcess:
     def start(self, wait: float = 10.0) -> NatsProcess:
         out = subprocess.DEVNULL if self.quiet else None
         self.proc = subprocess.Popen(
-            self.command(), stdout=out, stderr=out, preexec_fn=_die_with_parent,
+            self.command(), stdout=out, stderr=out, preexec_fn=die_with_parent,
             start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop the server last
         )
         self.wait_ready(wait)

@@ -22,12 +22,11 @@ import nats.errors
 import pytest
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.client import GatewayClient
 from gateway.natsproc import NatsProcess
 from gateway.publisher import Publisher, new_event_id
-from tests.support.gateway import run_gateway
+from tests.support.gateway import run_gateway, scrape_metric
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
@@ -204,17 +203,6 @@ async def wait_readiness(http: str, status: int, timeout: float) -> tuple[float,
         await asyncio.sleep(0.05)
 
 
-async def metric(http: str, name: str, labels: dict[str, str] | None = None) -> float:
-    async with httpx.AsyncClient(timeout=2) as c:
-        text = (await c.get(f"{http}/metrics")).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
-                total += float(s.value)
-    return total
-
-
 async def caught_up(recorders: Sequence[Recorder], expected: Callable[[Recorder], list[int]], timeout: float,
                     pub: SteadyPublisher) -> None:
     """Wait until each client has (at least) its expected last event, then a little longer for strays."""
@@ -315,8 +303,8 @@ async def test_gateway_sigkilled_mid_stream_client_resumes_on_second_instance(
         assert close_from_a is not None and close_from_a[0] == 1006, close_from_a  # abnormal: no close frame
         assert cursor_at_kill is not None and cursor_at_kill < pub.seqs[-1]
         # B served the resumed connection, and replayed what A never delivered
-        assert await metric(b.http, "wsgateway_connection_attempts_total", {"outcome": "accepted"}) == 1
-        assert await metric(b.http, "wsgateway_events_replayed_total") > 0
+        assert await scrape_metric(b.http, "wsgateway_connection_attempts_total", {"outcome": "accepted"}) == 1
+        assert await scrape_metric(b.http, "wsgateway_events_replayed_total") > 0
         assert await stream_state(platform.js) == (len(pub.seqs), pub.seqs[-1])
 
 

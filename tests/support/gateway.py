@@ -9,18 +9,29 @@ from typing import Any
 
 import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway, create_app, uvicorn_options
 from gateway.config import Settings
 from tests.support.ports import free_port
 
 
-class RunningGateway:
-    def __init__(self, settings: Settings, server: uvicorn.Server, gateway: Gateway) -> None:
-        self.settings = settings
-        self.server = server
-        self.gateway = gateway
-        self.port = settings.port
+async def scrape_metric(http: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples of `name` scraped from `http`/metrics whose labels include `labels` (0 if none)."""
+    async with httpx.AsyncClient(timeout=5) as c:
+        text = (await c.get(f"{http}/metrics")).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += float(s.value)
+    return total
+
+
+class GatewayEndpoint:
+    """Addresses of a gateway on a loopback port (in-process or a child process)."""
+
+    port: int
 
     @property
     def http(self) -> str:
@@ -35,15 +46,15 @@ class RunningGateway:
             return (await c.get(f"{self.http}/metrics")).text
 
     async def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """Sum of the samples of `name` scraped from /metrics whose labels include `labels` (0 if none)."""
-        from prometheus_client.parser import text_string_to_metric_families
+        return await scrape_metric(self.http, name, labels)
 
-        total = 0.0
-        for family in text_string_to_metric_families(await self.metrics_text()):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
-                    total += float(s.value)
-        return total
+
+class RunningGateway(GatewayEndpoint):
+    def __init__(self, settings: Settings, server: uvicorn.Server, gateway: Gateway) -> None:
+        self.settings = settings
+        self.server = server
+        self.gateway = gateway
+        self.port = settings.port
 
 
 async def wait_ready(url: str, timeout: float = 20.0) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -22,16 +21,15 @@ from pathlib import Path
 
 import httpx
 
-from gateway.natsproc import NatsProcess
+from gateway.natsproc import NatsProcess, die_with_parent
+from tests.support.gateway import GatewayEndpoint
 from tests.support.ports import free_port
 
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
-PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
 
 
 def free_ports(n: int) -> list[int]:
@@ -43,7 +41,7 @@ def free_ports(n: int) -> list[int]:
         return [int(s.getsockname()[1]) for s in socks]
 
 
-class GatewayProcess:
+class GatewayProcess(GatewayEndpoint):
     """One `wsgateway serve --workers 1` on a free loopback port; its output goes to a log file."""
 
     def __init__(self, nats_url: str, issuer: str, audience: str | None = None, **env: str) -> None:
@@ -59,14 +57,6 @@ class GatewayProcess:
         self.env.update({f"WSGATEWAY_{k.upper()}": v for k, v in env.items()})
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="wsgw-gateway-", suffix=".log", delete=False)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/ws"
 
     @property
     def alive(self) -> bool:
