@@ -14,6 +14,7 @@ changes (or the connection's token is refreshed), so fan-out reads a boolean, no
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from gateway.metrics import Metrics
 from gateway.permissions import AclStore
 from gateway.protocol import (
     CLOSE_GOING_AWAY,
+    CLOSE_TOKEN_EXPIRED,
     CLOSE_TOO_SLOW,
     ERR_FORBIDDEN,
     ERR_LIMIT,
@@ -123,7 +125,7 @@ class Connection:
     """Gateway-side state of one authenticated WebSocket."""
 
     __slots__ = (
-        "bad_frames", "blocked", "channel", "closed", "cursor", "dirty", "drained", "expiry", "hub", "id",
+        "bad_frames", "blocked", "channel", "closed", "cursor", "dirty", "drained", "expires", "hub", "id",
         "last_seq", "pending", "pending_bytes", "principal", "replay_lock", "replaying", "sse", "subs", "wild",
         "written",
     )
@@ -145,12 +147,18 @@ class Connection:
         self.blocked = False
         self.closed = False
         self.bad_frames = 0
-        self.expiry: asyncio.TimerHandle | None = None
+        self.expires = 0.0  # wall-clock time at which the session ends with 4408 (0: not armed)
         self.replaying = 0  # >0 while a replay runs: live frames are held in `pending`, not written
         self.replay_lock: asyncio.Lock | None = None
         self.cursor: int | None = None  # connected with ?since=N: every subscription resumes from a cursor
         self.sse = sse  # Server-Sent Events instead of WebSocket frames
         self.drained: asyncio.Future[None] | None = None  # a replay waiting for the socket to drain
+
+    def on_writable(self) -> None:
+        self.hub._on_writable(self)
+
+    def go_away(self) -> None:
+        self.hub.go_away(self)
 
     def send(self, frame: OutFrame) -> None:
         """Queue a control frame behind whatever is pending, and schedule a flush."""
@@ -176,6 +184,9 @@ class Hub:
         self.by_tenant: dict[str, dict[Subscription, None]] = {}
         self.wild: dict[str, dict[WildSubscription, None]] = {}
         self._dirty: list[Connection] = []
+        self._expiries: list[tuple[float, int, Connection]] = []  # heap: one timer for all sessions
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._expiry_n = 0
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._max_msgs = settings.queue_max_messages
@@ -186,8 +197,8 @@ class Hub:
 
     def add(self, conn: Connection) -> None:
         self.connections[conn.id] = conn
-        conn.channel.on_writable = lambda: self._on_writable(conn)
-        conn.channel.on_shutdown = lambda: self.go_away(conn)
+        conn.channel.on_writable = conn.on_writable
+        conn.channel.on_shutdown = conn.go_away
         self.metrics.connections.set(len(self.connections))
 
     def remove(self, conn: Connection) -> None:
@@ -195,9 +206,7 @@ class Hub:
         conn.closed = True
         conn.pending = []
         conn.pending_bytes = 0
-        if conn.expiry is not None:
-            conn.expiry.cancel()
-            conn.expiry = None
+        conn.expires = 0.0
         for sub in list(conn.subs.values()):
             self._drop(sub)
         conn.subs.clear()
@@ -218,6 +227,30 @@ class Hub:
             conn.channel.write(encode(conn, conn.pending))
         self.remove(conn)
         conn.channel.close(code, reason[:120])
+
+    def expire_at(self, conn: Connection, when: float) -> None:
+        """Close the session with 4408 at wall-clock `when` (re-arming replaces the previous time)."""
+        conn.expires = when
+        self._expiry_n += 1
+        heapq.heappush(self._expiries, (when, self._expiry_n, conn))
+        if self._expiry_timer is None:
+            self._expiry_timer = asyncio.get_running_loop().call_later(
+                max(0.0, min(1.0, when - time.time())), self._expire
+            )
+
+    def _expire(self) -> None:
+        """Close sessions whose token has expired; checks at most once a second while any is armed."""
+        self._expiry_timer = None
+        now = time.time()
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            when, _, conn = heapq.heappop(heap)
+            if conn.expires == when and not conn.closed:  # else refreshed, or already gone
+                self.close(conn, CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token")
+        if heap:
+            self._expiry_timer = asyncio.get_running_loop().call_later(
+                max(0.0, min(1.0, heap[0][0] - now)), self._expire
+            )
 
     def go_away(self, conn: Connection) -> None:
         self.close(conn, CLOSE_GOING_AWAY, "server shutting down", drain=True)

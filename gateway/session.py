@@ -6,12 +6,11 @@ through the hub's queue (so control frames stay ordered with events) and the raw
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
 from typing import TYPE_CHECKING, NamedTuple
 
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from gateway.auth import AuthError, Principal, extract_token
@@ -19,7 +18,6 @@ from gateway.hub import Connection, control
 from gateway.protocol import (
     CLOSE_BAD_REQUEST,
     CLOSE_POLICY,
-    CLOSE_TOKEN_EXPIRED,
     CLOSE_TOO_SLOW,
     CLOSE_UNAUTHORIZED,
     ERR_BAD_REQUEST,
@@ -45,12 +43,22 @@ def principal_info(p: Principal) -> dict[str, object]:
     return {"id": p.name, "subject": p.subject, "tenant": p.tenant, "groups": list(p.groups)}
 
 
-async def _until_disconnect(ws: WebSocket) -> None:
-    while (await ws.receive())["type"] != "websocket.disconnect":
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "websocket.disconnect":
         pass
 
 
-async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
+def _forget_credentials(scope: Scope) -> None:
+    """Drop the handshake's headers and query (the token among them) once the token is verified: they
+    are not needed again, and an idle connection should not carry them (and a secret) for hours."""
+    scope["headers"] = []
+    scope["query_string"] = b""
+    scope["subprotocols"] = []
+
+
+async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+    """The whole life of one WebSocket: handshake, authentication, then client frames until it closes."""
+    ws = WebSocket(scope, receive, send)
     channel: RawChannel | None = ws.scope.get("extensions", {}).get(EXTENSION)
     if channel is None:
         raise RuntimeError("the gateway must run with ws=gateway.transport:GatewayWSProtocol")
@@ -62,7 +70,7 @@ async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
     if len(hub.connections) >= settings.max_connections:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")
-        await _until_disconnect(ws)
+        await _until_disconnect(receive)
         return
     try:
         principal = await gw.verifier.verify(src.token)
@@ -70,16 +78,18 @@ async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
         metrics.auth_failures.labels(exc.reason).inc()
         metrics.connection_attempts.labels("unauthorized").inc()
         channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
-        await _until_disconnect(ws)
+        await _until_disconnect(receive)
         return
     try:
         initial = parse_initial(ws.query_params.getlist("scope"), ws.query_params.get("since"))
     except FrameError as exc:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_BAD_REQUEST, exc.message)
-        await _until_disconnect(ws)
+        await _until_disconnect(receive)
         return
     metrics.connection_attempts.labels("accepted").inc()
+    del ws, src  # from here on the session only receives; the handshake objects and the token can go
+    _forget_credentials(scope)
     channel.limit_kernel_buffer(settings.socket_send_buffer)
     conn = Connection(hub, channel, principal, uuid.uuid4().hex)
     hub.add(conn)
@@ -91,7 +101,7 @@ async def serve_socket(gw: Gateway, ws: WebSocket) -> None:
         arm_expiry(gw, conn)
         start_subscriptions(gw, conn, None, initial.scopes, initial.since, from_url=True)
         while True:
-            msg = await ws.receive()
+            msg = await receive()
             if msg["type"] == "websocket.disconnect":
                 break
             text = msg.get("text")
@@ -174,14 +184,8 @@ def _bad(gw: Gateway, conn: Connection, exc: FrameError) -> None:
 
 
 def arm_expiry(gw: Gateway, conn: Connection) -> None:
-    if conn.expiry is not None:
-        conn.expiry.cancel()
-    loop = asyncio.get_running_loop()
-    # the verifier accepts a token until exp + leeway; the session lives exactly as long
-    delay = max(0.0, conn.principal.expires_at + gw.settings.jwt_leeway_s - time.time())
-    conn.expiry = loop.call_later(
-        delay, gw.hub.close, conn, CLOSE_TOKEN_EXPIRED, "token expired: reconnect with a fresh token"
-    )
+    """The verifier accepts a token until exp + leeway; the session lives exactly as long (4408 then)."""
+    gw.hub.expire_at(conn, conn.principal.expires_at + gw.settings.jwt_leeway_s)
 
 
 async def _refresh(gw: Gateway, conn: Connection, frame: Refresh) -> None:

@@ -9,13 +9,16 @@ hot path (one `transport.write` of many frames, no await per client) bypasses th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import wsproto.events
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
+from wsproto import WSConnection
+from wsproto.connection import Connection, ConnectionState
 
 EXTENSION = "wsgateway.raw"
 
@@ -62,15 +65,116 @@ class RawChannel:
         self._proto.close_now(code, reason)
 
 
+class _Inbox:
+    """What uvicorn's protocol uses of its per-connection asyncio.Queue (put_nowait, get, empty).
+
+    An asyncio.Queue carries three deques and an Event (~2.4 KiB); a gateway holds tens of thousands of
+    mostly idle connections whose inbox is almost always empty, so a list and one waiter do.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
+class _Flag:
+    """What uvicorn's protocol uses of its `writable` asyncio.Event (set, clear, is_set, wait), lighter."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for w in waiters or ():
+            if not w.done():
+                w.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        while not self._set:
+            w = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(w)
+            await w
+
+
+class _Established:
+    """What uvicorn calls on its WSConnection (send, receive_data, events, state) once the upgrade is
+    done, served by wsproto's public post-handshake `Connection` alone.
+
+    WSConnection keeps the spent HTTP handshake (an H11Handshake and its h11 connection, ~3.4 KiB) for
+    the connection's whole life; an idle gateway connection has no use for it.
+    """
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    @property
+    def state(self) -> ConnectionState:
+        return self.connection.state
+
+    def send(self, event: wsproto.events.Event) -> bytes:
+        return self.connection.send(event)
+
+    def receive_data(self, data: bytes | None) -> None:
+        self.connection.receive_data(data)
+
+    def events(self) -> Iterator[wsproto.events.Event]:
+        yield from self.connection.events()
+
+
 class GatewayWSProtocol(WSProtocol):
     """uvicorn's wsproto protocol, exposing a RawChannel in the scope's extensions."""
 
     channel: RawChannel | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = _Inbox()  # type: ignore[assignment]
+        self.writable = _Flag()  # type: ignore[assignment]
+
     def handle_connect(self, event: wsproto.events.Request) -> None:
         super().handle_connect(event)
         self.channel = RawChannel(self)
         self.scope["extensions"][EXTENSION] = self.channel  # type: ignore[index]
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        conn = self.conn
+        if message["type"] == "websocket.accept" and isinstance(conn, WSConnection) and conn.connection is not None:
+            self.conn = _Established(conn.connection)  # type: ignore[assignment]
 
     def resume_writing(self) -> None:
         super().resume_writing()

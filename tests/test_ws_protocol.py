@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -305,3 +306,34 @@ async def test_over_connection_limit_closes_4429(nats_server: object, idp: TestI
         await welcome(again)
         for ws in [*first[1:], again]:
             await ws.close()
+
+
+async def test_keepalive_pings_reap_a_dead_peer(nats_server: object, idp: TestIdP) -> None:
+    """A peer that completes the handshake and then never answers a ping is closed and forgotten."""
+    import base64
+    import os
+
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, heartbeat_s=0.5) as g:  # type: ignore[attr-defined]
+        reader, writer = await asyncio.open_connection("127.0.0.1", g.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write((
+            f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {idp.mint('alice')}\r\n\r\n"
+        ).encode())
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 101")
+        for _ in range(50):
+            if await g.metric("wsgateway_connections") == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await g.metric("wsgateway_connections") == 1
+        # read (and ignore) whatever comes, never answering the pings: the server must give up on us
+        data = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(5):
+                while chunk := await reader.read(4096):
+                    data += chunk
+        assert b"\x89" in data, "expected at least one ping frame"
+        assert await g.metric("wsgateway_connections") == 0
+        writer.close()
