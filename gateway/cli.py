@@ -1,4 +1,4 @@
-"""`wsgateway` command line: serve (production), dev (local demo), watch (a terminal client)."""
+"""`wsgateway` command line: serve (production), dev (local demo), watch (a terminal client), operator."""
 
 from __future__ import annotations
 
@@ -67,6 +67,12 @@ def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from wsgateway_operator.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsgateway", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--scope", action="append", default=None, help="scope to follow (repeatable; default *)")
     w.add_argument("--since", type=int, default=None)
     w.set_defaults(func=_watch)
+
+    from wsgateway_operator.cli import add_arguments as operator_arguments  # argparse only; kopf loads on run
+
+    o = sub.add_parser("operator", help="run the Kubernetes operator for WebSocketGateway resources (kopf)")
+    operator_arguments(o)
+    o.set_defaults(func=_operator)
     return p
 
 

@@ -17,7 +17,7 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -125,9 +125,9 @@ class Connection:
     """Gateway-side state of one authenticated WebSocket."""
 
     __slots__ = (
-        "bad_frames", "blocked", "channel", "closed", "cursor", "dirty", "drained", "expires", "hub", "id",
+        "bad_frames", "blocked", "channel", "closed", "cursor", "dirty", "drained", "expires", "flag", "hub", "id",
         "last_seq", "pending", "pending_bytes", "principal", "replay_lock", "replaying", "sse", "subs", "wild",
-        "written",
+        "write", "written",
     )
 
     def __init__(
@@ -153,12 +153,20 @@ class Connection:
         self.cursor: int | None = None  # connected with ?since=N: every subscription resumes from a cursor
         self.sse = sse  # Server-Sent Events instead of WebSocket frames
         self.drained: asyncio.Future[None] | None = None  # a replay waiting for the socket to drain
+        # WebSocket fast path (the transport's write and its writable flag); None for SSE
+        self.write: Callable[[bytes], None] | None = None
+        self.flag: Any = None
+        if not sse:
+            self.write, self.flag = channel.fast_path()
 
     def on_writable(self) -> None:
         self.hub._on_writable(self)
 
     def go_away(self) -> None:
         self.hub.go_away(self)
+
+    def lost(self) -> None:
+        self.hub.remove(self)
 
     def send(self, frame: OutFrame) -> None:
         """Queue a control frame behind whatever is pending, and schedule a flush."""
@@ -199,6 +207,8 @@ class Hub:
         self.connections[conn.id] = conn
         conn.channel.on_writable = conn.on_writable
         conn.channel.on_shutdown = conn.go_away
+        if not conn.sse:
+            conn.channel.on_lost = conn.lost
         self.metrics.connections.set(len(self.connections))
 
     def remove(self, conn: Connection) -> None:
@@ -215,6 +225,8 @@ class Hub:
             conn.wild = None
         conn.channel.on_writable = None
         conn.channel.on_shutdown = None
+        if not conn.sse:
+            conn.channel.on_lost = None
         if self.connections.pop(conn.id, None) is not None:
             self.metrics.connections.set(len(self.connections))
             self._update_sub_gauge()
@@ -482,15 +494,18 @@ class Hub:
             c.dirty = False
             if c.closed or not c.pending or c.replaying:
                 continue  # a replaying connection's live frames wait until the replay reaches them
-            ch = c.channel
-            if not ch.writable:
-                c.blocked = True  # resumes from _on_writable; bounded by the queue limits
-                continue
             p = c.pending
-            if c.sse:
-                ch.write(encode(c, p))
-            else:
-                ch.write(p[0].data if len(p) == 1 else b"".join([f.data for f in p]))
+            write = c.write
+            if write is not None:  # WebSocket: straight to the transport
+                if not c.flag.on:
+                    c.blocked = True  # resumes from _on_writable; bounded by the queue limits
+                    continue
+                write(p[0].data if len(p) == 1 else b"".join([f.data for f in p]))
+            else:  # SSE
+                if not c.channel.writable:
+                    c.blocked = True
+                    continue
+                c.channel.write(encode(c, p))
             for f in p:
                 if f.seq:
                     if not f.sent:

@@ -26,12 +26,20 @@ EXTENSION = "wsgateway.raw"
 class RawChannel:
     """Direct, synchronous access to one WebSocket connection's byte stream."""
 
-    __slots__ = ("_proto", "on_shutdown", "on_writable")
+    __slots__ = ("_proto", "on_lost", "on_shutdown", "on_writable")
 
     def __init__(self, proto: GatewayWSProtocol) -> None:
         self._proto = proto
         self.on_writable: Callable[[], None] | None = None
         self.on_shutdown: Callable[[], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+
+    def fast_path(self) -> tuple[Callable[[bytes], None], _Flag]:
+        """The transport's write and the writable flag, for the hub's flush loop (its hottest code).
+
+        Valid until `on_lost` fires or the channel is closed; the hub stops using them at either.
+        """
+        return self._proto.transport.write, self._proto.writable  # type: ignore[return-value]
 
     @property
     def open(self) -> bool:
@@ -98,29 +106,32 @@ class _Inbox:
 
 
 class _Flag:
-    """What uvicorn's protocol uses of its `writable` asyncio.Event (set, clear, is_set, wait), lighter."""
+    """What uvicorn's protocol uses of its `writable` asyncio.Event (set, clear, is_set, wait), lighter.
 
-    __slots__ = ("_set", "_waiters")
+    `on` is read directly by the hub's flush loop.
+    """
+
+    __slots__ = ("_waiters", "on")
 
     def __init__(self) -> None:
-        self._set = True
+        self.on = True
         self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
-        return self._set
+        return self.on
 
     def set(self) -> None:
-        self._set = True
+        self.on = True
         waiters, self._waiters = self._waiters, None
         for w in waiters or ():
             if not w.done():
                 w.set_result(None)
 
     def clear(self) -> None:
-        self._set = False
+        self.on = False
 
     async def wait(self) -> None:
-        while not self._set:
+        while not self.on:
             w = asyncio.get_running_loop().create_future()
             if self._waiters is None:
                 self._waiters = []
@@ -175,6 +186,11 @@ class GatewayWSProtocol(WSProtocol):
         conn = self.conn
         if message["type"] == "websocket.accept" and isinstance(conn, WSConnection) and conn.connection is not None:
             self.conn = _Established(conn.connection)  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.channel is not None and self.channel.on_lost is not None:
+            self.channel.on_lost()  # the hub forgets the connection now, not when its task next runs
 
     def resume_writing(self) -> None:
         super().resume_writing()
