@@ -1,0 +1,68 @@
+"""`wsgateway operator`: runs kopf with the operator's handlers (gateway/cli.py delegates here).
+
+Watched namespaces come from `--namespace` (repeatable, globs allowed) or, when none is given, from
+WSGATEWAY_OPERATOR_NAMESPACES (comma-separated); `--all-namespaces` watches the whole cluster. With
+neither, the operator refuses to start rather than guess. kopf is imported only when the command runs,
+so the gateway itself never needs it installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+NAMESPACES_ENV = "WSGATEWAY_OPERATOR_NAMESPACES"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", action="append", dest="namespaces", default=None, metavar="NS",
+                   help=f"namespace to serve (repeatable; globs like 'team-*' allowed; default: ${NAMESPACES_ENV})")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="serve every namespace")
+    peer = p.add_mutually_exclusive_group()
+    peer.add_argument("--peering", metavar="NAME", default=None,
+                      help="kopf peering object: several operator instances coordinate (needs kopf's peering CRDs)")
+    peer.add_argument("--standalone", action="store_true", help="no peering (one operator instance)")
+    p.add_argument("--liveness", metavar="URL", default=None,
+                   help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("-d", "--debug", action="store_true", help="log everything (API calls included)")
+
+
+def watched_namespaces(args: argparse.Namespace) -> list[str]:
+    if args.namespaces:
+        return [n for n in args.namespaces if n]
+    return [n.strip() for n in os.environ.get(NAMESPACES_ENV, "").split(",") if n.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    namespaces = watched_namespaces(args)
+    if args.all_namespaces and namespaces:
+        print("wsgateway operator: use --all-namespaces or --namespace/$WSGATEWAY_OPERATOR_NAMESPACES, not both",
+              file=sys.stderr)
+        return 2
+    if not args.all_namespaces and not namespaces:
+        print(f"wsgateway operator: say which namespaces to serve: --namespace NS (repeatable), ${NAMESPACES_ENV}, "
+              "or --all-namespaces", file=sys.stderr)
+        return 2
+    try:
+        import kopf
+    except ImportError:
+        print("wsgateway operator: kopf is not installed; install the operator extra: "
+              "pip install 'wsgateway[operator]'", file=sys.stderr)
+        return 2
+    from wsgateway_operator.controller import OperatorConfig
+    from wsgateway_operator.handlers import register
+
+    kopf.configure(debug=args.debug, verbose=args.verbose)
+    registry = kopf.OperatorRegistry()
+    register(registry, OperatorConfig.from_env())
+    kopf.run(
+        registry=registry,
+        clusterwide=bool(args.all_namespaces),
+        namespaces=namespaces,
+        standalone=True if args.standalone else None,
+        peering_name=args.peering,
+        liveness_endpoint=args.liveness,
+    )
+    return 0

@@ -1,0 +1,161 @@
+"""Fixtures for the operator tests: the emulated API server, a kubeconfig pointing at it, the operator
+running under kopf.testing.KopfRunner, and polling helpers. NATS is a real nats-server (the shared
+`nats_server` fixture of tests/conftest.py, or a NatsProcess the test controls)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kmock
+import kopf
+import pytest
+from kmock._internal import parsing
+from kopf.testing import KopfRunner
+
+from tests.operator.emulator import GATEWAYS, ApiServer, parse_path_with_namespaces
+from wsgateway_operator.controller import OperatorConfig
+from wsgateway_operator.handlers import register
+
+NAMESPACE = "realtime"
+FAST = OperatorConfig(
+    resync_seconds=1.0, scrape_timeout=0.5, nats_timeout=1.0, retry_base_seconds=0.5, retry_max_seconds=1.0,
+    drain_poll_seconds=0.5, api_cache_seconds=0.5,
+)
+
+CORE = {
+    "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"list", "watch", "get"}),
+    "v1/events": kmock.ResourceInfo(kind="Event", namespaced=True, verbs={"create", "list"}),
+    "v1/configmaps": kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs={"get", "list", "create", "patch",
+                                                                                   "delete"}),
+    "v1/services": kmock.ResourceInfo(kind="Service", namespaced=True, verbs={"get", "list", "create", "patch",
+                                                                               "delete"}),
+    "v1/pods": kmock.ResourceInfo(kind="Pod", namespaced=True, verbs={"get", "list"}),
+    "v1/secrets": kmock.ResourceInfo(kind="Secret", namespaced=True, verbs={"get"}),
+    "apps/v1/deployments": kmock.ResourceInfo(kind="Deployment", namespaced=True,
+                                              verbs={"get", "list", "create", "patch", "delete"},
+                                              subresources={"status"}),
+    "policy/v1/poddisruptionbudgets": kmock.ResourceInfo(kind="PodDisruptionBudget", namespaced=True,
+                                                         verbs={"get", "create", "patch", "delete"}),
+    "autoscaling/v2/horizontalpodautoscalers": kmock.ResourceInfo(kind="HorizontalPodAutoscaler", namespaced=True,
+                                                                  verbs={"get", "create", "patch", "delete"}),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
+        kind="CustomResourceDefinition", namespaced=False, verbs={"list", "watch", "get"}),
+    GATEWAYS: kmock.ResourceInfo(kind="WebSocketGateway", namespaced=True, shortnames={"wsgw"},
+                                 verbs={"get", "list", "watch", "create", "patch", "delete"},
+                                 subresources={"status"}),
+}
+MONITORING = {
+    "monitoring.coreos.com/v1/servicemonitors": kmock.ResourceInfo(
+        kind="ServiceMonitor", namespaced=True, verbs={"get", "create", "patch", "delete"}),
+    "monitoring.coreos.com/v1/prometheusrules": kmock.ResourceInfo(
+        kind="PrometheusRule", namespaced=True, verbs={"get", "create", "patch", "delete"}),
+}
+KEDA = {
+    "keda.sh/v1alpha1/scaledobjects": kmock.ResourceInfo(
+        kind="ScaledObject", namespaced=True, verbs={"get", "create", "patch", "delete"}),
+}
+
+
+@pytest.fixture
+async def api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[ApiServer]:
+    """The emulated API server with the core resources and our CRD, and KUBECONFIG pointing at it."""
+    monkeypatch.setattr(parsing, "parse_path", parse_path_with_namespaces)
+    async with ApiServer() as server, kmock.Server(server):
+        for key, info in CORE.items():
+            server.resources[key] = info
+        server.objects["v1/namespaces", None, NAMESPACE] = {
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "uid": "ns-uid"}}
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\n"
+            "contexts: [{name: test, context: {cluster: test, user: test}}]\n"
+            f"clusters: [{{name: test, cluster: {{server: '{server.url}'}}}}]\n"
+            "users: [{name: test, user: {}}]\n"
+        )
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        yield server
+
+
+def declare(server: ApiServer, resources: dict[str, kmock.ResourceInfo]) -> None:
+    for key, info in resources.items():
+        server.resources[key] = info
+
+
+@contextlib.asynccontextmanager
+async def running_operator(config: OperatorConfig = FAST) -> AsyncIterator[KopfRunner]:
+    """The operator (our registry, kopf's CLI `run`) in a thread; the test's loop keeps serving the API."""
+    registry = kopf.OperatorRegistry()
+    register(registry, config)
+    runner = KopfRunner(["run", "--standalone", "-n", NAMESPACE, "--verbose"], registry=registry, timeout=30)
+    await asyncio.to_thread(runner.__enter__)
+    try:
+        yield runner
+    finally:
+        await asyncio.to_thread(runner.__exit__, None, None, None)
+        if os.environ.get("WSGATEWAY_TEST_OPERATOR_LOG"):  # debugging aid: the operator's whole log
+            print(runner.output)
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy (and return that)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (KeyError, IndexError, TypeError, AssertionError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+class Client:
+    """The admin's kubectl: plain HTTP to the emulated API server."""
+
+    def __init__(self, server: ApiServer) -> None:
+        self.http = httpx.AsyncClient(base_url=str(server.url), timeout=5)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    @staticmethod
+    def path(resource: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
+        group_version, plural = resource.rsplit("/", 1)
+        base = f"/api/{group_version}" if group_version == "v1" else f"/apis/{group_version}"
+        p = f"{base}/namespaces/{namespace}/{plural}"
+        return p + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    async def create(self, resource: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = await self.http.post(self.path(resource, body["metadata"]["namespace"]), json=body)
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    async def patch(self, resource: str, namespace: str, name: str, patch: dict[str, Any],
+                    sub: str | None = None) -> dict[str, Any]:
+        r = await self.http.patch(self.path(resource, namespace, name, sub), json=patch,
+                                  headers={"Content-Type": "application/merge-patch+json"})
+        r.raise_for_status()
+        return r.json()  # type: ignore[no-any-return]
+
+    async def delete(self, resource: str, namespace: str, name: str) -> None:
+        r = await self.http.delete(self.path(resource, namespace, name))
+        r.raise_for_status()
+
+
+@pytest.fixture
+async def kubectl(api: ApiServer) -> AsyncIterator[Client]:
+    c = Client(api)
+    try:
+        yield c
+    finally:
+        await c.aclose()
