@@ -12,7 +12,7 @@ run: deps
 	$(VENV)/bin/wsgateway dev
 
 test: deps
-	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/ruff check gateway operator tests bench
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 deps: venv system-deps npm-deps
@@ -32,7 +32,7 @@ npm-deps: system-deps
 	@scripts/ensure-npm.sh
 
 lint: venv
-	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/ruff check gateway operator tests bench
 
 bench: deps
 	$(PY) bench/fanout.py
