@@ -104,12 +104,14 @@ class Helm:
         return output
 
     def template(self, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        result = self.run("template", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--include-crds", values=values)
+        result = self.run("template", RELEASE, str(CHART), "--namespace", RELEASE_NS, "--include-crds",
+                          "--kube-version", K8S_VERSIONS[0], values=values)
         assert result.returncode == 0, result.stderr
         return load_documents(result.stdout)
 
     def template_error(self, values: dict[str, Any]) -> str:
-        result = self.run("template", RELEASE, str(CHART), "--namespace", RELEASE_NS, values=values)
+        result = self.run("template", RELEASE, str(CHART), "--namespace", RELEASE_NS,
+                          "--kube-version", K8S_VERSIONS[0], values=values)
         assert result.returncode != 0, f"expected helm template to refuse {values}"
         return result.stderr
 
@@ -685,7 +687,8 @@ def test_notes_render(helm: Helm, tmp_path: Path) -> None:
         '  notes: |\n    {{- tpl (.Files.Get "notes.check") . | nindent 4 }}\n'
     )
     values = {"watch": {"namespaces": ["team-a", "team-b"]}, "prometheusAdapter": {"rules": {"enabled": True}}}
-    result = helm.run("template", RELEASE, str(chart), "--namespace", RELEASE_NS, values=values)
+    result = helm.run("template", RELEASE, str(chart), "--namespace", RELEASE_NS,
+                      "--kube-version", K8S_VERSIONS[0], values=values)
     assert result.returncode == 0, result.stderr
     notes = next(d for d in load_documents(result.stdout) if d["metadata"]["name"] == "notes-check")["data"]["notes"]
     assert "in: team-a, team-b." in notes
