@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -76,3 +77,22 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
     return sorted_values[k]
+
+
+def send_blocking(pipe: Any, msg: Any) -> None:
+    """Send on a multiprocessing pipe whose fd an event loop watches (uvloop makes it non-blocking)."""
+    fd = pipe.fileno()
+    os.set_blocking(fd, True)
+    try:
+        pipe.send(msg)
+    finally:
+        os.set_blocking(fd, False)
+
+
+def recv_blocking(pipe: Any) -> Any:
+    fd = pipe.fileno()
+    os.set_blocking(fd, True)
+    try:
+        return pipe.recv()
+    finally:
+        os.set_blocking(fd, False)

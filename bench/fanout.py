@@ -61,6 +61,7 @@ ACL_BUCKET = "wsgateway-acl"
 # (offered deliveries/s, p99 target in ms) per connection count: the targets of docs/performance.md.
 TARGETS = {1000: (50_000, 20.0), 5000: (100_000, 50.0)}
 SERVERS = ("gateway", "naive")
+NCPU = os.cpu_count() or 1
 
 
 def log(msg: str) -> None:
@@ -150,7 +151,7 @@ async def seed_nats(url: str) -> None:
 class Server:
     """The server under test, as a child process: the gateway or the naive app."""
 
-    def __init__(self, kind: str, nats_url: str, jwks: Jwks, logdir: Path) -> None:
+    def __init__(self, kind: str, nats_url: str, jwks: Jwks, logdir: Path, extra_env: dict[str, str]) -> None:
         self.kind = kind
         self.port = free_port()
         env = {k: v for k, v in os.environ.items()
@@ -166,10 +167,11 @@ class Server:
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
             env.update({"BENCH_NATS_URL": nats_url, "BENCH_JWKS_URL": jwks.url, "BENCH_AUDIENCE": AUDIENCE,
                         "BENCH_ISSUER": jwks.issuer})
+        env.update(extra_env)
         self.logfile = logdir / f"{kind}-{self.port}.log"
         self._log = open(self.logfile, "wb")
         self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=logdir,
             preexec_fn=child_setup,
         )
         self.pid = self.proc.pid
@@ -269,13 +271,55 @@ class Children:
 # --- measurement -------------------------------------------------------------------------------
 
 
-def host_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine from /proc/stat."""
+def host_cpu() -> tuple[float, float, float]:
+    """(busy, steal, total) jiffies of the whole machine from /proc/stat (busy excludes steal)."""
     with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+        parts = [int(x) for x in f.readline().split()[1:]] + [0] * 8
+    idle = parts[3] + parts[4]
+    steal = parts[7]
     total = sum(parts[:8])
-    return total - idle, total
+    return total - idle - steal, steal, total
+
+
+def scrape_gateway(port: int) -> dict[str, Any]:
+    """Delivery-latency buckets (summed over kinds), delivered count and consumer lag from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    buckets: dict[float, float] = {}
+    out: dict[str, Any] = {"buckets": buckets, "delivered": 0.0, "lag": 0.0}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "wsgateway_delivery_latency_seconds_bucket":
+                le = float(smp.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + smp.value
+            elif smp.name == "wsgateway_events_delivered_total":
+                out["delivered"] += smp.value
+            elif smp.name == "wsgateway_consumer_lag":
+                out["lag"] = max(out["lag"], smp.value)
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """q-quantile (ms, linear within a bucket) of the observations added between two bucket snapshots."""
+    les = sorted(after)
+    cum = [after[le] - before.get(le, 0.0) for le in les]
+    if not cum or cum[-1] <= 0:
+        return float("nan")
+    rank = q * cum[-1]
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in zip(les, cum, strict=True):
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le * 1000
+            frac = (rank - prev_c) / (c - prev_c) if c > prev_c else 1.0
+            return (prev_le + frac * (le - prev_le)) * 1000
+        prev_le, prev_c = le, c
+    return float("nan")
 
 
 @dataclass
@@ -292,12 +336,22 @@ class Step:
     p99: float = float("nan")
     p999: float = float("nan")
     max_ms: float = float("nan")
+    p50_first_s: float = float("nan")  # p50 of roughly the first and last tenth of the window (trend)
+    p50_last_s: float = float("nan")
+    gw_p50: float = float("nan")  # gateway's own view: envelope time -> socket write (its /metrics)
+    gw_p99: float = float("nan")
+    gw_delivered: float = 0.0
+    gw_lag: float = 0.0
     samples: int = 0
+    window_s: float = 0.0
     server_cpu: float = 0.0
     nats_cpu: float = 0.0
     clients_cpu: float = 0.0
     publisher_cpu: float = 0.0
     host_busy: float = 0.0  # % of all cores
+    steal: float = 0.0  # % of all cores taken by the hypervisor (VM steal time)
+    other_cpu: float = 0.0  # % of one core: busy time not in our processes (other tenants, softirq)
+    cpu_us_per_delivery: float = float("nan")
     published: int = 0
     publish_errors: dict[str, int] = field(default_factory=dict)
     publisher_max_behind: int = 0
@@ -335,6 +389,11 @@ class Bench:
     def __enter__(self) -> Bench:
         a = self.args
         self.stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.code = snapshot_gateway(self.tmp / "src")
+        log(f"measuring the gateway as of {self.code['describe']} (code snapshot {self.code['sha256'][:12]}, "
+            f"run from {self.code['path']})")
+        paths = [a.user_env.get("PYTHONPATH"), self.code["path"], os.environ.get("PYTHONPATH")]
+        a.server_env = {**a.user_env, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         self.nats = NatsProcess(store_dir=self.tmp / "nats")
         self.nats.start()
         self.stack.callback(self.nats.stop)
@@ -363,7 +422,7 @@ class Bench:
         nscopes = max(1, n // a.fanout)
         per_proc = -(-n // a.clients)
         pt = Point(kind, n, run)
-        server = Server(kind, self.nats.url, self.jwks, self.tmp)
+        server = Server(kind, self.nats.url, self.jwks, self.tmp, a.server_env)
         try:
             server.wait_ready()
             # Warm-up connections first (imports, first-use allocations are not per-connection cost),
@@ -394,21 +453,75 @@ class Bench:
             fractions = a.gateway_steps if kind == "gateway" else a.naive_steps
             if profile_dir is not None:
                 fractions = [1.0]
-            stop_below = False
-            for f in fractions:
-                if f < 1.0 and stop_below:
-                    continue
-                if f > 1.0 and not (pt.steps and pt.steps[-1].passed):
-                    break
+            def run_step(f: float) -> Step:
+                if pt.steps:  # let the previous step's backlog (if any) reach the clients first
+                    prev = pt.steps[-1]
+                    prev.drained, prev.drain_s = self.drain(a.drain_timeout)
+                    if not prev.drained:
+                        log(f"{kind}: backlog of the previous step not drained after {prev.drain_s:.0f}s")
                 st = self.step(server, pt, f, rate, slo, nscopes, profile_dir)
                 pt.steps.append(st)
-                if f < 1.0 and not st.passed:
-                    stop_below = True
+                return st
+
+            below = [f for f in fractions if f < 1.0]
+            for i, f in enumerate(below):
+                if run_step(f).passed:
+                    continue
+                if i == 0:  # even the lowest step missed: halve the rate until one passes (or 1/16)
+                    g = f / 2
+                    while g >= 1 / 16 and not run_step(g).passed:
+                        g /= 2
+                break
+            if run_step(1.0).passed:
+                for f in (f for f in fractions if f > 1.0):
+                    if not run_step(f).passed:
+                        break
         finally:
             with contextlib.suppress(Exception):
                 ch.all(("disconnect",), "disconnected", 30)
             server.stop()
         return pt
+
+    def memprobe(self, n: int, outdir: Path) -> dict[str, Any]:
+        """Attribute the gateway's per-connection memory to source lines with tracemalloc (no load)."""
+        a = self.args
+        ch = self.children
+        outdir = outdir.resolve()
+        outdir.mkdir(parents=True, exist_ok=True)
+        for old in outdir.glob("snap-*.pickle"):
+            old.unlink()
+        env = {
+            "PYTHONPATH": os.pathsep.join([str(BENCH_DIR / "memprobe"), a.server_env["PYTHONPATH"]]),
+            "BENCH_TRACEMALLOC_DIR": str(outdir), "BENCH_TRACEMALLOC_FRAMES": "1",
+        }
+        env = {**a.server_env, **env}
+        nscopes = max(1, n // a.fanout)
+        per_proc = -(-n // a.clients)
+        server = Server("gateway", self.nats.url, self.jwks, self.tmp, env)
+
+        def snapshot(i: int) -> Path:
+            server.proc.send_signal(signal.SIGUSR1)
+            path = outdir / f"snap-{i}.pickle"
+            deadline = time.monotonic() + 120
+            while not path.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no tracemalloc snapshot from the gateway:\n{server.log_tail()}")
+                time.sleep(0.2)
+            return path
+
+        try:
+            server.wait_ready()
+            ch.connect(server.port, min(4, per_proc), nscopes, 60)
+            time.sleep(a.settle)
+            rss0, before = rss_kib(server.pid), snapshot(0)
+            got, _, _ = ch.connect(server.port, per_proc, nscopes, 300)
+            time.sleep(a.settle)
+            rss1, after = rss_kib(server.pid), snapshot(1)
+        finally:
+            with contextlib.suppress(Exception):
+                ch.all(("disconnect",), "disconnected", 30)
+            server.stop()
+        return analyze_snapshots(before, after, got, rss0, rss1)
 
     def step(self, server: Server, pt: Point, fraction: float, target_rate: int, slo: float, nscopes: int,
              profile_dir: Path | None) -> Step:
@@ -420,55 +533,82 @@ class Bench:
         ev_rate = deliveries / (pt.connections / nscopes)
         t_start = time.time() + 0.3
         w0 = t_start + a.warmup
-        w1 = w0 + a.duration
+        duration = a.duration if fraction == 1.0 else a.sweep_duration
+        w1 = w0 + duration
+        st.window_s = duration
         ch.publisher.send(("run", ev_rate, t_start, w1, nscopes, w0, w1, 1024))
         ch.all(("measure", w0, w1), "measuring", 10)
         pids = {"server": server.pid, "nats": self.nats_pid, "publisher": ch.publisher_pid}
         time.sleep(max(0.0, w0 - time.time()))
+        m0 = scrape_gateway(server.port) if server.kind == "gateway" else {}
         cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
         cl0 = sum(cpu_seconds(p) for p in ch.client_pids)
         h0 = host_cpu()
         wall0 = time.monotonic()
         spy = None
         if profile_dir is not None:
-            spy = start_py_spy(server.pid, a.duration, profile_dir / f"{server.kind}-{pt.connections}.txt")
+            spy = start_py_spy(server.pid, duration, profile_dir / f"{server.kind}-{pt.connections}.txt",
+                               a.profile_native)
         time.sleep(max(0.0, w1 - time.time()))
         wall = time.monotonic() - wall0
         cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
         cl1 = sum(cpu_seconds(p) for p in ch.client_pids)
         h1 = host_cpu()
+        m1 = scrape_gateway(server.port) if m0 else {}
+        if m0 and m1:
+            st.gw_p50 = bucket_quantile(m0["buckets"], m1["buckets"], 0.50)
+            st.gw_p99 = bucket_quantile(m0["buckets"], m1["buckets"], 0.99)
+            st.gw_delivered = (m1["delivered"] - m0["delivered"]) / wall
+            st.gw_lag = m1["lag"]
         st.server_cpu = 100 * (cpu1["server"] - cpu0["server"]) / wall
         st.nats_cpu = 100 * (cpu1["nats"] - cpu0["nats"]) / wall
         st.publisher_cpu = 100 * (cpu1["publisher"] - cpu0["publisher"]) / wall
         st.clients_cpu = 100 * (cl1 - cl0) / wall
-        st.host_busy = 100 * (h1[0] - h0[0]) / max(1, h1[1] - h0[1])
+        st.host_busy = 100 * (h1[0] - h0[0]) / max(1, h1[2] - h0[2])
+        st.steal = 100 * (h1[1] - h0[1]) / max(1, h1[2] - h0[2])
+        ours = st.server_cpu + st.nats_cpu + st.publisher_cpu + st.clients_cpu
+        st.other_cpu = max(0.0, st.host_busy * NCPU - ours)
         _, sent, _acked, in_window, errors, behind = Children.expect(ch.publisher, "published", 60)
         st.published, st.publish_errors, st.publisher_max_behind = sent, errors, behind
-        st.offered = in_window * fanout / a.duration
+        st.offered = in_window * fanout / duration
         reports = ch.all(("report",), "report", 60)
         lat = array("f")
+        first: list[float] = []
+        last: list[float] = []
         lost = 0
         closes: Counter[str] = Counter()
         for r in reports:
-            lat.frombytes(r[2])
+            mine = array("f")
+            mine.frombytes(r[2])
+            tenth = len(mine) // 10
+            if tenth:
+                first.extend(mine[:tenth])
+                last.extend(mine[-tenth:])
+            lat.extend(mine)
             lost += r[4]
             closes.update({str(k): v for k, v in r[5].items()})
         st.lost, st.closes = lost, dict(closes)
         st.samples = sum(r[1] for r in reports)
-        st.achieved = st.samples / a.duration
+        st.achieved = st.samples / duration
+        if st.achieved:
+            st.cpu_us_per_delivery = st.server_cpu * 1e4 / st.achieved
         values = sorted(lat)
         st.p50, st.p99 = percentile(values, 50), percentile(values, 99)
         st.p999, st.max_ms = percentile(values, 99.9), (values[-1] if values else float("nan"))
+        st.p50_first_s, st.p50_last_s = percentile(sorted(first), 50), percentile(sorted(last), 50)
         st.passed = st.p99 <= slo and st.achieved >= 0.95 * st.offered and not lost
         if spy is not None:
             self.profiles[f"{server.kind}-{pt.connections}"] = finish_py_spy(spy)
-        st.drained, st.drain_s = self.drain(a.drain_timeout)
         log(f"{server.kind:7} n={pt.connections} run {pt.run} step {fraction:g}x: offered {st.offered:,.0f}/s "
-            f"achieved {st.achieved:,.0f}/s p50 {st.p50:.1f} ms p99 {st.p99:.1f} ms (max {st.max_ms:.0f}) | "
+            f"achieved {st.achieved:,.0f}/s p50 {st.p50:.1f} ms p99 {st.p99:.1f} ms (max {st.max_ms:.0f}; p50 "
+            f"{st.p50_first_s:.0f}->{st.p50_last_s:.0f})"
+            + (f" [gw-side p50 {st.gw_p50:.1f} p99 {st.gw_p99:.1f} ms, {st.gw_delivered:,.0f}/s, lag "
+               f"{st.gw_lag:.0f}]" if m0 else "")
+            + " | "
             f"CPU server {st.server_cpu:.0f}% nats {st.nats_cpu:.0f}% clients {st.clients_cpu:.0f}% "
             f"pub {st.publisher_cpu:.0f}% host {st.host_busy:.0f}% | {'PASS' if st.passed else 'miss'}"
             f"{' lost ' + str(lost) if lost else ''}{' closes ' + str(dict(closes)) if closes else ''}"
-            f"{'' if st.drained else f' (not drained after {st.drain_s:.0f}s)'}")
+            f" | other CPU {st.other_cpu:.0f}% steal {st.steal:.0f}%")
         return st
 
     def drain(self, timeout: float) -> tuple[bool, float]:
@@ -487,14 +627,16 @@ class Bench:
 # --- profiling ---------------------------------------------------------------------------------
 
 
-def start_py_spy(pid: int, duration: float, out: Path) -> tuple[subprocess.Popen[bytes], Path] | None:
+def start_py_spy(
+    pid: int, duration: float, out: Path, native: bool = False
+) -> tuple[subprocess.Popen[bytes], Path] | None:
     exe = Path(sys.executable).parent / "py-spy"
     if not exe.exists():
         log("py-spy not found in the venv (pip install py-spy): no profile")
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [str(exe), "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", "250",
-           "--format", "raw", "--output", str(out), "--nonblocking"]
+           "--format", "raw", "--output", str(out), *(["--native"] if native else ["--nonblocking"])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             preexec_fn=child_setup)
     return proc, out
@@ -535,10 +677,46 @@ def shorten(frame: str) -> str:
     """'func (/long/path/site-packages/pkg/mod.py:12)' -> 'func (pkg/mod.py:12)'."""
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
-    for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):
+    if "/src/gateway/" in where:  # the run's code snapshot
+        where = "gateway/" + where.split("/src/gateway/", 1)[1]
+    for marker in ("site-packages/", str(BENCH_DIR.parent) + "/", "lib/python3.11/"):
         if marker in where:
             where = where.split(marker, 1)[1]
     return f"{name} ({where})" if where else name
+
+
+def analyze_snapshots(before: Path, after: Path, conns: int, rss0: int, rss1: int) -> dict[str, Any]:
+    import tracemalloc
+
+    s0, s1 = tracemalloc.Snapshot.load(str(before)), tracemalloc.Snapshot.load(str(after))
+    traced = sum(st.size for st in s1.statistics("filename")) - sum(st.size for st in s0.statistics("filename"))
+    per = max(1, conns)
+
+    def top(key: str, limit: int) -> list[tuple[str, float, float]]:
+        rows = []
+        for d in s1.compare_to(s0, key)[:limit]:
+            frame = d.traceback[0]
+            where = shorten(f"x ({frame.filename}:{frame.lineno})")[3:-1] if key == "lineno" else shorten(
+                f"x ({frame.filename})")[3:-1]
+            rows.append((where, round(d.size_diff / per, 1), round(d.count_diff / per, 2)))
+        return rows
+
+    return {
+        "connections": conns, "traced_bytes_per_conn": round(traced / per, 1),
+        "rss_kib_per_conn_with_tracemalloc": round((rss1 - rss0) / per, 1),
+        "by_line": top("lineno", 25), "by_file": top("filename", 15),
+    }
+
+
+def print_memprobe(m: dict[str, Any]) -> None:
+    print(f"\ntracemalloc: {m['connections']} idle connections, Python heap +{m['traced_bytes_per_conn'] / 1024:.1f} "
+          f"KiB/conn (RSS +{m['rss_kib_per_conn_with_tracemalloc']:.1f} KiB/conn incl. tracemalloc's own overhead)")
+    print("  bytes/conn  blocks/conn  allocated at")
+    for where, size, count in m["by_line"]:
+        print(f"  {size:>10,.0f}  {count:>11.2f}  {where}")
+    print("  by file:")
+    for where, size, count in m["by_file"]:
+        print(f"  {size:>10,.0f}  {count:>11.2f}  {where}")
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -567,6 +745,9 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
                     "offered": med([s.offered for s in steps]), "achieved": med([s.achieved for s in steps]),
                     "p50_ms": med([s.p50 for s in steps]), "p99_ms": med([s.p99 for s in steps]),
                     "server_cpu": med([s.server_cpu for s in steps]),
+                    "cpu_us_per_delivery": med([s.cpu_us_per_delivery for s in steps]),
+                    "other_cpu": med([s.other_cpu for s in steps]),
+                    "steal": med([s.steal for s in steps]),
                     "host_busy": med([s.host_busy for s in steps]),
                     "rss_kib_per_conn": rss, "passed": sum(s.passed for s in steps),
                 })
@@ -588,7 +769,8 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
         summary["capacity"].append({
             "connections": n, "slo_ms": target_for(n, args.rate)[1],
             "gateway_capacity": g["capacity"], "naive_capacity": nv["capacity"],
-            "naive_lowest_offered": nv["lowest_offered"], "ratio": ratio,
+            "naive_lowest_offered": nv["lowest_offered"], "gateway_lowest_offered": g["lowest_offered"],
+            "ratio": ratio,
             "gateway_per_run": g["per_run"], "naive_per_run": nv["per_run"],
             "ratio_at_target_rate": (at_target["gateway"] / at_target["naive"]) if at_target["naive"] else float("inf"),
         })
@@ -597,32 +779,51 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
     out = sys.stdout
-    print(f"\nMedians of {args.runs} run(s), {args.duration:g} s window after {args.warmup:g} s warm-up; "
-          f"{args.fanout} subscribers per scope; ~{pubload.ENVELOPE_BYTES}-byte envelopes; "
-          f"{args.clients} load processes; naive = uvicorn default WebSocket impl + same JWT check "
-          f"(PyJWT, JWKS), no ACL.", file=out)
-    head = (f"{'server':8} {'conns':>6} {'step':>5} {'offered/s':>10} {'achieved/s':>11} {'p50 ms':>7} {'p99 ms':>8} "
-            f"{'srv CPU%':>8} {'host%':>6} {'RSS KiB/conn':>12} {'p99 ok':>7}")
+    print(f"\nMedians of {args.runs} run(s); window {args.duration:g} s at the target rate, {args.sweep_duration:g} s "
+          f"at the other steps, after {args.warmup:g} s warm-up; {args.fanout} subscribers per scope; "
+          f"~{pubload.ENVELOPE_BYTES}-byte envelopes; {args.clients} load processes; naive = uvicorn's default "
+          f"WebSocket implementation + the same JWT check (PyJWT, JWKS), no ACL. Gateway at {args.code}; "
+          f"{NCPU} CPUs."
+          + (f" Server env: {args.user_env}." if args.user_env else ""), file=out)
+    head = (f"{'server':8} {'conns':>6} {'step':>6} {'offered/s':>10} {'achieved/s':>11} {'p50 ms':>7} {'p99 ms':>8} "
+            f"{'srv CPU%':>8} {'us/deliv':>8} {'host%':>6} {'other%':>6} {'RSS KiB/conn':>12} {'p99 ok':>7}")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in summary["rows"]:
-        print(f"{r['server']:8} {r['connections']:>6} {r['fraction']:>4g}x {r['offered']:>10,.0f} "
+        print(f"{r['server']:8} {r['connections']:>6} {r['fraction']:>5g}x {r['offered']:>10,.0f} "
               f"{r['achieved']:>11,.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>8.1f} {r['server_cpu']:>8.0f} "
-              f"{r['host_busy']:>6.0f} {r['rss_kib_per_conn']:>12.1f} {r['passed']:>3}/{r['runs']:<3}", file=out)
-    print("\n'p99 ok' = runs whose step met the p99 target with achieved >= 95% of offered and no lost "
-          "connections; host% = busy share of all cores.", file=out)
+              f"{r['cpu_us_per_delivery']:>8.1f} {r['host_busy']:>6.0f} {r['other_cpu']:>6.0f} "
+              f"{r['rss_kib_per_conn']:>12.1f} "
+              f"{r['passed']:>3}/{r['runs']:<3}", file=out)
+    print("\nstep = offered rate as a fraction of the target rate; 'p99 ok' = runs in which the step met the p99 "
+          "target with achieved >= 95% of offered and no lost connections; srv CPU% = server process, % of one "
+          "core; us/deliv = server CPU per delivery; host% = busy share of all cores (load clients, publisher, "
+          "nats-server and other tenants of the machine included); other% = busy CPU outside the benchmark's "
+          "processes (other tenants, unattributed kernel time), % of one core.", file=out)
+    others = [s for r in summary["rows"] for s in [r["other_cpu"]] if s == s]
+    if others:
+        print(f"Machine noise: median other% over all steps {statistics.median(others):.0f} (of {NCPU * 100}).",
+              file=out)
+    if not summary["capacity"]:
+        return
+    head = (f"\n{'conns':>6} {'p99 target':>10} {'gateway/s':>10} {'naive/s':>10} {'gw/naive':>9} "
+            f"{'at target rate':>14}")
+    print(head, file=out)
+    print("-" * (len(head) - 1), file=out)
     for c in summary["capacity"]:
-        naive = (f"{c['naive_capacity']:,.0f}/s" if c["naive_capacity"]
-                 else f"none (missed at every step, lowest offered {c['naive_lowest_offered']:,.0f}/s)")
-        if not c["gateway_capacity"] and not c["naive_capacity"]:
-            ratio = "n/a (neither met the p99 target at any step)"
-        elif c["ratio"] != float("inf"):
+        if not c["gateway_capacity"]:
+            ratio = "n/a"
+        elif c["naive_capacity"]:
             ratio = f"{c['ratio']:.2f}x"
         else:
-            ratio = f"> {c['gateway_capacity'] / max(1, c['naive_lowest_offered']):.1f}x"
-        print(f"n={c['connections']}: achieved deliveries/s within p99 < {c['slo_ms']:g} ms: gateway "
-              f"{c['gateway_capacity']:,.0f}/s, naive {naive}; gateway/naive = {ratio} "
-              f"(at the target offered rate: {c['ratio_at_target_rate']:.2f}x)", file=out)
+            ratio = f">{c['gateway_capacity'] / max(1, c['naive_lowest_offered']):.1f}x"
+        naive = f"{c['naive_capacity']:,.0f}" if c["naive_capacity"] else f"<{c['naive_lowest_offered']:,.0f}"
+        gw = f"{c['gateway_capacity']:,.0f}" if c["gateway_capacity"] else f"<{c['gateway_lowest_offered']:,.0f}"
+        print(f"{c['connections']:>6} {c['slo_ms']:>8g} ms {gw:>10} {naive:>10} {ratio:>9} "
+              f"{c['ratio_at_target_rate']:>13.2f}x", file=out)
+    print("gateway/s, naive/s = achieved deliveries/s at the highest step that met the p99 target (median over "
+          "runs; a lower bound: steps are discrete); 'at target rate' = achieved(gateway) / achieved(naive) at "
+          "the target offered rate, whatever the latency.", file=out)
 
 
 def print_profiles(profiles: dict[str, Any]) -> None:
@@ -647,29 +848,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", default="1000,5000", help="comma-separated connection counts")
     p.add_argument("--runs", type=int, default=3, help="repetitions of every point (medians are reported)")
     p.add_argument("--duration", type=float, default=10.0, help="measurement window per step, seconds")
-    p.add_argument("--warmup", type=float, default=2.0, help="publishing before the window opens, seconds")
-    p.add_argument("--settle", type=float, default=2.0, help="pause before each RSS reading, seconds")
-    p.add_argument("--drain-timeout", type=float, default=8.0, help="max wait for a backlog after a step")
+    p.add_argument("--sweep-duration", type=float, default=4.0,
+                   help="measurement window of the steps other than the target rate, seconds")
+    p.add_argument("--warmup", type=float, default=1.5, help="publishing before the window opens, seconds")
+    p.add_argument("--settle", type=float, default=1.5, help="pause before each RSS reading, seconds")
+    p.add_argument("--drain-timeout", type=float, default=5.0, help="max wait for a backlog after a step")
     p.add_argument("--fanout", type=int, default=100, help="subscribers per scope (S = connections / fanout)")
     p.add_argument("--clients", type=int, default=2, help="load-client processes")
     p.add_argument("--rate", default="", help="override offered deliveries/s: 'conns=rate,...'")
-    p.add_argument("--gateway-steps", default="1,1.5,2",
+    p.add_argument("--gateway-steps", default="0.5,0.625,0.75,0.875,1,1.25,1.5,2",
                    help="offered rates as fractions of the target, ascending while p99 holds (1 always runs)")
-    p.add_argument("--naive-steps", default="0.25,0.5,1", help="as --gateway-steps, for the naive app")
+    p.add_argument("--naive-steps", default="0.125,0.25,0.375,0.5,0.625,0.75,1",
+                   help="as --gateway-steps, for the naive app")
     p.add_argument("--servers", default="gateway,naive", help="which servers to measure")
+    p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the server processes (experiments, e.g. "
+                        "WSGATEWAY_FLUSH_INTERVAL_MS=2); printed with the results")
     p.add_argument("--quick", action="store_true", help="small and fast: 300 connections, 1 run, short windows")
     p.add_argument("--json", dest="json_out", default=None, help="also write all results to this file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the runs, profile each server with py-spy at the largest count (target rate)")
+    p.add_argument("--memprobe", default=None, metavar="DIR",
+                   help="after the runs, attribute the gateway's per-connection memory with tracemalloc")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     args = p.parse_args(argv)
     if args.quick:
         args.connections, args.runs, args.duration, args.warmup, args.settle = "300", 1, 3.0, 1.0, 1.0
+        args.sweep_duration = 3.0
         args.gateway_steps, args.naive_steps, args.rate = "1", "1", args.rate or "300=15000"
     args.connections = [int(x) for x in str(args.connections).split(",") if x.strip()]
     args.rate = {int(k): int(v) for k, v in (kv.split("=") for kv in args.rate.split(",") if kv.strip())}
     args.gateway_steps = sorted({float(x) for x in args.gateway_steps.split(",")} | {1.0})
     args.naive_steps = sorted({float(x) for x in args.naive_steps.split(",")} | {1.0})
     args.servers = [s for s in args.servers.split(",") if s in SERVERS]
+    args.user_env = dict(kv.split("=", 1) for kv in args.server_env)
+    args.server_env = dict(args.user_env)
     return args
 
 
@@ -687,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     points: list[Point] = []
     profiles: dict[str, Any] = {}
+    memprobe: dict[str, Any] = {}
     with Bench(args) as bench:
         for run in range(1, args.runs + 1):
             for n in args.connections:
@@ -699,23 +913,58 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.servers:
                 bench.point(kind, n, 0, profile_dir=prof_dir)
             profiles = bench.profiles
+        if args.memprobe:
+            memprobe = bench.memprobe(max(args.connections), Path(args.memprobe))
+        args.code = f"{bench.code['describe']} (snapshot {bench.code['sha256'][:12]})"
+        code = bench.code
     summary = summarize(points, args)
     print_table(summary, args)
     print_profiles(profiles)
+    if memprobe:
+        print_memprobe(memprobe)
     elapsed = time.monotonic() - started
     print(f"\ntotal time {elapsed:.0f} s", file=sys.stdout)
     if args.json_out:
         doc = {
             "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()), "python": sys.version.split()[0]},
+            "gateway_code": code,
             "args": {k: v for k, v in vars(args).items()},
             "summary": summary,
             "points": [point_dict(p) for p in points],
             "profiles": profiles,
+            "memprobe": memprobe,
             "elapsed_s": elapsed,
         }
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(doc, indent=1, default=str))
     return 0
+
+
+def snapshot_gateway(dest: Path) -> dict[str, str]:
+    """Copy gateway/ once, so that every server of this run executes the same code even while the
+    working tree changes; the servers get the copy first on PYTHONPATH (before the editable install)."""
+    import hashlib
+
+    src = BENCH_DIR.parent / "gateway"
+    shutil.copytree(src, dest / "gateway", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    digest = hashlib.sha256()
+    for f in sorted((dest / "gateway").rglob("*")):
+        if f.is_file():
+            digest.update(str(f.relative_to(dest)).encode() + b"\0" + f.read_bytes())
+    return {"path": str(dest), "sha256": digest.hexdigest(), "describe": git_describe()}
+
+
+def git_describe() -> str:
+    """The commit the gateway was measured at, with '+dirty' when gateway/ has uncommitted changes."""
+    root = BENCH_DIR.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "gateway"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def point_dict(p: Point) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
-from benchutil import die_with_parent
+from benchutil import die_with_parent, recv_blocking, send_blocking
 
 ENVELOPE_BYTES = 300  # target size of the published JSON envelope
 
@@ -49,13 +49,13 @@ class PublisherProcess:
         self.js = nc.jetstream()
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self.on_command)
-        self.pipe.send(("ready", os.getpid()))
+        send_blocking(self.pipe, ("ready", os.getpid()))
         await self.stop.wait()
         loop.remove_reader(self.pipe.fileno())
         await nc.drain()
 
     def on_command(self) -> None:
-        cmd, *args = self.pipe.recv()
+        cmd, *args = recv_blocking(self.pipe)
         if cmd == "run":
             task = asyncio.ensure_future(self.publish(*args))
             self.tasks.add(task)
@@ -115,7 +115,7 @@ class PublisherProcess:
             await asyncio.sleep(min(0.01, max(0.001, next_due - time.time())))
         if tasks:
             await asyncio.wait(list(tasks), timeout=15)
-        self.pipe.send(("published", sent, acked, in_window, errors, max_behind))
+        send_blocking(self.pipe, ("published", sent, acked, in_window, errors, max_behind))
 
 
 def main(pipe: Connection, nats_url: str, stream: str) -> None:

@@ -22,7 +22,7 @@ from array import array
 from multiprocessing.connection import Connection
 from typing import Any
 
-from benchutil import die_with_parent, raise_nofile
+from benchutil import die_with_parent, raise_nofile, recv_blocking, send_blocking
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 T_KEY = b'"t":'
@@ -180,7 +180,7 @@ class LoadProcess:
         self.tasks: set[asyncio.Future[None]] = set()
 
     def reply(self, *msg: Any) -> None:
-        self.pipe.send(msg)
+        send_blocking(self.pipe, msg)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -188,7 +188,7 @@ class LoadProcess:
         task.add_done_callback(self.tasks.discard)
 
     def on_command(self) -> None:
-        cmd, *args = self.pipe.recv()
+        cmd, *args = recv_blocking(self.pipe)
         if cmd == "connect":
             self.spawn(self.connect(*args))
         elif cmd == "measure":
