@@ -1,0 +1,26 @@
+"""The benchmark must keep working: its quick configuration runs end to end and reports figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(180)
+def test_quick_benchmark_runs_and_reports_both_servers(tmp_path: Path) -> None:
+    out = tmp_path / "quick.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "fanout.py"), "--quick", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["summary"]["rows"]
+    assert {r["server"] for r in rows} == {"gateway", "naive"}
+    for r in rows:
+        assert r["achieved"] > 0 and r["p99_ms"] > 0 and r["rss_kib_per_conn"] > 0
