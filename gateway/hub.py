@@ -229,7 +229,6 @@ class Hub:
             conn.channel.on_lost = None
         if self.connections.pop(conn.id, None) is not None:
             self.metrics.connections.set(len(self.connections))
-            self._update_sub_gauge()
 
     def close(self, conn: Connection, code: int, reason: str, *, drain: bool = False) -> None:
         """Close a connection: optionally write what is pending first (graceful), then the close frame."""
@@ -281,7 +280,7 @@ class Hub:
             if conn.wild is None:
                 conn.wild = WildSubscription(conn)
                 self.wild.setdefault(conn.principal.tenant, {})[conn.wild] = None
-                self._update_sub_gauge()
+                self.metrics.subscriptions.inc()
             return conn.wild
         sub = conn.subs.get(scope)
         if sub is None:
@@ -293,7 +292,7 @@ class Hub:
             conn.subs[scope] = sub
             self.by_scope.setdefault(sub.key, {})[sub] = None
             self.by_tenant.setdefault(sub.key[0], {})[sub] = None
-            self._update_sub_gauge()
+            self.metrics.subscriptions.inc()
         return sub
 
     def refuse(self, conn: Connection, request_id: str | int | None, scope: str, sub: object) -> bool:
@@ -324,27 +323,25 @@ class Hub:
             sub = conn.subs.pop(scope, None)
             if sub is not None:
                 self._drop(sub)
-        self._update_sub_gauge()
         conn.send(control("unsubscribed", id=request_id, scope=scope))
 
     def _drop(self, sub: Subscription) -> None:
         for index, key in ((self.by_scope, sub.key), (self.by_tenant, sub.key[0])):
             entries = index.get(key)  # type: ignore[call-overload]
-            if entries is not None:
-                entries.pop(sub, None)
+            if entries is not None and sub in entries:
+                del entries[sub]
+                if index is self.by_scope:
+                    self.metrics.subscriptions.dec()
                 if not entries:
                     del index[key]  # type: ignore[arg-type]
 
     def _drop_wild(self, w: WildSubscription) -> None:
         entries = self.wild.get(w.conn.principal.tenant)
-        if entries is not None:
-            entries.pop(w, None)
+        if entries is not None and w in entries:
+            del entries[w]
+            self.metrics.subscriptions.dec()
             if not entries:
                 del self.wild[w.conn.principal.tenant]
-
-    def _update_sub_gauge(self) -> None:
-        n = sum(len(v) for v in self.by_scope.values()) + sum(len(v) for v in self.wild.values())
-        self.metrics.subscriptions.set(n)
 
     def recheck_all(self) -> None:
         """Re-decide every subscription (after the first full ACL load)."""

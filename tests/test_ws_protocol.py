@@ -337,3 +337,29 @@ async def test_keepalive_pings_reap_a_dead_peer(nats_server: object, idp: TestId
         assert b"\x89" in data, "expected at least one ping frame"
         assert await g.metric("wsgateway_connections") == 0
         writer.close()
+
+
+async def test_subscriptions_gauge_follows_subscribe_unsubscribe_and_disconnect(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    a = await connect(gw.ws, idp.mint("alice"))
+    await welcome(a)
+    for scope in ("conversation:c1", "process:p1", "*", "conversation:c1"):  # the repeat is not a new one
+        await subscribe(a, scope)
+    b = await connect(gw.ws, idp.mint("alice"))
+    await welcome(b)
+    await subscribe(b, "agent:a1")
+    assert await gw.metric("wsgateway_subscriptions") == 4
+    await a.send(json.dumps({"op": "unsubscribe", "id": 1, "scope": "process:p1"}))
+    assert (await recv(a))["type"] == "unsubscribed"
+    await a.send(json.dumps({"op": "unsubscribe", "id": 2, "scope": "process:p1"}))  # twice: no double count
+    assert (await recv(a))["type"] == "unsubscribed"
+    assert await gw.metric("wsgateway_subscriptions") == 3
+    await a.close()
+    for _ in range(50):
+        if await gw.metric("wsgateway_subscriptions") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await gw.metric("wsgateway_subscriptions") == 1
+    await b.close()
