@@ -8,7 +8,6 @@ byte what a live subscriber saw.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +16,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.auth import AuthError, Principal, extract_token
 from gateway.events import InvalidEvent, parse_event
-from gateway.hub import Connection, control
+from gateway.hub import control
 from gateway.protocol import SCOPE_RE, WILDCARD, FrameError
-from gateway.session import arm_expiry, parse_initial, principal_info, start_subscriptions
+from gateway.session import open_connection, parse_initial
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -149,13 +148,7 @@ def build_router(gw: Gateway) -> APIRouter:
         if len(gw.hub.connections) >= gw.settings.max_connections:
             return _error(503, "over_limit", "over connection limit: retry on another instance")
         channel = SseChannel()
-        conn = Connection(gw.hub, channel, principal, uuid.uuid4().hex, sse=True)
-        gw.hub.add(conn)
-        gw.metrics.connection_attempts.labels("accepted").inc()
-        conn.send(control("welcome", connection_id=conn.id, principal=principal_info(principal),
-                          expires_at=int(principal.expires_at)))
-        start_subscriptions(gw, conn, None, initial.scopes, initial.since, from_url=True)
-        arm_expiry(gw, conn)
+        conn = open_connection(gw, channel, principal, initial, sse=True)
 
         async def body() -> AsyncIterator[bytes]:
             try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -87,19 +87,11 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
         channel.close(CLOSE_BAD_REQUEST, exc.message)
         await _until_disconnect(receive)
         return
-    metrics.connection_attempts.labels("accepted").inc()
     del ws, src  # from here on the session only receives; the handshake objects and the token can go
     _forget_credentials(scope)
     channel.limit_kernel_buffer(settings.socket_send_buffer)
-    conn = Connection(hub, channel, principal, uuid.uuid4().hex)
-    hub.add(conn)
+    conn = open_connection(gw, channel, principal, initial)
     try:
-        conn.send(control(
-            "welcome", connection_id=conn.id, principal=principal_info(principal),
-            expires_at=int(principal.expires_at), heartbeat_s=settings.heartbeat_s,
-        ))
-        arm_expiry(gw, conn)
-        start_subscriptions(gw, conn, None, initial.scopes, initial.since, from_url=True)
         while True:
             msg = await receive()
             if msg["type"] == "websocket.disconnect":
@@ -123,6 +115,23 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
                 await _refresh(gw, conn, frame)
     finally:
         hub.remove(conn)
+
+
+def open_connection(
+    gw: Gateway, channel: RawChannel | Any, principal: Principal, initial: Initial, *, sse: bool = False
+) -> Connection:
+    """An authenticated client joins the hub: counted, welcomed, its expiry armed, its URL subscriptions
+    started. Shared by the WebSocket session and the SSE endpoint."""
+    conn = Connection(gw.hub, channel, principal, uuid.uuid4().hex, sse=sse)
+    gw.hub.add(conn)
+    gw.metrics.connection_attempts.labels("accepted").inc()
+    conn.send(control(
+        "welcome", connection_id=conn.id, principal=principal_info(principal),
+        expires_at=int(principal.expires_at), heartbeat_s=None if sse else gw.settings.heartbeat_s,
+    ))
+    arm_expiry(gw, conn)
+    start_subscriptions(gw, conn, None, initial.scopes, initial.since, from_url=True)
+    return conn
 
 
 class Initial(NamedTuple):
