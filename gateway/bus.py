@@ -246,6 +246,8 @@ class Bus:
         meta = msg.metadata
         seq = meta.sequence.stream
         self.metrics.consumer_lag.set(meta.num_pending)
+        if seq <= self.hub.last_seq:
+            return  # redelivered after a consumer reset or re-creation: already handled, don't parse again
         self.metrics.events_received.inc()
         try:
             env = parse_event(msg.data, msg.subject, self.settings.subject_prefix)
