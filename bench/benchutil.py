@@ -65,6 +65,31 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (e.g. `wsgateway serve --workers N`: the supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live descendants."""
+    return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of a process and its live descendants, in KiB."""
+    return sum(rss_kib(p) for p in process_tree(pid))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -39,6 +39,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
+import cload  # noqa: E402
 import jwt  # noqa: E402
 import pubload  # noqa: E402
 import wsload  # noqa: E402
@@ -48,7 +49,8 @@ from benchutil import (  # noqa: E402
     free_port,
     percentile,
     raise_nofile,
-    rss_kib,
+    tree_cpu_seconds,
+    tree_rss_kib,
 )
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from jwt.algorithms import ECAlgorithm  # noqa: E402
@@ -151,13 +153,15 @@ async def seed_nats(url: str) -> None:
 class Server:
     """The server under test, as a child process: the gateway or the naive app."""
 
-    def __init__(self, kind: str, nats_url: str, jwks: Jwks, logdir: Path, extra_env: dict[str, str]) -> None:
+    def __init__(self, kind: str, nats_url: str, jwks: Jwks, logdir: Path, extra_env: dict[str, str],
+                 workers: int = 1) -> None:
         self.kind = kind
         self.port = free_port()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("WSGATEWAY_", "BENCH_")) and k != "PROMETHEUS_MULTIPROC_DIR"}
         if kind == "gateway":
-            cmd = [str(Path(sys.executable).parent / "wsgateway"), "serve", "--workers", "1", "--host", "127.0.0.1"]
+            cmd = [str(Path(sys.executable).parent / "wsgateway"), "serve", "--workers", str(workers),
+                   "--host", "127.0.0.1"]
             env.update({
                 "WSGATEWAY_NATS_URL": nats_url, "WSGATEWAY_JWKS_URL": jwks.url, "WSGATEWAY_AUDIENCE": AUDIENCE,
                 "WSGATEWAY_PORT": str(self.port), "WSGATEWAY_LOG_LEVEL": "warning",
@@ -209,11 +213,17 @@ class Server:
 class Children:
     """The load-client processes and the publisher process, driven over pipes."""
 
-    def __init__(self, nclients: int, tokens: list[str], nats_url: str) -> None:
+    def __init__(self, nclients: int, tokens: list[str], nats_url: str, client_binary: Path | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.procs: list[Any] = []
         self.clients: list[Any] = []
+        self.c_clients: list[cload.CLoadClient] = []
         for i in range(nclients):
+            if client_binary is not None:  # --client c: compiled load clients, same interface
+                c = cload.CLoadClient(client_binary, i, nclients, tokens[i::nclients])
+                self.c_clients.append(c)
+                self.clients.append(c)
+                continue
             parent, child = ctx.Pipe()
             p = ctx.Process(target=wsload.main, args=(child, i, nclients, tokens[i::nclients]),
                             name=f"bench-load-{i}", daemon=True)
@@ -256,6 +266,8 @@ class Children:
         for pipe in [*self.clients, self.publisher]:
             with contextlib.suppress(Exception):
                 pipe.send(("exit",))
+        for c in self.c_clients:
+            c.close()
         deadline = time.monotonic() + 5
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))
@@ -405,7 +417,8 @@ class Bench:
         tokens = self.jwks.mint(n_tokens)
         log(f"nats-server on {self.nats.url}; JWKS on {self.jwks.url}; minted {n_tokens} ES256 tokens in "
             f"{time.monotonic() - t0:.1f}s")
-        self.children = Children(a.clients, tokens, self.nats.url)
+        binary = cload.build(self.tmp) if a.client == "c" else None
+        self.children = Children(a.clients, tokens, self.nats.url, binary)
         self.stack.callback(self.children.close)
         self.nats_pid = self.nats.proc.pid if self.nats.proc else 0
         return self
@@ -422,7 +435,7 @@ class Bench:
         nscopes = max(1, n // a.fanout)
         per_proc = -(-n // a.clients)
         pt = Point(kind, n, run)
-        server = Server(kind, self.nats.url, self.jwks, self.tmp, a.server_env)
+        server = Server(kind, self.nats.url, self.jwks, self.tmp, a.server_env, a.workers if kind == "gateway" else 1)
         try:
             server.wait_ready()
             # Warm-up connections first (imports, first-use allocations are not per-connection cost),
@@ -430,7 +443,7 @@ class Bench:
             warm_per_proc = min(4, per_proc)
             got_warm, errors, _ = ch.connect(server.port, warm_per_proc, nscopes, 60)
             time.sleep(a.settle)
-            pt.rss_before_kib = rss_kib(server.pid)
+            pt.rss_before_kib = tree_rss_kib(server.pid)
             got, more_errors, secs = ch.connect(server.port, per_proc, nscopes, 300)
             errors.update(more_errors)
             pt.connected = got_warm + got
@@ -439,7 +452,7 @@ class Bench:
             time.sleep(a.settle)
             samples = []
             for _ in range(3):
-                samples.append(rss_kib(server.pid))
+                samples.append(tree_rss_kib(server.pid))
                 time.sleep(0.3)
             pt.rss_after_kib = int(statistics.median(samples))
             if got:
@@ -513,10 +526,10 @@ class Bench:
             server.wait_ready()
             ch.connect(server.port, min(4, per_proc), nscopes, 60)
             time.sleep(a.settle)
-            rss0, before = rss_kib(server.pid), snapshot(0)
+            rss0, before = tree_rss_kib(server.pid), snapshot(0)
             got, _, _ = ch.connect(server.port, per_proc, nscopes, 300)
             time.sleep(a.settle)
-            rss1, after = rss_kib(server.pid), snapshot(1)
+            rss1, after = tree_rss_kib(server.pid), snapshot(1)
         finally:
             with contextlib.suppress(Exception):
                 ch.all(("disconnect",), "disconnected", 30)
@@ -541,7 +554,7 @@ class Bench:
         pids = {"server": server.pid, "nats": self.nats_pid, "publisher": ch.publisher_pid}
         time.sleep(max(0.0, w0 - time.time()))
         m0 = scrape_gateway(server.port) if server.kind == "gateway" else {}
-        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu0 = {k: (tree_cpu_seconds if k == "server" else cpu_seconds)(p) for k, p in pids.items()}
         cl0 = sum(cpu_seconds(p) for p in ch.client_pids)
         h0 = host_cpu()
         wall0 = time.monotonic()
@@ -551,7 +564,7 @@ class Bench:
                                a.profile_native)
         time.sleep(max(0.0, w1 - time.time()))
         wall = time.monotonic() - wall0
-        cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu1 = {k: (tree_cpu_seconds if k == "server" else cpu_seconds)(p) for k, p in pids.items()}
         cl1 = sum(cpu_seconds(p) for p in ch.client_pids)
         h1 = host_cpu()
         m1 = scrape_gateway(server.port) if m0 else {}
@@ -855,6 +868,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=5.0, help="max wait for a backlog after a step")
     p.add_argument("--fanout", type=int, default=100, help="subscribers per scope (S = connections / fanout)")
     p.add_argument("--clients", type=int, default=2, help="load-client processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="gateway worker processes (`wsgateway serve --workers N`); CPU and RSS are summed")
+    p.add_argument("--client", choices=("py", "c"), default="py",
+                   help="load client: py (bench/wsload.py, uvloop) or c (bench/wsload.c, compiled with gcc; "
+                        "~4x less CPU, so more of the machine is left to the server under test)")
     p.add_argument("--rate", default="", help="override offered deliveries/s: 'conns=rate,...'")
     p.add_argument("--gateway-steps", default="0.5,0.625,0.75,0.875,1,1.25,1.5,2",
                    help="offered rates as fractions of the target, ascending while p99 holds (1 always runs)")

@@ -1,0 +1,498 @@
+/*
+ * wsload.c: the benchmark's load client in C (bench/fanout.py --client c).
+ *
+ * Why it exists: on a 2-core machine the Python load clients (bench/wsload.py) need ~0.7 of a core
+ * at 100,000 deliveries/s, CPU the server under test then lacks. This client does the same work
+ * with a fraction of the CPU, so the benchmark measures the server rather than its own clients.
+ * It behaves like wsload.py: a real client handshake (`Authorization: Bearer <own token>`, status
+ * 101 checked; the Sec-WebSocket-Accept value is not verified), one masked `subscribe` frame per
+ * connection, server frames parsed from the received bytes (length header, opcode, one memmem of
+ * `"t":` and one strtod per event frame), pings answered with masked pongs. Latency samples are
+ * the receive time of the TCP chunk minus the publish time carried in the event, in ms.
+ *
+ * Usage: wsload INDEX NPROCS TOKENS_FILE   (tokens of this process's connections, one per line)
+ * Driven over stdin/stdout by bench/cload.py (one command per line; replies below):
+ *   connect HOST PORT PATH UPTO NSCOPES CONCURRENCY
+ *                            -> connected OK SECONDS {"reason": count, ...}
+ *   measure W0 W1            -> measuring
+ *   report                   -> report WINDOW_EVENTS NSAMPLES TOTAL LOST BAD {"code": count}
+ *                               followed by NSAMPLES float32 (little-endian) on stdout
+ *   count                    -> count TOTAL LOST {"code": count}
+ *   disconnect               -> disconnected
+ *   exit
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { CONNECTING, HANDSHAKE, SUBSCRIBING, OPEN, DEAD };
+
+typedef struct {
+    int fd, state, local;
+    double deadline;
+    unsigned char *buf;
+    size_t len, cap;
+} conn_t;
+
+static char host[64], path[256];
+static int port, nscopes, index_, nprocs;
+static char **tokens;
+static int ntokens;
+static struct sockaddr_in addr;
+static int ep;
+
+static conn_t **conns;
+static int nconns, next_local;
+
+/* the running `connect` command */
+static int connecting, upto, concurrency, inflight, ok_count;
+static double connect_t0;
+#define MAX_REASONS 16
+static char reasons[MAX_REASONS][96];
+static long reason_counts[MAX_REASONS];
+static int nreasons;
+
+/* measurement */
+static double W0 = 1e300, W1 = -1e300;
+static float *samples;
+static size_t nsamples, samples_cap;
+static long total_events, window_events, bad_frames, lost;
+#define MAX_CODES 16
+static int close_codes[MAX_CODES];
+static long close_counts[MAX_CODES];
+static int ncodes;
+
+static double now_wall(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void out(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void out(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    fflush(stdout);
+}
+
+static void add_reason(const char *why) {
+    for (int i = 0; i < nreasons; i++)
+        if (strcmp(reasons[i], why) == 0) { reason_counts[i]++; return; }
+    if (nreasons < MAX_REASONS) {
+        snprintf(reasons[nreasons], sizeof reasons[0], "%s", why);
+        for (char *p = reasons[nreasons]; *p; p++)
+            if (*p == '"' || *p == '\\' || (unsigned char)*p < 32) *p = ' ';
+        reason_counts[nreasons++] = 1;
+    }
+}
+
+static void add_close(int code) {
+    for (int i = 0; i < ncodes; i++)
+        if (close_codes[i] == code) { close_counts[i]++; return; }
+    if (ncodes < MAX_CODES) { close_codes[ncodes] = code; close_counts[ncodes++] = 1; }
+}
+
+static void print_closes(void) {
+    printf("{");
+    for (int i = 0; i < ncodes; i++) printf("%s\"%d\": %ld", i ? ", " : "", close_codes[i], close_counts[i]);
+    printf("}");
+}
+
+static void send_all(int fd, const void *data, size_t n) {
+    const char *p = data;
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return; /* EAGAIN on a tiny control frame or a dead socket: the benchmark notices either */
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+/* One complete masked client frame (FIN set). */
+static void send_frame(int fd, int opcode, const unsigned char *payload, size_t n) {
+    unsigned char head[14 + 125 + 4096];
+    size_t h = 0;
+    if (n > 4096) return;
+    head[h++] = 0x80 | opcode;
+    if (n < 126) head[h++] = 0x80 | n;
+    else { head[h++] = 0x80 | 126; head[h++] = n >> 8; head[h++] = n & 0xff; }
+    uint32_t r = (uint32_t)random();
+    unsigned char key[4] = {r, r >> 8, r >> 16, r >> 24};
+    memcpy(head + h, key, 4);
+    h += 4;
+    for (size_t i = 0; i < n; i++) head[h + i] = payload[i] ^ key[i & 3];
+    send_all(fd, head, h + n);
+}
+
+static void finish_attempt(conn_t *c, const char *why) {
+    /* a connection of the running `connect` command has subscribed (why == NULL) or failed */
+    if (why) add_reason(why);
+    else ok_count++;
+    inflight--;
+    (void)c;
+}
+
+static void kill_conn(conn_t *c, const char *why) {
+    if (c->state == DEAD) return;
+    if (c->state == OPEN) lost++;
+    else if (connecting) finish_attempt(c, why ? why : "connection lost before subscribed");
+    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->state = DEAD;
+    free(c->buf);
+    c->buf = NULL;
+    c->len = c->cap = 0;
+}
+
+static void start_one(int local) {
+    conn_t *c = calloc(1, sizeof *c);
+    c->local = local;
+    c->deadline = now_wall() + 45.0;
+    conns[nconns++] = c;
+    inflight++;
+    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->state = CONNECTING;
+    if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
+        char why[96];
+        snprintf(why, sizeof why, "connect: %s", strerror(errno));
+        close(c->fd);
+        c->state = DEAD;
+        finish_attempt(c, why);
+        return;
+    }
+    struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.ptr = c};
+    epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+}
+
+static void send_request(conn_t *c) {
+    static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    unsigned char raw[18] = {0};
+    for (int i = 0; i < 16; i++) raw[i] = random() & 0xff;
+    char key[25];
+    int k = 0;
+    for (int i = 0; i < 18; i += 3) {
+        uint32_t v = raw[i] << 16 | raw[i + 1] << 8 | raw[i + 2];
+        key[k++] = b64[v >> 18 & 63]; key[k++] = b64[v >> 12 & 63];
+        key[k++] = b64[v >> 6 & 63]; key[k++] = b64[v & 63];
+    }
+    key[22] = key[23] = '=';
+    key[24] = 0;
+    char req[8192];
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n",
+                     path, host, port, key, tokens[c->local]);
+    send_all(c->fd, req, (size_t)n);
+    c->state = HANDSHAKE;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+static void on_control_text(conn_t *c, const unsigned char *p, size_t n) {
+    if (memmem(p, n, "\"subscribed\"", 12)) {
+        if (c->state == SUBSCRIBING) {
+            c->state = OPEN;
+            if (connecting) finish_attempt(c, NULL);
+        }
+    } else if (memmem(p, n, "\"error\"", 7)) {
+        kill_conn(c, "error frame from the server");
+    }
+}
+
+/* Parse complete frames of data[0:n]; returns the number of bytes consumed. */
+static size_t parse(conn_t *c, const unsigned char *data, size_t n, double now) {
+    size_t pos = 0;
+    int rec = W0 <= now && now < W1;
+    long events = 0;
+    while (n - pos >= 2) {
+        size_t ln = data[pos + 1] & 0x7f, start;
+        if (ln < 126) start = pos + 2;
+        else if (ln == 126) {
+            if (n - pos < 4) break;
+            ln = (size_t)data[pos + 2] << 8 | data[pos + 3];
+            start = pos + 4;
+        } else {
+            if (n - pos < 10) break;
+            ln = 0;
+            for (int i = 2; i < 10; i++) ln = ln << 8 | data[pos + i];
+            start = pos + 10;
+        }
+        size_t end = start + ln;
+        if (end > n) break;
+        int op = data[pos] & 0x0f;
+        pos = end;
+        if (op == 1) {
+            const unsigned char *t = memmem(data + start, ln, "\"t\":", 4);
+            if (t) {
+                events++;
+                if (rec) {
+                    double sent = strtod((const char *)t + 4, NULL);
+                    if (nsamples == samples_cap) {
+                        samples_cap = samples_cap ? samples_cap * 2 : 1 << 20;
+                        samples = realloc(samples, samples_cap * sizeof *samples);
+                    }
+                    samples[nsamples++] = (float)((now - sent) * 1000.0);
+                }
+            } else {
+                on_control_text(c, data + start, ln);
+                if (c->state == DEAD) return n;
+            }
+        } else if (op == 9) {
+            send_frame(c->fd, 0xA, data + start, ln);
+        } else if (op == 8) {
+            add_close(ln >= 2 ? data[start] << 8 | data[start + 1] : 1005);
+            kill_conn(c, "closed by the server");
+            return n;
+        } else if (op != 0xA) {
+            bad_frames++;
+        }
+    }
+    total_events += events;
+    if (rec) window_events += events;
+    return pos;
+}
+
+static void on_readable(conn_t *c) {
+    static unsigned char chunk[1 << 18];
+    for (;;) {
+        ssize_t r = recv(c->fd, chunk, sizeof chunk, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN) kill_conn(c, "recv error");
+            return;
+        }
+        if (r == 0) { kill_conn(c, "connection lost before subscribed"); return; }
+        double now = now_wall();
+        const unsigned char *data = chunk;
+        size_t n = (size_t)r;
+        if (c->len) { /* a partial frame is waiting: append and parse from the connection's buffer */
+            if (c->len + n > c->cap) {
+                c->cap = (c->len + n) * 2;
+                c->buf = realloc(c->buf, c->cap);
+            }
+            memcpy(c->buf + c->len, chunk, n);
+            c->len += n;
+            data = c->buf;
+            n = c->len;
+        }
+        size_t used = 0;
+        if (c->state == HANDSHAKE) {
+            const unsigned char *e = memmem(data, n, "\r\n\r\n", 4);
+            if (!e) {
+                if (n > 16384) { kill_conn(c, "oversized handshake response"); return; }
+                used = 0;
+            } else {
+                if (n < 12 || memcmp(data, "HTTP/1.1 101", 12) != 0) {
+                    kill_conn(c, "handshake refused");
+                    return;
+                }
+                c->state = SUBSCRIBING;
+                char sub[128];
+                int sn = snprintf(sub, sizeof sub, "{\"op\":\"subscribe\",\"id\":1,\"scope\":\"conversation:c%d\"}",
+                                  (c->local * nprocs + index_) % nscopes);
+                send_frame(c->fd, 1, (unsigned char *)sub, (size_t)sn);
+                used = (size_t)(e - data) + 4;
+                used += parse(c, data + used, n - used, now);
+            }
+        } else {
+            used = parse(c, data, n, now);
+        }
+        if (c->state == DEAD) return;
+        size_t rest = n - used;
+        if (rest) {
+            if (data != c->buf) {
+                if (rest > c->cap) { c->cap = rest * 2 > 65536 ? rest * 2 : 65536; c->buf = realloc(c->buf, c->cap); }
+                memcpy(c->buf, data + used, rest);
+            } else if (used) {
+                memmove(c->buf, c->buf + used, rest);
+            }
+        }
+        c->len = rest;
+        if ((size_t)r < sizeof chunk) return;
+    }
+}
+
+static void maybe_finish_connect(void) {
+    if (!connecting) return;
+    while (inflight < concurrency && next_local < upto) start_one(next_local++);
+    if (inflight > 0 || next_local < upto) return;
+    connecting = 0;
+    printf("connected %d %.3f {", ok_count, now_wall() - connect_t0);
+    for (int i = 0; i < nreasons; i++) printf("%s\"%s\": %ld", i ? ", " : "", reasons[i], reason_counts[i]);
+    printf("}\n");
+    fflush(stdout);
+}
+
+static void check_deadlines(void) {
+    double now = now_wall();
+    for (int i = 0; i < nconns; i++) {
+        conn_t *c = conns[i];
+        if (c->state != DEAD && c->state != OPEN && now > c->deadline) kill_conn(c, "timeout");
+    }
+}
+
+static void disconnect_all(void) {
+    unsigned char code[2] = {1000 >> 8, 1000 & 0xff};
+    for (int i = 0; i < nconns; i++) {
+        conn_t *c = conns[i];
+        if (c->state != DEAD) { /* a deliberate close: not counted as lost */
+            if (c->state == OPEN) send_frame(c->fd, 8, code, 2);
+            epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+            close(c->fd);
+            c->state = DEAD;
+        }
+        free(c->buf);
+        free(c);
+    }
+    nconns = 0;
+    next_local = 0;
+    connecting = 0;
+    usleep(500000);
+    lost = 0;
+    ncodes = 0;
+    out("disconnected\n");
+}
+
+static int command(char *line) {
+    char cmd[32];
+    if (sscanf(line, "%31s", cmd) != 1) return 0;
+    if (!strcmp(cmd, "connect")) {
+        if (sscanf(line, "%*s %63s %d %255s %d %d %d", host, &port, path, &upto, &nscopes, &concurrency) != 6
+            || inet_pton(AF_INET, host, &addr.sin_addr) != 1 || nscopes < 1 || concurrency < 1) {
+            out("connected 0 0 {\"bad connect command\": 1}\n");
+            return 0;
+        }
+        addr.sin_family = AF_INET;
+        addr.sin_port = htons((uint16_t)port);
+        if (upto > ntokens) upto = ntokens;
+        connecting = 1;
+        inflight = ok_count = nreasons = 0;
+        connect_t0 = now_wall();
+        maybe_finish_connect();
+    } else if (!strcmp(cmd, "measure")) {
+        sscanf(line, "%*s %lf %lf", &W0, &W1);
+        nsamples = 0;
+        window_events = 0;
+        out("measuring\n");
+    } else if (!strcmp(cmd, "report")) {
+        W0 = 1e300; W1 = -1e300;
+        printf("report %ld %zu %ld %ld %ld ", window_events, nsamples, total_events, lost, bad_frames);
+        print_closes();
+        printf("\n");
+        fwrite(samples, sizeof *samples, nsamples, stdout);
+        fflush(stdout);
+        nsamples = 0;
+    } else if (!strcmp(cmd, "count")) {
+        printf("count %ld %ld ", total_events, lost);
+        print_closes();
+        printf("\n");
+        fflush(stdout);
+    } else if (!strcmp(cmd, "disconnect")) {
+        disconnect_all();
+    } else if (!strcmp(cmd, "exit")) {
+        return 1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s INDEX NPROCS TOKENS_FILE\n", argv[0]);
+        return 2;
+    }
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    signal(SIGPIPE, SIG_IGN);
+    index_ = atoi(argv[1]);
+    nprocs = atoi(argv[2]);
+    srandom((unsigned)(getpid() ^ (unsigned)now_wall()));
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) { rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl); }
+
+    FILE *tf = fopen(argv[3], "r");
+    if (!tf) { perror("tokens"); return 2; }
+    size_t cap = 1024;
+    tokens = malloc(cap * sizeof *tokens);
+    char *line = NULL;
+    size_t lcap = 0;
+    ssize_t ll;
+    while ((ll = getline(&line, &lcap, tf)) > 0) {
+        while (ll && (line[ll - 1] == '\n' || line[ll - 1] == '\r')) line[--ll] = 0;
+        if (!ll) continue;
+        if ((size_t)ntokens == cap) tokens = realloc(tokens, (cap *= 2) * sizeof *tokens);
+        tokens[ntokens++] = strdup(line);
+    }
+    fclose(tf);
+    conns = calloc((size_t)ntokens + 1, sizeof *conns);
+
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event sev = {.events = EPOLLIN, .data.ptr = NULL};
+    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &sev);
+    out("ready %d\n", getpid());
+
+    char cbuf[4096];
+    size_t clen = 0;
+    struct epoll_event evs[512];
+    double last_check = now_wall();
+    for (;;) {
+        int n = epoll_wait(ep, evs, 512, 100);
+        for (int i = 0; i < n; i++) {
+            conn_t *c = evs[i].data.ptr;
+            if (!c) {
+                ssize_t r = read(0, cbuf + clen, sizeof cbuf - 1 - clen);
+                if (r <= 0) return 0; /* the parent is gone */
+                clen += (size_t)r;
+                char *nl;
+                while ((nl = memchr(cbuf, '\n', clen))) {
+                    *nl = 0;
+                    if (command(cbuf)) return 0;
+                    size_t used = (size_t)(nl - cbuf) + 1;
+                    memmove(cbuf, cbuf + used, clen - used);
+                    clen -= used;
+                }
+                continue;
+            }
+            if (c->state == DEAD) continue;
+            if (c->state == CONNECTING) {
+                int err = 0;
+                socklen_t el = sizeof err;
+                getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+                if (err) {
+                    char why[96];
+                    snprintf(why, sizeof why, "connect: %s", strerror(err));
+                    kill_conn(c, why);
+                    continue;
+                }
+                send_request(c);
+                continue;
+            }
+            if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) on_readable(c);
+        }
+        if (connecting) {
+            double now = now_wall();
+            if (now - last_check > 0.5) { check_deadlines(); last_check = now; }
+            maybe_finish_connect();
+        }
+    }
+}
