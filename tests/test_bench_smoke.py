@@ -24,3 +24,18 @@ def test_quick_benchmark_runs_and_reports_both_servers(tmp_path: Path) -> None:
     assert {r["server"] for r in rows} == {"gateway", "naive"}
     for r in rows:
         assert r["achieved"] > 0 and r["p99_ms"] > 0 and r["rss_kib_per_conn"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_quick_benchmark_with_the_compiled_load_client(tmp_path: Path) -> None:
+    """`--client c` compiles bench/wsload.c and measures the same figures through it."""
+    out = tmp_path / "quick-c.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "fanout.py"), "--quick", "--client", "c", "--servers", "gateway",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["summary"]["rows"]
+    assert row["server"] == "gateway"
+    assert row["achieved"] > 0 and row["p99_ms"] > 0 and row["rss_kib_per_conn"] > 0
