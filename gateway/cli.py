@@ -54,7 +54,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from gateway.dev import run_dev
 
-    return run_dev(host=args.host, port=args.port, nats_port=args.nats_port, simulate=not args.no_simulator)
+    if not 0.01 <= args.pace <= 100:
+        print("wsgateway dev: --pace must be between 0.01 and 100", file=sys.stderr)
+        return 2
+    return run_dev(host=args.host, port=args.port, nats_port=args.nats_port, simulate=not args.no_simulator,
+                   pace=args.pace)
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -88,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--nats-port", type=int, default=None, help="embedded nats-server port (default: free port)")
     d.add_argument("--no-simulator", action="store_true", help="do not publish simulated agent traffic")
+    d.add_argument("--pace", type=float, default=1.0,
+                   help="simulator pauses are multiplied by this (0.2: five times faster traffic; default 1)")
     d.set_defaults(func=_dev)
 
     w = sub.add_parser("watch", help="print the live stream of a gateway (reconnects and resumes)")

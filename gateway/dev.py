@@ -15,14 +15,17 @@ import tempfile
 from pathlib import Path
 
 import nats
+import orjson
 import uvicorn
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from gateway.app import create_app, uvicorn_options
 from gateway.config import Settings
 from gateway.devidp import DevIdentityProvider
 from gateway.natsproc import NatsProcess
 from gateway.publisher import Publisher
-from gateway.simulator import DEMO_USERS, TENANT, Simulator, seed_acls
+from gateway.simulator import DEMO_ACLS, DEMO_USERS, TENANT, Simulator, seed_acls
 
 log = logging.getLogger("gateway.dev")
 
@@ -40,7 +43,63 @@ def _client_command(url: str, token: str) -> str:
     return f"{shlex.quote(str(exe))} watch --url {url} --token {token}"
 
 
-async def _main(host: str, port: int, nats_port: int | None, simulate: bool) -> None:
+RESTRICTED_DOC: dict[str, object] = {}
+"""What "revoke" writes for a demo scope: no project, no members, no owner. Only org admins still see it."""
+
+
+def demo_router(kv: object) -> APIRouter:
+    """Dev-only routes behind the viewer (mounted at /dev/demo by `wsgateway dev`, never by `serve`).
+
+    GET  /dev/demo          the demo tenant, its users (with groups and what they see) and scopes
+    POST /dev/demo/access   {"scope": "<demo scope>", "grant": false|true}: restrict a demo scope to org
+                            admins (its ACL document is rewritten in the bucket, so every open connection
+                            that loses it gets a `revoked` frame) or restore the seeded document
+    Only the seeded demo scopes can be changed; JSON bodies only (a cross-site form cannot post one).
+    """
+    router = APIRouter(tags=["dev demo (insecure)"])
+    scopes = {f"{key.split('.')[1]}:{key.split('.')[2]}": key for key in DEMO_ACLS
+              if key.split(".")[1] in ("conversation", "process", "agent")}
+    restricted: set[str] = set()
+
+    @router.get("")
+    async def demo() -> JSONResponse:
+        return JSONResponse({
+            "tenant": TENANT,
+            "users": [{"name": u.name, "groups": list(u.groups), "sees": u.sees} for u in DEMO_USERS],
+            "scopes": sorted(scopes),
+            "restricted": sorted(restricted),
+        })
+
+    @router.post("/access")
+    async def access(request: Request) -> JSONResponse:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return _bad("send a JSON body (Content-Type: application/json)")
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return _bad("body is not valid JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("grant"), bool):
+            return _bad('expected {"scope": "<demo scope>", "grant": true|false}')
+        scope = body.get("scope")
+        if scope not in scopes:
+            return _bad(f"scope must be one of the demo scopes: {', '.join(sorted(scopes))}")
+        doc = DEMO_ACLS[scopes[scope]] if body["grant"] else RESTRICTED_DOC
+        await kv.put(scopes[scope], orjson.dumps(doc))  # type: ignore[attr-defined]
+        if body["grant"]:
+            restricted.discard(scope)
+        else:
+            restricted.add(scope)
+        log.info("demo: %s %s", "granted back" if body["grant"] else "restricted to org admins", scope)
+        return JSONResponse({"scope": scope, "granted": body["grant"], "document": doc})
+
+    return router
+
+
+def _bad(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": "bad_request", "message": message}}, status_code=400)
+
+
+async def _main(host: str, port: int, nats_port: int | None, simulate: bool, pace: float) -> None:
     store = tempfile.TemporaryDirectory(prefix="wsgateway-dev-")
     natsd = NatsProcess(port=nats_port, store_dir=Path(store.name))
     natsd.start()
@@ -56,6 +115,7 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool) -> 
         js = nc.jetstream()
         kv = await js.create_key_value(bucket=settings.acl_bucket, history=1)
         await seed_acls(kv)
+        app.include_router(demo_router(kv), prefix="/dev/demo")
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options(settings)))  # type: ignore[arg-type]
         serve = asyncio.create_task(server.serve())
         while not server.started:
@@ -66,16 +126,19 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool) -> 
         stop = asyncio.Event()
         sim_task = None
         if simulate:
-            sim_task = asyncio.create_task(Simulator(Publisher(js, subject_prefix=settings.subject_prefix)).run(stop))
+            sim = Simulator(Publisher(js, subject_prefix=settings.subject_prefix), pace=pace)
+            sim_task = asyncio.create_task(sim.run(stop))
         ws_url = f"ws://{public_host}:{port}/v1/ws"
         print(BANNER, flush=True)
+        print(f"  live viewer    {base}/   <- open in a browser: pick a demo user, watch, drop and resume", flush=True)
         print(f"  gateway        {base}   (WebSocket {ws_url})", flush=True)
         print(f"  nats-server    {natsd.url}   (embedded, JetStream, temporary store)", flush=True)
         print(f"  metrics        {base}/metrics      readiness {base}/readyz", flush=True)
         print(f"  identity       {base}/dev/idp/.well-known/openid-configuration", flush=True)
         print(f"\n  demo users of tenant {TENANT!r}:", flush=True)
         for u in DEMO_USERS:
-            print(f"    {u.name:<6} {u.sees}", flush=True)
+            groups = ",".join(u.groups) or "-"
+            print(f"    {u.name:<6} groups {groups:<12} {u.sees}", flush=True)
         token = idp.mint("bob", tenant=TENANT, groups=("apollo-team",), ttl_s=12 * 3600)
         print("\n  watch the live stream as bob (paste into another terminal):\n", flush=True)
         print(f"    {_client_command(ws_url, token)}\n", flush=True)
@@ -96,11 +159,13 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool) -> 
         store.cleanup()
 
 
-def run_dev(host: str = "127.0.0.1", port: int = 8080, nats_port: int | None = None, simulate: bool = True) -> int:
+def run_dev(
+    host: str = "127.0.0.1", port: int = 8080, nats_port: int | None = None, simulate: bool = True, pace: float = 1.0
+) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        asyncio.run(_main(host, port, nats_port, simulate))
+        asyncio.run(_main(host, port, nats_port, simulate, pace))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

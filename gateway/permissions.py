@@ -84,16 +84,27 @@ class AclStore:
 
     def __init__(self) -> None:
         self.docs: dict[str, OrgAcl | ProjectAcl | ResourceAcl] = {}
+        self.scopes: dict[str, set[str]] = {}  # tenant -> scopes that have a resource document
         self.loaded = False
 
     def apply(self, key: str, value: bytes | None) -> str:
         """Put (value) or delete (None) one entry; returns the tenant it belongs to."""
         doc = parse_doc(key, value) if value is not None else None
+        tenant, _, rest = key.partition(".")
+        scope = rest.replace(".", ":", 1)
         if doc is None:
             self.docs.pop(key, None)
+            if tenant in self.scopes:
+                self.scopes[tenant].discard(scope)
         else:
             self.docs[key] = doc
-        return key.split(".", 1)[0]
+            if isinstance(doc, ResourceAcl):
+                self.scopes.setdefault(tenant, set()).add(scope)
+        return tenant
+
+    def adopt(self, other: AclStore) -> None:
+        """Take over another store's documents at once (the watcher's fully loaded staging copy)."""
+        self.docs, self.scopes = other.docs, other.scopes
 
     def may_see(self, principal: Principal, tenant: str, kind: str, resource_id: str) -> bool:
         if principal.tenant != tenant:
@@ -115,6 +126,49 @@ class AclStore:
                 return True
         return False
 
+    def is_org_admin(self, principal: Principal) -> bool:
+        org = self.docs.get(f"{principal.tenant}.org")
+        return isinstance(org, OrgAcl) and not principal.ids.isdisjoint(org.admins)
+
+    def visible_scopes(self, principal: Principal, after: str = "", limit: int = 100) -> list[tuple[str, str]]:
+        """Scopes of the principal's tenant that have a document and that the principal may see, sorted,
+        after `after`, at most `limit`: ``[(scope, why)]``. `may_see` decides; `why` only explains it.
+
+        Org admins also see every scope *without* a document; those cannot be listed (see
+        `is_org_admin`). Cost: the tenant's scopes are sorted per call (the index is per tenant)."""
+        tenant = principal.tenant
+        out: list[tuple[str, str]] = []
+        for scope in sorted(self.scopes.get(tenant, ())):
+            if scope <= after:
+                continue
+            kind, _, rid = scope.partition(":")
+            if self.may_see(principal, tenant, kind, rid):
+                out.append((scope, self.why(principal, kind, rid) or "allowed"))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def why(self, principal: Principal, kind: str, resource_id: str) -> str | None:
+        """Which rule of the decision lets the principal see the scope (None: denied); for people, not for
+        the hot path, which only needs `may_see`."""
+        tenant, ids = principal.tenant, principal.ids
+        if self.is_org_admin(principal):
+            return "org admin"
+        res = self.docs.get(f"{tenant}.{kind}.{resource_id}")
+        if not isinstance(res, ResourceAcl):
+            return None
+        if res.owner is not None and res.owner in ids:
+            return f"owner ({res.owner})"
+        if not ids.isdisjoint(res.members):
+            return f"member ({min(ids & res.members)})"
+        proj = self.docs.get(f"{tenant}.project.{res.project}") if res.project else None
+        if isinstance(proj, ProjectAcl):
+            if not ids.isdisjoint(proj.admins):
+                return f"admin of project {res.project} ({min(ids & proj.admins)})"
+            if not ids.isdisjoint(proj.viewers):
+                return f"viewer of project {res.project} ({min(ids & proj.viewers)})"
+        return None
+
 
 OnChange = Callable[[str | None], None]
 """Called with the tenant whose documents changed, or None after the initial load (re-check all)."""
@@ -133,7 +187,7 @@ async def watch_acl(kv: object, store: AclStore, on_change: OnChange, ready: asy
         async for entry in watcher:
             if entry is None:  # end of initial values
                 if staging is not None:
-                    store.docs = staging.docs
+                    store.adopt(staging)
                     staging = None
                 store.loaded = True
                 ready.set()

@@ -70,10 +70,23 @@ ANSWERS = [
     "Your deployment is healthy; the error spike at 14:02 came from a retried batch job, not from users.",
 ]
 QUESTIONS = ["Which region should we fail over to?", "Who can deliver 40 units by Friday?", "Why did errors spike?"]
+REASONING = [
+    "The user wants a failover target. I should check replica placement and latency before answering.",
+    "I need suppliers with stock and delivery dates; the catalogue search should have both.",
+    "An error spike: compare the error logs with deployments and batch jobs around that time.",
+]
+TOOLS = [("search_topology", "eu-west"), ("search_catalogue", "40 units"), ("query_logs", "14:00-14:05")]
+HITS = [
+    [{"title": "eu-west-1b: replica, 2 ms"}, {"title": "eu-central-1a: replica, 9 ms"}],
+    [{"title": "Acme Parts: 120 in stock, 4 days"}, {"title": "Bolt & Co: 60 in stock, 6 days"}],
+    [{"title": "batch export retried 3x at 14:02"}, {"title": "no deploys between 13:00 and 15:00"}],
+]
 
 
 class Simulator:
-    """Publishes agent runs, conversation traffic and process progress in a loop until stopped."""
+    """Publishes agent runs, conversation traffic and process progress in a loop until stopped.
+
+    `pace` multiplies every pause (0.2 makes traffic five times faster, as the viewer test does)."""
 
     def __init__(self, publisher: Publisher, *, pace: float = 1.0) -> None:
         self.pub = publisher
@@ -87,38 +100,67 @@ class Simulator:
     async def _sleep(self, s: float) -> None:
         await asyncio.sleep(s * self.pace)
 
-    async def agent_run(self, scope: str, n: int) -> None:
+    async def agent_run(self, scope: str, n: int, *, fail: bool = False) -> None:
+        """One run: reasoning, a tool call (args streamed; result or error), a streamed answer, the outcome.
+
+        With `fail` the run ends with outcome `error` after its tool call (the model provider gave up)."""
         run = f"run-{uuid.uuid4().hex[:8]}"
-        q, answer = QUESTIONS[n % len(QUESTIONS)], ANSWERS[n % len(ANSWERS)]
+        i = n % len(QUESTIONS)
+        q, answer, tool, arg = QUESTIONS[i], ANSWERS[i], *TOOLS[i]
         r = {"run_id": run, "actor": "agent:researcher"}
         await self._emit(scope, "run.started", {"agent_id": "researcher", "input": q}, **r)
         await self._emit(scope, "run.step.started", {"step_id": "think", "name": "Reasoning"}, **r)
         rid = f"r-{run}"
         await self._emit(scope, "run.reasoning.started", {"message_id": rid}, **r)
-        for piece in _chunks("I should check the live data before answering, then summarise it briefly."):
+        for piece in _chunks(REASONING[i]):
             await self._emit(scope, "run.reasoning.delta", {"message_id": rid, "delta": piece}, **r)
             await self._sleep(0.08)
-        await self._emit(scope, "run.reasoning.finished", {"message_id": rid}, **r)
+        await self._emit(scope, "run.reasoning.finished", {"message_id": rid, "content": REASONING[i]}, **r)
         await self._emit(scope, "run.step.finished", {"step_id": "think", "name": "Reasoning"}, **r)
+        await self._emit(scope, "run.step.started", {"step_id": "tool", "name": f"Calling {tool}"}, **r)
         tc = f"tc-{run}"
-        await self._emit(scope, "run.tool_call.started", {"tool_call_id": tc, "name": "search"}, **r)
-        for piece in ['{"query": ', orjson.dumps(q).decode(), ', "limit": 5}']:
+        await self._emit(scope, "run.tool_call.started", {"tool_call_id": tc, "name": tool}, **r)
+        args = f'{{"query": {orjson.dumps(arg).decode()}, "limit": 5}}'
+        for piece in ['{"query": ', orjson.dumps(arg).decode(), ', "limit": 5}']:
             await self._emit(scope, "run.tool_call.args.delta", {"tool_call_id": tc, "delta": piece}, **r)
             await self._sleep(0.1)
+        await self._emit(scope, "run.tool_call.args.finished", {"tool_call_id": tc, "arguments": args}, **r)
         await self._sleep(0.4)
-        if n % 5 == 4:
-            await self._emit(scope, "run.tool_call.error", {"tool_call_id": tc, "error": "search timed out"}, **r)
+        tool_failed = n % 5 == 4
+        if tool_failed:
+            await self._emit(scope, "run.tool_call.error", {"tool_call_id": tc, "error": f"{tool} timed out"}, **r)
         else:
-            await self._emit(scope, "run.tool_call.finished", {"tool_call_id": tc, "result": {"hits": 3}}, **r)
+            await self._emit(scope, "run.tool_call.finished", {"tool_call_id": tc, "result": {"hits": HITS[i]}}, **r)
+        await self._emit(scope, "run.step.finished", {"step_id": "tool", "name": f"Calling {tool}"}, **r)
+        if fail:
+            await self._sleep(0.3)
+            await self._emit(scope, "run.finished", {"outcome": "error",
+                                                     "error": "model provider rate limit: try again later"}, **r)
+            return
+        if tool_failed:
+            answer = "I could not reach the search, so this is from memory: " + answer[0].lower() + answer[1:]
         mid = f"m-{run}"
         await self._emit(scope, "run.message.started", {"message_id": mid, "role": "assistant"}, **r)
         for piece in _chunks(answer):
             await self._emit(scope, "run.message.delta", {"message_id": mid, "delta": piece}, **r)
             await self._sleep(0.06)
         await self._emit(scope, "run.message.finished", {"message_id": mid, "content": answer}, **r)
-        await self._emit(scope, "run.finished", {"outcome": "success"}, **r)
+        words = len(answer.split())
+        await self._emit(scope, "run.finished", {"outcome": "success", "usage": {
+            "input_tokens": 600 + 37 * i, "output_tokens": words * 2, "total_tokens": 600 + 37 * i + words * 2}}, **r)
+
+    async def welcome_chat(self, n: int) -> None:
+        """Project apollo's team channel: a member asks, the research agent answers."""
+        scope = "conversation:welcome"
+        who = ["bob", "alice"][n % 2]
+        await self._emit(scope, "conversation.message.created",
+                         {"message_id": f"cm-{uuid.uuid4().hex[:8]}", "role": "user",
+                          "content": QUESTIONS[n % len(QUESTIONS)], "author_id": who})
+        await self._sleep(0.3)
+        await self.agent_run(scope, n)
 
     async def support_chat(self, n: int) -> None:
+        """The helpdesk: a customer joins, asks, gets an agent's answer and a human's follow-up, leaves."""
         scope = "conversation:support"
         who = ["dave", "erin", "frank"][n % 3]
         await self._emit(scope, "conversation.participant.joined", {"participant_id": who, "role": "customer"})
@@ -128,16 +170,29 @@ class Simulator:
                           "author_id": who})
         await self._sleep(0.5)
         await self.agent_run(scope, n)
-        await self._emit(scope, "conversation.participant.left", {"participant_id": who})
+        await self._sleep(0.4)
+        await self._emit(scope, "conversation.message.created",
+                         {"message_id": f"cm-{uuid.uuid4().hex[:8]}", "role": "user", "author_id": "carol",
+                          "content": f"Thanks {who}, I restarted your export; it should finish in a minute.",
+                          "reply_to": mid})
+        await self._sleep(0.4)
+        await self._emit(scope, "conversation.participant.left", {"participant_id": who, "reason": "resolved"})
 
     async def onboarding(self, n: int) -> None:
         scope = "process:onboarding"
         stages = ["collect documents", "verify identity", "approve", "provision accounts"]
         await self._emit(scope, "process.started", {"name": f"Onboarding #{n}", "stages": stages})
         for i, stage in enumerate(stages):
-            await self._emit(scope, "process.stage_changed", {"stage": stage, "index": i, "total": len(stages)})
+            changed: dict[str, object] = {"stage": stage, "index": i, "total": len(stages)}
+            if i:
+                changed["previous_stage"] = stages[i - 1]
+            await self._emit(scope, "process.stage_changed", changed)
             for k in range(1, 4):
                 await self._sleep(0.3)
+                if stage == stages[-1] and k == 3 and n % 4 == 3:  # every fourth one fails at the very end
+                    await self._emit(scope, "process.failed", {"error": "directory service unavailable",
+                                                                "stage": stage})
+                    return
                 await self._emit(scope, "process.progress",
                                  {"fraction": round((i + k / 3) / len(stages), 3), "message": stage})
             if stage == "approve":
@@ -148,14 +203,10 @@ class Simulator:
                 await self._sleep(2.0)
                 await self._emit(scope, "process.input_received", {"request_id": req, "by": "alice",
                                                                    "value": "approved"})
-        if n % 4 == 3:
-            await self._emit(scope, "process.failed", {"error": "directory service unavailable",
-                                                        "stage": stages[-1]})
-        else:
-            await self._emit(scope, "process.completed", {"result": {"accounts": 3}})
+        await self._emit(scope, "process.completed", {"result": {"accounts": 3}})
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Loop the three storylines concurrently until `stop` is set; errors are logged, never fatal."""
+        """Loop the four storylines concurrently until `stop` is set; errors are logged, never fatal."""
 
         async def forever(story: str) -> None:
             for n in itertools.count():
@@ -163,11 +214,11 @@ class Simulator:
                     return
                 try:
                     if story == "welcome":
-                        await self.agent_run("conversation:welcome", n)
+                        await self.welcome_chat(n)
                     elif story == "support":
                         await self.support_chat(n)
                     elif story == "standalone":
-                        await self.agent_run("agent:researcher", n)
+                        await self.agent_run("agent:researcher", n, fail=n % 6 == 5)
                     else:
                         await self.onboarding(n)
                 except Exception as exc:  # NATS restarting, etc.: try again shortly

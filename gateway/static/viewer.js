@@ -1,0 +1,875 @@
+// wsgateway live viewer: one browser WebSocket, the documented protocol, nothing else.
+//
+// * dev mode (GET /dev/demo answers): pick a demo user; tokens come from the INSECURE dev identity
+//   provider. Otherwise: paste a token.
+// * GET /v1/scopes lists the scopes the user may see; the socket subscribes to them on its URL
+//   (plus `*` for org admins, who also see scopes without an ACL document).
+// * The cursor is the highest `seq` received. "Drop" closes the socket and reconnects with
+//   `?since=<cursor>`: the gateway replays the gap, then continues live; nothing is lost.
+// * Event text is only ever put into the page through textContent (never parsed as HTML).
+//
+// `window.viewer` exposes the state (tests read it): state, principal, lastSeq, startSeq, seqs,
+// events, duplicates, scopes {scope: {status, events, via}}, resumes, drops, log.
+"use strict";
+
+(() => {
+  const MAX_CARDS = 10; // top-level items kept per scope panel
+  const MAX_SEQS = 20000;
+  const MAX_LOG = 80;
+  const MAX_URL_SCOPES = 100;
+  const DROP_PAUSE_MS = 2000;
+  const SCOPE_RE = /^(conversation|process|agent):[A-Za-z0-9_-]{1,128}$/;
+
+  const viewer = (window.viewer = {
+    mode: null, // "dev" | "token"
+    user: null,
+    principal: null,
+    state: "idle",
+    lastSeq: null, // the cursor: highest seq received (or the live start position)
+    startSeq: null, // position of the first `subscribed` of this session
+    events: 0,
+    duplicates: 0,
+    seqs: [],
+    scopes: {},
+    orgAdmin: false,
+    resumes: [],
+    drops: 0,
+    log: [],
+  });
+
+  const $ = (id) => document.getElementById(id);
+
+  /** A new element with a class and text (text through textContent: never HTML). */
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+
+  function short(value, max = 160) {
+    let s;
+    try {
+      s = typeof value === "string" ? value : JSON.stringify(value);
+    } catch (_) {
+      s = String(value);
+    }
+    if (s === undefined) s = "";
+    return s.length > max ? s.slice(0, max - 1) + "\u2026" : s;
+  }
+
+  function clock() {
+    return new Date().toTimeString().slice(0, 8);
+  }
+
+  function logLine(kind, text) {
+    viewer.log.push({ kind, text });
+    if (viewer.log.length > MAX_LOG) viewer.log.shift();
+    const li = el("li", "k-" + kind);
+    li.append(el("span", "t", clock()), document.createTextNode(text));
+    const log = $("log");
+    log.prepend(li);
+    while (log.children.length > MAX_LOG) log.lastChild.remove();
+  }
+
+  // ----------------------------------------------------------------------------------------------
+  // session: who we are, which scopes, the socket
+  // ----------------------------------------------------------------------------------------------
+
+  let demo = null; // GET /dev/demo
+  let getToken = null; // async () => jwt
+  let ws = null;
+  let session = 0; // bumped on every user switch: callbacks of older sockets are ignored
+  let dropping = false;
+  let retryMs = 1000;
+  let retryTimer = null;
+  let followed = []; // scopes added with the "follow" form
+  let wildcard = false;
+  let nextId = 1;
+  let sockResume = null; // the resume of the current socket, once its first `subscribed` says so
+
+  function setState(state) {
+    viewer.state = state;
+    const pill = $("conn-state");
+    pill.dataset.state = state;
+    pill.textContent = state;
+    $("drop").disabled = state !== "open";
+    $("follow-form").querySelector("button").disabled = state !== "open";
+  }
+
+  function updateStats() {
+    $("last-seq").textContent = viewer.lastSeq === null ? "-" : String(viewer.lastSeq);
+    $("event-count").textContent = String(viewer.events);
+    $("resume-count").textContent = String(viewer.resumes.length);
+  }
+
+  async function devToken(user) {
+    const q = new URLSearchParams({ sub: user.name, tenant: demo.tenant, groups: user.groups.join(",") });
+    const r = await fetch("/dev/idp/token?" + q.toString(), { cache: "no-store" });
+    if (!r.ok) throw new Error("dev identity provider: HTTP " + r.status);
+    return (await r.json()).access_token;
+  }
+
+  function resetSession() {
+    session += 1;
+    if (retryTimer) clearTimeout(retryTimer);
+    retryTimer = null;
+    if (ws) {
+      const old = ws;
+      ws = null;
+      old.close(1000, "switching user");
+    }
+    Object.assign(viewer, {
+      principal: null, lastSeq: null, startSeq: null, events: 0, duplicates: 0, seqs: [], scopes: {},
+      orgAdmin: false, resumes: [], drops: 0,
+    });
+    followed = [];
+    wildcard = false;
+    retryMs = 1000;
+    panels.clear();
+    $("panels").replaceChildren(el("div", "empty", "Loading\u2026"));
+    $("scopes").replaceChildren();
+    $("principal").textContent = "-";
+    $("resume-note").hidden = true;
+    updateStats();
+  }
+
+  async function startSession(label, tokenFn) {
+    resetSession();
+    const mine = session;
+    getToken = tokenFn;
+    setState("connecting");
+    logLine("info", "user " + label);
+    let token;
+    try {
+      token = await getToken();
+    } catch (e) {
+      setState("error");
+      logLine("error", String(e.message || e));
+      return;
+    }
+    if (mine !== session) return;
+    let r = null;
+    let body = {};
+    try {
+      r = await fetch("/v1/scopes?limit=" + MAX_URL_SCOPES, {
+        headers: { Authorization: "Bearer " + token }, cache: "no-store",
+      });
+      body = await r.json().catch(() => ({}));
+    } catch (e) {
+      body = { error: { message: String(e.message || e) } };
+    }
+    if (mine !== session) return;
+    if (!r || !r.ok) {
+      setState("error");
+      const msg = (body.error && body.error.message) || "HTTP " + (r ? r.status : "error");
+      logLine("error", "/v1/scopes: " + msg);
+      $("panels").replaceChildren(el("div", "empty", "The gateway refused the token: " + msg));
+      return;
+    }
+    viewer.orgAdmin = !!body.org_admin;
+    wildcard = viewer.orgAdmin || body.scopes.length >= MAX_URL_SCOPES;
+    $("panels").replaceChildren();
+    for (const s of body.scopes) ensureScope(s.scope, s.via, "requested");
+    $("scopes-hint").textContent = body.scopes.length
+      ? (viewer.orgAdmin ? "Org admin: every scope of tenant " + body.tenant + " (the socket also subscribes to *)." : "Tenant " + body.tenant + ".")
+      : "None yet: this user may see no scope of tenant " + body.tenant + ".";
+    if (!body.scopes.length && !wildcard) {
+      $("panels").replaceChildren(el("div", "empty", "Nothing to show: no scope is visible to " + body.principal + "."));
+    }
+    connect(token);
+  }
+
+  function socketUrl() {
+    const url = new URL("/v1/ws", location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    const scopes = Object.keys(viewer.scopes); // pending (revoked, forbidden) ones too: they restart on a grant
+    if (wildcard) scopes.push("*");
+    if (scopes.length) url.searchParams.set("scope", scopes.join(","));
+    if (viewer.lastSeq !== null) url.searchParams.set("since", String(viewer.lastSeq));
+    return url;
+  }
+
+  async function connect(token) {
+    const mine = session;
+    if (!token) {
+      try {
+        token = await getToken();
+      } catch (e) {
+        logLine("error", String(e.message || e));
+        scheduleRetry();
+        return;
+      }
+    }
+    if (mine !== session) return;
+    const url = socketUrl();
+    const resume = viewer.lastSeq !== null;
+    setState(resume ? "resuming" : "connecting");
+    logLine("info", (resume ? "reconnect " : "connect ") + url.pathname + url.search);
+    // Browsers cannot set headers on a WebSocket: the token travels as a subprotocol.
+    const sock = new WebSocket(url, ["wsgateway.v1", "bearer." + token]);
+    ws = sock;
+    sockResume = null;
+    sock.onmessage = (msg) => {
+      if (sock !== ws) return;
+      let frame;
+      try {
+        frame = JSON.parse(msg.data);
+      } catch (_) {
+        return;
+      }
+      onFrame(frame);
+    };
+    sock.onclose = (e) => {
+      if (sock !== ws) return;
+      ws = null;
+      onClose(e);
+    };
+  }
+
+  function scheduleRetry(ms) {
+    const mine = session;
+    const wait = ms || retryMs;
+    retryMs = Math.min(retryMs * 2, 10000);
+    retryTimer = setTimeout(() => {
+      retryTimer = null;
+      if (mine === session) connect();
+    }, wait);
+  }
+
+  function onClose(e) {
+    const reason = e.reason ? " " + e.reason : "";
+    if (dropping) {
+      dropping = false;
+      setState("dropped");
+      logLine("close", "dropped by the button at seq " + viewer.lastSeq + "; resuming in " + DROP_PAUSE_MS / 1000 + " s");
+      note("pending", "Connection dropped at seq " + viewer.lastSeq + ". Events keep flowing on the server; reconnecting with since=" + viewer.lastSeq + " in " + DROP_PAUSE_MS / 1000 + " s\u2026");
+      scheduleRetry(DROP_PAUSE_MS);
+      return;
+    }
+    logLine("close", "closed " + e.code + reason);
+    if (e.code === 4400 || e.code === 4401 || (e.code === 4408 && viewer.mode === "token")) {
+      setState("error");
+      note("lossy", "Closed " + e.code + reason + ": not retried (fix the token or URL).");
+      return;
+    }
+    setState("closed");
+    scheduleRetry(); // 1001, 1006, 4408 (fresh dev token), 4429, ...: resume with the cursor
+  }
+
+  function note(kind, text) {
+    const n = $("resume-note");
+    n.className = "resume-note" + (kind ? " " + kind : "");
+    n.textContent = text;
+    n.hidden = false;
+  }
+
+  function drop() {
+    if (!ws || viewer.state !== "open") return;
+    dropping = true;
+    viewer.drops += 1;
+    ws.close(1000, "drop button");
+  }
+
+  // ----------------------------------------------------------------------------------------------
+  // frames
+  // ----------------------------------------------------------------------------------------------
+
+  function showResume(r) {
+    const lost = r.recovered === false;
+    note(lost ? "lossy" : "", "Resumed from seq " + r.since + ": " + r.replayed + " missed event" +
+      (r.replayed === 1 ? "" : "s") + " replayed (seq " + r.since + " < seq \u2264 " + r.seq + "), then live. " +
+      (lost ? "recovered: false: the stream no longer holds part of the gap." : "recovered: true: nothing lost, nothing twice."));
+  }
+
+  function onFrame(f) {
+    switch (f.type) {
+      case "welcome":
+        viewer.principal = f.principal;
+        $("principal").textContent = f.principal.id + (f.principal.groups.length ? " [" + f.principal.groups.join(", ") + "]" : "");
+        setState("open");
+        retryMs = 1000;
+        logLine("welcome", "welcome " + f.principal.id + ", tenant " + f.principal.tenant);
+        break;
+      case "subscribed": {
+        if (viewer.startSeq === null) viewer.startSeq = f.seq;
+        if (viewer.lastSeq === null) viewer.lastSeq = f.seq; // live from here: a valid resume cursor
+        if (f.since !== undefined && !sockResume) {
+          // a resume: the replay delivers (since, seq], then live events follow
+          sockResume = { since: f.since, seq: f.seq, recovered: f.recovered, replayed: 0 };
+          viewer.resumes.push(sockResume);
+          logLine("resume", "resumed from seq " + f.since + " (replay up to " + f.seq + ", recovered " + f.recovered + ")");
+          showResume(sockResume);
+        }
+        if (f.scope !== "*") {
+          const s = ensureScope(f.scope, null, "live");
+          const was = s.status;
+          setScopeStatus(f.scope, "live");
+          if (was === "revoked" || was === "forbidden") {
+            banner(f.scope, "good", "Access granted: `subscribed` frame, live again from seq " + f.seq +
+              " (events published meanwhile are not replayed).");
+          }
+        }
+        logLine("subscribed", "subscribed " + f.scope + " at seq " + f.seq + (f.since !== undefined ? " since " + f.since : ""));
+        updateStats();
+        break;
+      }
+      case "revoked":
+        if (f.scope !== "*") {
+          ensureScope(f.scope, null, "revoked");
+          setScopeStatus(f.scope, "revoked");
+          banner(f.scope, "", "`revoked` frame: access to " + f.scope + " was removed. Nothing more is delivered; " +
+            "the subscription stays pending and restarts if access comes back.");
+        }
+        logLine("revoked", "revoked " + f.scope);
+        break;
+      case "error":
+        if (f.code === "forbidden" && f.scope) {
+          ensureScope(f.scope, null, "forbidden");
+          setScopeStatus(f.scope, "forbidden");
+          banner(f.scope, "", "No access (`forbidden`): the subscription is pending and starts if access is granted.");
+        }
+        logLine("error", "error " + f.code + (f.scope ? " " + f.scope : "") + ": " + f.message);
+        break;
+      case "unsubscribed":
+        logLine("info", "unsubscribed " + f.scope);
+        break;
+      case "event":
+        onEvent(f);
+        break;
+      default:
+        break; // pong, refreshed, and types this viewer does not know
+    }
+  }
+
+  function onEvent(f) {
+    if (viewer.lastSeq !== null && f.seq <= viewer.lastSeq) {
+      viewer.duplicates += 1; // already handled (cannot happen on one connection; cheap to guard)
+      return;
+    }
+    viewer.lastSeq = f.seq;
+    viewer.events += 1;
+    viewer.seqs.push(f.seq);
+    if (viewer.seqs.length > MAX_SEQS) viewer.seqs.splice(0, viewer.seqs.length - MAX_SEQS);
+    if (sockResume && f.seq <= sockResume.seq) {
+      sockResume.replayed += 1;
+      showResume(sockResume);
+    }
+    const ev = f.event || {};
+    const scope = String(ev.scope || "");
+    if (!SCOPE_RE.test(scope)) return;
+    const s = ensureScope(scope, null, "live");
+    s.events += 1;
+    render(scope, ev);
+    updatePanelHead(scope);
+    updateStats();
+  }
+
+  // ----------------------------------------------------------------------------------------------
+  // scopes and panels
+  // ----------------------------------------------------------------------------------------------
+
+  const panels = new Map(); // scope -> {root, feed, runs, msgs, tools, reasoning, answers, procs}
+
+  function ensureScope(scope, via, status) {
+    let s = viewer.scopes[scope];
+    if (!s) {
+      s = viewer.scopes[scope] = { status, events: 0, via: via || (wildcard ? "org admin (via *)" : "") };
+      makePanel(scope);
+      renderScopeList();
+    } else if (via) {
+      s.via = via;
+    }
+    return s;
+  }
+
+  function setScopeStatus(scope, status) {
+    const s = viewer.scopes[scope];
+    if (!s) return;
+    s.status = status;
+    const p = panels.get(scope);
+    if (p) {
+      p.root.classList.toggle("revoked", status === "revoked");
+      p.root.classList.toggle("forbidden", status === "forbidden");
+      p.badge.dataset.status = status;
+      p.badge.textContent = status;
+    }
+    renderScopeList();
+  }
+
+  function banner(scope, kind, text) {
+    const p = panels.get(scope);
+    if (!p) return;
+    p.banner.className = "banner" + (kind ? " " + kind : "");
+    p.banner.textContent = text;
+    p.banner.hidden = false;
+  }
+
+  function updatePanelHead(scope) {
+    const p = panels.get(scope);
+    if (p) {
+      const n = viewer.scopes[scope].events;
+      p.count.textContent = n + " event" + (n === 1 ? "" : "s");
+      p.root.dataset.events = String(n);
+    }
+  }
+
+  function isDemoScope(scope) {
+    return !!demo && demo.scopes.indexOf(scope) >= 0;
+  }
+
+  function makePanel(scope) {
+    const root = el("article", "panel");
+    root.dataset.scope = scope;
+    root.dataset.events = "0";
+    const head = el("div", "panel-head");
+    const badge = el("span", "badge", viewer.scopes[scope].status);
+    badge.dataset.status = viewer.scopes[scope].status;
+    const count = el("span", "count", "0 events");
+    head.append(el("span", "scope-name", scope), badge, count);
+    if (viewer.mode === "dev" && isDemoScope(scope) && !viewer.orgAdmin) {
+      const b = el("button", "small danger", "revoke access");
+      b.type = "button";
+      b.title = "Restrict this demo scope to org admins (rewrites its ACL document): watch the `revoked` frame";
+      b.addEventListener("click", () => toggleAccess(scope, b));
+      b.dataset.action = "revoke";
+      head.append(b);
+    }
+    const ban = el("div", "banner");
+    ban.hidden = true;
+    const feed = el("div", "feed");
+    feed.append(el("div", "waiting", "waiting for events\u2026"));
+    root.append(head, ban, feed);
+    const container = $("panels");
+    const empty = container.querySelector(".empty");
+    if (empty) empty.remove();
+    container.append(root);
+    panels.set(scope, {
+      root, feed, badge, count, banner: ban, runs: new Map(), msgs: new Map(), tools: new Map(),
+      streams: new Map(), proc: null, requests: new Map(),
+    });
+  }
+
+  function renderScopeList() {
+    const ul = $("scopes");
+    ul.replaceChildren();
+    for (const scope of Object.keys(viewer.scopes).sort()) {
+      const s = viewer.scopes[scope];
+      const li = el("li");
+      const dot = el("span", "dot");
+      dot.dataset.status = s.status;
+      li.title = s.status;
+      const text = el("div", "scope-text");
+      text.append(el("span", "scope-name", scope), el("span", "via", s.via || s.status));
+      li.append(dot, text);
+      ul.append(li);
+    }
+  }
+
+  async function toggleAccess(scope, button) {
+    const grant = button ? button.dataset.action === "grant" : true;
+    if (button) button.disabled = true;
+    try {
+      const r = await fetch("/dev/demo/access", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ scope, grant }),
+      });
+      const body = await r.json();
+      if (!r.ok) throw new Error(body.error ? body.error.message : "HTTP " + r.status);
+      logLine("info", (grant ? "demo: granted back " : "demo: restricted to org admins ") + scope);
+      if (button) {
+        button.dataset.action = grant ? "revoke" : "grant";
+        button.textContent = grant ? "revoke access" : "grant back";
+        button.className = grant ? "small danger" : "small";
+      }
+    } catch (e) {
+      logLine("error", "demo access: " + (e.message || e));
+    } finally {
+      if (button) button.disabled = false;
+      refreshDemo();
+    }
+  }
+
+  async function refreshDemo() {
+    if (viewer.mode !== "dev") return;
+    const r = await fetch("/dev/demo", { cache: "no-store" });
+    if (!r.ok) return;
+    demo = await r.json();
+    const ul = $("demo-acl");
+    ul.replaceChildren();
+    for (const scope of demo.scopes) {
+      const restricted = demo.restricted.indexOf(scope) >= 0;
+      const li = el("li");
+      const b = el("button", restricted ? "small" : "small ghost", restricted ? "grant back" : "restrict");
+      b.type = "button";
+      b.dataset.action = restricted ? "grant" : "revoke";
+      b.addEventListener("click", () => toggleAccess(scope, b)); // refreshDemo() then syncs the panels
+      li.append(el("span", "scope-name", scope), el("span", "via", restricted ? "restricted" : "as seeded"), b);
+      ul.append(li);
+    }
+    for (const [scope, p] of panels) {
+      const pb = p.root.querySelector(".panel-head button");
+      if (pb) {
+        const restricted = demo.restricted.indexOf(scope) >= 0;
+        pb.dataset.action = restricted ? "grant" : "revoke";
+        pb.textContent = restricted ? "grant back" : "revoke access";
+        pb.className = restricted ? "small" : "small danger";
+      }
+    }
+  }
+
+  // ----------------------------------------------------------------------------------------------
+  // renderers: one per event family; unknown types get a compact line
+  // ----------------------------------------------------------------------------------------------
+
+  function append(p, node) {
+    const feed = p.feed;
+    const waiting = feed.querySelector(".waiting");
+    if (waiting) waiting.remove();
+    feed.append(node);
+    while (feed.children.length > MAX_CARDS) feed.firstChild.remove();
+    return node;
+  }
+
+  function forget(map) {
+    for (const [k, v] of map) if (!(v.root || v).isConnected) map.delete(k);
+  }
+
+  function runCard(p, ev, lateJoin) {
+    const id = String(ev.run_id || "");
+    let run = p.runs.get(id);
+    if (run) return run;
+    const root = el("div", "card run");
+    root.dataset.run = id;
+    const head = el("div", "card-head");
+    const outcome = el("span", "outcome", "running");
+    outcome.dataset.outcome = "running";
+    head.append(el("span", "title", (ev.actor ? String(ev.actor).replace(/^agent:/, "agent ") : "agent") + " run"),
+      el("span", "", id), outcome);
+    const input = el("div", "input");
+    const steps = el("div", "steps");
+    root.append(head, input, steps);
+    if (lateJoin) input.textContent = "(joined mid-run)";
+    run = { root, outcome, input, steps, stepEls: new Map() };
+    p.runs.set(id, run);
+    if (p.runs.size > 4 * MAX_CARDS) forget(p.runs);
+    append(p, root);
+    return run;
+  }
+
+  function stream(p, run, key, cls) {
+    let s = p.streams.get(key);
+    if (!s) {
+      s = el("div", cls);
+      p.streams.set(key, s);
+      if (p.streams.size > 8 * MAX_CARDS) forget(p.streams);
+      run.root.append(s);
+    }
+    return s;
+  }
+
+  function toolBox(p, run, id, name) {
+    let t = p.tools.get(id);
+    if (!t) {
+      const root = el("div", "tool");
+      const tname = el("span", "tname", name || "tool");
+      const targs = el("span", "targs");
+      const tresult = el("span", "tresult");
+      tresult.hidden = true;
+      root.append(tname, document.createTextNode("("), targs, document.createTextNode(")"), tresult);
+      t = { root, tname, targs, tresult };
+      p.tools.set(id, t);
+      if (p.tools.size > 4 * MAX_CARDS) forget(p.tools);
+      run.root.append(root);
+    }
+    return t;
+  }
+
+  function renderRun(p, ev) {
+    const d = ev.data || {};
+    const type = ev.type;
+    const run = runCard(p, ev, type !== "run.started");
+    switch (type) {
+      case "run.started":
+        run.input.replaceChildren(document.createTextNode("asked: "), el("b", "", short(d.input === undefined ? "" : d.input, 200)));
+        break;
+      case "run.step.started":
+      case "run.step.finished": {
+        let chip = run.stepEls.get(d.step_id);
+        if (!chip) {
+          chip = el("span", "step", d.name || d.step_id);
+          run.stepEls.set(d.step_id, chip);
+          run.steps.append(chip);
+        }
+        chip.className = "step " + (type === "run.step.started" ? "active" : "done");
+        chip.textContent = (type === "run.step.finished" ? "\u2713 " : "\u2026 ") + (d.name || d.step_id);
+        break;
+      }
+      case "run.reasoning.started":
+      case "run.reasoning.delta":
+      case "run.reasoning.finished": {
+        const s = stream(p, run, "r:" + d.message_id, "reasoning");
+        if (type === "run.reasoning.delta") s.textContent += String(d.delta || "");
+        if (type === "run.reasoning.finished" && typeof d.content === "string") s.textContent = d.content;
+        break;
+      }
+      case "run.message.started":
+      case "run.message.delta":
+      case "run.message.finished": {
+        const s = stream(p, run, "m:" + d.message_id, "answer streaming");
+        if (type === "run.message.delta") s.textContent += String(d.delta || "");
+        if (type === "run.message.finished") {
+          if (typeof d.content === "string") s.textContent = d.content; // repairs missed deltas
+          s.classList.remove("streaming");
+        }
+        break;
+      }
+      case "run.tool_call.started":
+      case "run.tool_call.args.delta":
+      case "run.tool_call.args.finished":
+      case "run.tool_call.finished":
+      case "run.tool_call.error": {
+        const t = toolBox(p, run, String(d.tool_call_id), d.name);
+        if (type === "run.tool_call.started" && d.name) t.tname.textContent = d.name;
+        if (type === "run.tool_call.args.delta") t.targs.textContent += String(d.delta || "");
+        if (type === "run.tool_call.args.finished" && typeof d.arguments === "string") t.targs.textContent = d.arguments;
+        if (type === "run.tool_call.finished") {
+          t.tresult.hidden = false;
+          t.tresult.className = "tresult";
+          t.tresult.textContent = "\u2192 " + short(d.result === undefined ? "done" : d.result, 220);
+        }
+        if (type === "run.tool_call.error") {
+          t.tresult.hidden = false;
+          t.tresult.className = "tresult err";
+          t.tresult.textContent = "\u2717 " + short(d.error, 220);
+        }
+        break;
+      }
+      case "run.finished": {
+        const outcome = String(d.outcome || "finished");
+        run.outcome.textContent = outcome;
+        run.outcome.dataset.outcome = outcome;
+        for (const s of run.root.querySelectorAll(".streaming")) s.classList.remove("streaming");
+        if (d.error) run.root.append(el("div", "run-error", short(d.error, 200)));
+        if (d.usage && typeof d.usage === "object") {
+          run.root.append(el("div", "usage", "tokens in " + (d.usage.input_tokens ?? "?") + " / out " +
+            (d.usage.output_tokens ?? "?")));
+        }
+        break;
+      }
+      default:
+        run.root.append(el("div", "other", type + " " + short(d, 120)));
+    }
+  }
+
+  function renderConversation(p, ev) {
+    const d = ev.data || {};
+    switch (ev.type) {
+      case "conversation.message.created": {
+        const m = el("div", "msg");
+        m.append(el("span", "author", d.author_id || d.role || "?"), document.createTextNode(short(d.content, 400)));
+        p.msgs.set(String(d.message_id), m);
+        if (p.msgs.size > 4 * MAX_CARDS) forget(p.msgs);
+        append(p, m);
+        break;
+      }
+      case "conversation.message.updated": {
+        const m = p.msgs.get(String(d.message_id));
+        if (m) m.lastChild.textContent = short(d.content, 400) + " (edited)";
+        break;
+      }
+      case "conversation.message.deleted": {
+        const m = p.msgs.get(String(d.message_id));
+        if (m) m.classList.add("deleted");
+        break;
+      }
+      case "conversation.participant.joined": {
+        const line = el("div", "sys");
+        line.append(el("b", "", d.participant_id), document.createTextNode(" joined" + (d.role ? " as " + d.role : "")));
+        append(p, line);
+        break;
+      }
+      case "conversation.participant.left": {
+        const line = el("div", "sys");
+        line.append(el("b", "", d.participant_id), document.createTextNode(" left" + (d.reason ? " (" + d.reason + ")" : "")));
+        append(p, line);
+        break;
+      }
+      default:
+        append(p, el("div", "other", ev.type + " " + short(d, 160)));
+    }
+  }
+
+  function procCard(p, name) {
+    const root = el("div", "card proc");
+    root.dataset.outcome = "running";
+    const head = el("div", "card-head");
+    const outcome = el("span", "outcome", "running");
+    outcome.dataset.outcome = "running";
+    head.append(el("span", "title", name || "process"), outcome);
+    const stages = el("div", "stages");
+    const bar = el("div", "bar");
+    const fill = el("div");
+    bar.append(fill);
+    const msg = el("div", "pmsg");
+    root.append(head, stages, bar, msg);
+    p.proc = { root, outcome, stages, fill, msg, stageEls: [] };
+    append(p, root);
+    return p.proc;
+  }
+
+  function setOutcome(proc, outcome) {
+    proc.root.dataset.outcome = outcome;
+    proc.outcome.dataset.outcome = outcome;
+    proc.outcome.textContent = outcome;
+  }
+
+  function renderProcess(p, ev) {
+    const d = ev.data || {};
+    let proc = p.proc && p.proc.root.isConnected ? p.proc : null;
+    if (ev.type === "process.started" || !proc) {
+      proc = procCard(p, ev.type === "process.started" ? d.name : "process (joined mid-way)");
+      if (Array.isArray(d.stages)) {
+        for (const name of d.stages) {
+          const chip = el("span", "stage", name);
+          proc.stageEls.push(chip);
+          proc.stages.append(chip);
+        }
+      }
+      if (ev.type === "process.started") return;
+    }
+    switch (ev.type) {
+      case "process.stage_changed": {
+        const i = Number(d.index);
+        while (proc.stageEls.length < Number(d.total || 0)) {
+          const chip = el("span", "stage", "stage " + (proc.stageEls.length + 1));
+          proc.stageEls.push(chip);
+          proc.stages.append(chip);
+        }
+        proc.stageEls.forEach((chip, k) => {
+          chip.className = "stage" + (k < i ? " done" : k === i ? " current" : "");
+        });
+        if (proc.stageEls[i]) proc.stageEls[i].textContent = d.stage;
+        proc.msg.textContent = "stage " + (i + 1) + " of " + d.total + ": " + d.stage;
+        break;
+      }
+      case "process.progress":
+        if (typeof d.fraction === "number") proc.fill.style.width = Math.round(d.fraction * 100) + "%";
+        proc.msg.textContent = (typeof d.fraction === "number" ? Math.round(d.fraction * 100) + "% " : "") + (d.message || "");
+        break;
+      case "process.input_required": {
+        const n = el("div", "notice");
+        n.textContent = "Input required: " + short(d.prompt, 200) +
+          (Array.isArray(d.assignees) && d.assignees.length ? " (asked: " + d.assignees.join(", ") + ")" : "");
+        p.requests.set(String(d.request_id), n);
+        setOutcome(proc, "waiting");
+        proc.root.append(n);
+        break;
+      }
+      case "process.input_received": {
+        const n = p.requests.get(String(d.request_id));
+        if (n) {
+          n.className = "notice answered";
+          n.textContent = "Answered by " + d.by + (d.value !== undefined ? ": " + short(d.value, 80) : "");
+          p.requests.delete(String(d.request_id));
+        }
+        setOutcome(proc, "running");
+        break;
+      }
+      case "process.completed":
+        proc.fill.style.width = "100%";
+        proc.stageEls.forEach((chip) => (chip.className = "stage done"));
+        proc.msg.textContent = "completed" + (d.result !== undefined ? ": " + short(d.result, 120) : "");
+        setOutcome(proc, "completed");
+        break;
+      case "process.failed":
+        setOutcome(proc, "failed");
+        proc.root.append(el("div", "perr", "failed: " + short(d.error, 200)));
+        break;
+      default:
+        proc.root.append(el("div", "other", ev.type + " " + short(d, 120)));
+    }
+  }
+
+  function render(scope, ev) {
+    const p = panels.get(scope);
+    if (!p) return;
+    const feed = p.feed;
+    // follow the newest content unless the reader scrolled up (decided before the feed changes)
+    const stick = feed.scrollHeight - feed.scrollTop - feed.clientHeight < 60;
+    const type = String(ev.type || "");
+    if (type.startsWith("run.")) renderRun(p, ev);
+    else if (type.startsWith("conversation.")) renderConversation(p, ev);
+    else if (type.startsWith("process.")) renderProcess(p, ev);
+    else append(p, el("div", "other", type + " " + short(ev.data, 160)));
+    if (stick) feed.scrollTop = feed.scrollHeight;
+  }
+
+  // ----------------------------------------------------------------------------------------------
+  // start
+  // ----------------------------------------------------------------------------------------------
+
+  function follow(scope) {
+    if (!SCOPE_RE.test(scope)) {
+      logLine("error", "not a scope: " + scope);
+      return;
+    }
+    followed.push(scope);
+    ensureScope(scope, "followed", "requested");
+    if (ws && viewer.state === "open") {
+      ws.send(JSON.stringify({ op: "subscribe", id: "follow-" + nextId++, scope }));
+    }
+  }
+
+  async function init() {
+    $("drop").addEventListener("click", drop);
+    $("follow-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const input = $("follow-scope");
+      const scope = input.value.trim();
+      if (scope) follow(scope);
+      input.value = "";
+    });
+    let r = null;
+    try {
+      r = await fetch("/dev/demo", { cache: "no-store" });
+    } catch (_) {
+      r = null;
+    }
+    if (r && r.ok) {
+      viewer.mode = "dev";
+      demo = await r.json();
+      $("users-box").hidden = false;
+      $("demo-acl-box").hidden = false;
+      const box = $("users");
+      for (const u of demo.users) {
+        const b = el("button", "user");
+        b.type = "button";
+        b.dataset.user = u.name;
+        b.setAttribute("aria-pressed", "false");
+        b.append(el("span", "name", u.name), el("span", "groups", u.groups.length ? u.groups.join(", ") : "no groups"),
+          el("span", "sees", u.sees));
+        b.addEventListener("click", () => {
+          for (const other of box.children) other.setAttribute("aria-pressed", String(other === b));
+          viewer.user = u.name;
+          startSession(u.name, () => devToken(u));
+        });
+        box.append(b);
+      }
+      refreshDemo();
+      $("empty").textContent = "Pick a demo user on the left to watch their live stream.";
+    } else {
+      viewer.mode = "token";
+      $("token-box").hidden = false;
+      $("token-form").addEventListener("submit", (e) => {
+        e.preventDefault();
+        const token = $("token").value.trim();
+        if (token) startSession("with pasted token", async () => token);
+      });
+      $("empty").textContent = "Paste an access token on the left to watch your live stream.";
+      $("scopes-hint").textContent = "Connect with a token first.";
+    }
+    setState("idle");
+  }
+
+  init();
+})();

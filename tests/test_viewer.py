@@ -1,0 +1,174 @@
+"""The live viewer at `/`: served by every gateway; driven in headless Chromium against `wsgateway dev`.
+
+The browser test is the newcomer's path: `wsgateway dev` (here on free ports, with faster simulated
+traffic), the page, a demo user. It checks what a person would see: events render for an allowed
+user and never for a denied one, the drop button loses nothing (the page's seqs equal what
+GET /v1/history holds for the same range), a live revocation shows `revoked` and a grant restarts
+the scope. Chromium is Debian's `chromium`, driven by npm `playwright-core` from tools/; both are
+installed here when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.gateway import RunningGateway
+from tests.support.oidc_provider import ensure_npm_packages
+from tests.support.ports import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = REPO / "tests" / "browser" / "viewer.mjs"
+WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
+PACE = "0.3"  # simulator pauses x0.3: plenty of traffic within seconds
+
+
+# --- served by every gateway ---------------------------------------------------------------------
+
+
+async def test_viewer_page_and_assets_are_served_self_contained(gw: RunningGateway) -> None:
+    async with httpx.AsyncClient(base_url=gw.http) as c:
+        page = await c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert "/static/viewer.js" in page.text and "/static/viewer.css" in page.text
+        assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web fonts
+        js = await c.get("/static/viewer.js")
+        assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+        assert '["wsgateway.v1", "bearer." + token]' in js.text
+        assert "innerHTML" not in js.text and "insertAdjacentHTML" not in js.text  # event text stays text
+        css = await c.get("/static/viewer.css")
+        assert css.status_code == 200 and "url(" not in css.text and "@import" not in css.text
+        assert (await c.get("/dev/demo")).status_code == 404  # dev-only routes exist only in `wsgateway dev`
+        assert (await c.post("/dev/demo/access", json={"scope": "conversation:welcome", "grant": False})
+                ).status_code in (404, 405)
+
+
+# --- headless Chromium against `wsgateway dev` -----------------------------------------------------
+
+
+def _ensure_browser() -> None:
+    """Debian chromium and node (apt), playwright-core (npm, tools/): installed when missing."""
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "ensure-apt.sh"), "chromium=chromium", "node=nodejs", "npm=npm"],
+        capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, f"scripts/ensure-apt.sh failed:\n{result.stdout}\n{result.stderr}"
+    ensure_npm_packages()
+    assert shutil.which("chromium") or Path("/usr/bin/chromium").exists()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 40) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"`wsgateway dev` exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("`wsgateway dev` did not become ready")
+
+
+def _history_seqs(base: str, token: str, scopes: list[str], after: int, upto: int) -> list[int]:
+    """Every retained event of `scopes` with after < seq <= upto, through GET /v1/history."""
+    seqs: list[int] = []
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c:
+        for scope in scopes:
+            cursor = after
+            while cursor < upto:
+                body = c.get("/v1/history", params={"scope": scope, "after": cursor, "limit": 1000}).json()
+                if not body["events"]:
+                    break
+                seqs += [e["seq"] for e in body["events"] if e["seq"] <= upto]
+                cursor = body["next_after"]
+    return sorted(seqs)
+
+
+@pytest.mark.timeout(120)
+def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
+    _ensure_browser()
+    port, nats_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "dev.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [WSGATEWAY, "dev", "--port", str(port), "--nats-port", str(nats_port), "--pace", PACE],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_ready(proc, base, log)
+        assert f"live viewer    {base}/" in log.read_text()  # the banner names the page
+        shot = tmp_path / "viewer.png"
+        config = {"url": f"{base}/", "mode": "check", "out": str(shot), "revokedOut": str(tmp_path / "revoked.png")}
+        run = subprocess.run(["node", str(DRIVER), json.dumps(config)], capture_output=True, text=True,
+                             timeout=90, check=False, env={**os.environ, "TMPDIR": str(tmp_path)})
+        lines = run.stdout.strip().splitlines()
+        assert lines, f"driver printed nothing:\n{run.stderr}"
+        out: dict[str, Any] = json.loads(lines[-1])
+        assert run.returncode == 0 and "error" not in out, f"{out.get('error')}\n{run.stderr[-2000:]}"
+        assert out["problems"] == [], out["problems"]  # no script errors, no failed requests
+
+        # carol (group support): her conversation streams; conversation:welcome is forbidden and stays empty
+        carol = out["carol"]["scopes"]
+        assert set(carol) == {"conversation:support", "conversation:welcome"}
+        assert carol["conversation:support"]["status"] == "live" and carol["conversation:support"]["events"] >= 5
+        assert carol["conversation:welcome"] == {"status": "forbidden", "events": 0, "via": "followed"}
+        assert "forbidden" in out["carol"]["banner"] and out["carol"]["welcome_panel_events"] == "0"
+
+        # bob (group apollo-team): answers assemble chunk by chunk in his conversation
+        bob = out["bob"]
+        assert set(bob["scopes"]) == {"conversation:welcome", "process:onboarding", "agent:researcher"}
+        assert all(s["status"] == "live" and s["events"] > 0 for s in bob["scopes"].values())
+        assert len(out["bob_answer"]) > 20
+
+        # drop and resume: one resume, recovered, the gap replayed; no duplicate, no gap against history
+        [resume] = bob["resumes"]
+        assert bob["drops"] == 1 and resume["recovered"] is True and resume["replayed"] > 0
+        assert resume["since"] < resume["seq"] < bob["lastSeq"]
+        assert "nothing lost" in bob["resume_note"]
+        seqs = bob["seqs"]
+        assert bob["duplicates"] == 0 and seqs == sorted(set(seqs))
+        assert any(resume["since"] < s <= resume["seq"] for s in seqs)  # events published while dropped
+        bob_token = httpx.get(f"{base}/dev/idp/token", params={"sub": "bob", "groups": "apollo-team"})
+        token = bob_token.json()["access_token"]
+        expected = _history_seqs(base, token, sorted(bob["scopes"]), bob["startSeq"], bob["lastSeq"])
+        assert seqs == expected, f"page {len(seqs)} events vs history {len(expected)}"
+
+        # live revocation, then the grant back
+        revoke = out["revoke"]
+        assert "`revoked` frame" in revoke["banner"]
+        assert "revoked conversation:welcome" in revoke["log"]
+        assert revoke["events_after_wait"] == revoke["events_at_revoke"]  # nothing more for the revoked scope
+        assert "`subscribed` frame" in out["grant"]["banner"] and out["grant"]["events"] > revoke["events_after_wait"]
+
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        # the demo switch takes only JSON naming a demo scope
+        bad = [httpx.post(f"{base}/dev/demo/access", content=b"scope=conversation:welcome&grant=false",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"}),
+               httpx.post(f"{base}/dev/demo/access", json={"scope": "conversation:other", "grant": False}),
+               httpx.post(f"{base}/dev/demo/access", json={"scope": "conversation:welcome", "grant": "no"})]
+        assert [r.status_code for r in bad] == [400, 400, 400]
+        assert httpx.get(f"{base}/dev/demo").json()["restricted"] == []  # granted back by the page
+        assert "WARNING gateway.simulator" not in log.read_text()  # every simulated event was valid
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
