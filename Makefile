@@ -6,13 +6,13 @@ PYTHON ?= python3
 APT_DEPS := nats-server=nats-server node=nodejs npm=npm promtool=prometheus chromium=chromium
 PYTEST_ARGS ?=
 
-.PHONY: run test deps venv system-deps npm-deps lint bench clean
+.PHONY: run test deps venv system-deps npm-deps lint bench clean dashboards
 
 run: deps
 	$(VENV)/bin/wsgateway dev
 
 test: deps
-	$(VENV)/bin/ruff check gateway operator tests bench
+	$(VENV)/bin/ruff check gateway operator tests bench dashboards
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 deps: venv system-deps npm-deps
@@ -32,7 +32,12 @@ npm-deps: system-deps
 	@scripts/ensure-npm.sh
 
 lint: venv
-	$(VENV)/bin/ruff check gateway operator tests bench
+	$(VENV)/bin/ruff check gateway operator tests bench dashboards
+
+# Regenerate the committed monitoring files (tests fail when they are stale).
+dashboards: venv
+	$(PY) dashboards/gen_dashboards.py
+	$(PY) dashboards/gen_rules.py
 
 bench: deps
 	$(PY) bench/fanout.py

@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from gateway import tracing
 from gateway.auth import TokenVerifier
 from gateway.bus import Bus
 from gateway.config import Settings
+from gateway.gc_tuning import tune_gc
 from gateway.history import StreamReader
 from gateway.http_api import build_router
 from gateway.hub import Hub
@@ -24,6 +28,9 @@ from gateway.replay import Replayer
 from gateway.session import serve_socket
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Tracer
+
     from gateway.devidp import DevIdentityProvider
 
 log = logging.getLogger(__name__)
@@ -33,13 +40,16 @@ class Gateway:
     """Everything one gateway process owns; created by `create_app`, reachable as `app.state.gateway`."""
 
     def __init__(
-        self, settings: Settings, *, metrics: Metrics | None = None, issuer: str | None = None
+        self, settings: Settings, *, metrics: Metrics | None = None, issuer: str | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
+        self.tracer = tracer  # None: tracing off (gateway/tracing.py)
         self.metrics = metrics or Metrics()
+        self.metrics.set_capacity(settings.max_connections, settings.connections_target)
         self.acl = AclStore()
         self.hub = Hub(settings, self.metrics, self.acl)
-        self.bus = Bus(settings, self.hub, self.acl, self.metrics)
+        self.bus = Bus(settings, self.hub, self.acl, self.metrics, tracer=tracer)
         self.verifier = TokenVerifier.from_settings(settings, issuer=issuer)
 
         self._replayer: Replayer | None = None
@@ -53,12 +63,15 @@ class Gateway:
     @property
     def replayer(self) -> Replayer:
         if self._replayer is None:
-            self._replayer = Replayer(self.hub, self.reader, max_concurrent=self.settings.max_concurrent_replays)
+            self._replayer = Replayer(
+                self.hub, self.reader, max_concurrent=self.settings.max_concurrent_replays, tracer=self.tracer
+            )
         return self._replayer
 
     async def start(self) -> None:
         await self.verifier.start()
         await self.bus.start()
+        tune_gc(self.settings.gc_gen0_threshold)
 
     async def stop(self) -> None:
         for conn in list(self.hub.connections.values()):
@@ -77,6 +90,13 @@ class Gateway:
 
 
 WS_PATH = "/v1/ws"
+STATIC_DIR = Path(__file__).parent / "static"
+VIEWER_HEADERS = {  # the viewer is self-contained: no inline code, no other origin, never framed
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 class GatewayApp(FastAPI):
@@ -99,13 +119,23 @@ def create_app(
     *,
     dev_idp: DevIdentityProvider | None = None,
     metrics: Metrics | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
-    """Build the gateway app. In dev mode the development identity provider is mounted at /dev/idp."""
+    """Build the gateway app. In dev mode the development identity provider is mounted at /dev/idp.
+
+    Tracing uses `tracer_provider` if given (tests; the caller keeps ownership, the app only flushes
+    it), else one built from the settings (none unless WSGATEWAY_OTEL_ENDPOINT is set), shut down with
+    the app.
+    """
     settings = settings or Settings()
     if settings.dev_mode and dev_idp is None and not (settings.oidc_issuer or settings.jwks_url):
         raise ValueError("dev_mode needs the development identity provider: run `wsgateway dev`, not `serve`")
     install_redaction()
-    gateway = Gateway(settings, metrics=metrics, issuer=dev_idp.issuer if dev_idp else None)
+    owns_provider = tracer_provider is None
+    provider = tracing.build_provider(settings) if tracer_provider is None else tracer_provider
+    gateway = Gateway(
+        settings, metrics=metrics, issuer=dev_idp.issuer if dev_idp else None, tracer=tracing.tracer_of(provider)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -113,10 +143,16 @@ def create_app(
         try:
             yield
         finally:
-            await gateway.stop()
+            try:
+                await gateway.stop()
+            finally:
+                if provider is not None:
+                    await tracing.close_provider(provider, owned=owns_provider)
 
     app = GatewayApp(title="wsgateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
+    if provider is not None:
+        tracing.instrument_fastapi(app, provider)
 
     if dev_idp is not None:
         app.include_router(dev_idp.router(), prefix="/dev/idp", tags=["dev identity provider (insecure)"])
@@ -139,6 +175,13 @@ def create_app(
         return Response(body, media_type=ctype)
 
     app.include_router(build_router(gateway))
+
+    @app.get("/", include_in_schema=False)
+    async def viewer() -> FileResponse:
+        """The live viewer (plain HTML/JS/CSS from gateway/static): pick a user or paste a token, watch."""
+        return FileResponse(STATIC_DIR / "index.html", headers=VIEWER_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     return app
 

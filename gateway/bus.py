@@ -19,7 +19,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from opentelemetry.trace import Tracer
 
+from gateway import tracing
 from gateway.config import Settings
 from gateway.events import InvalidEvent, parse_event
 from gateway.hub import Hub
@@ -70,8 +72,11 @@ async def ensure_bucket(js: JetStreamContext, settings: Settings) -> object:
 class Bus:
     """Connects to NATS and feeds the hub; `ready` when connected, consuming and ACLs loaded."""
 
-    def __init__(self, settings: Settings, hub: Hub, acl: AclStore, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, hub: Hub, acl: AclStore, metrics: Metrics, *, tracer: Tracer | None = None
+    ) -> None:
         self.settings = settings
+        self.tracer = tracer  # None: tracing off, and the delivery path does no tracing work at all
         self.hub = hub
         self.acl = acl
         self.metrics = metrics
@@ -230,13 +235,18 @@ class Bus:
                 delay = min(delay * 2, 1.0)
 
     async def _watchdog(self, every: float = 1.0) -> None:
-        """Catches a consumer lost WITHOUT a reconnect (e.g. its cluster node died) within `every` seconds."""
+        """Catches a consumer lost WITHOUT a reconnect (e.g. its cluster node died) within `every` seconds.
+
+        The same answer refreshes wsgateway_consumer_lag, which events alone only update when one arrives
+        (a consumer that stopped receiving would otherwise show its last, stale lag)."""
         while not self._stopping:
             await asyncio.sleep(every)
             if self._sub is None or not self.consuming or not (self.nc and self.nc.is_connected):
                 continue
             try:
-                await self._sub.consumer_info()
+                info = await self._sub.consumer_info()
+                if info.num_pending is not None:
+                    self.metrics.consumer_lag.set(info.num_pending)
             except NotFoundError:
                 self.check_consumer("consumer gone")
             except Exception:
@@ -249,14 +259,38 @@ class Bus:
         if seq <= self.hub.last_seq:
             return  # redelivered after a consumer reset or re-creation: already handled, don't parse again
         self.metrics.events_received.inc()
+        if self.tracer is not None:
+            self._deliver_traced(self.tracer, msg, seq)
+            return
         try:
             env = parse_event(msg.data, msg.subject, self.settings.subject_prefix)
         except InvalidEvent as exc:
-            self.hub.skip(seq)
-            self.metrics.events_invalid.labels(exc.reason).inc()
-            self._log_invalid(seq, msg.subject, exc)
+            self._invalid(seq, msg.subject, exc)
             return
         self.hub.dispatch(seq, env, msg.data)
+
+    def _deliver_traced(self, tracer: Tracer, msg: Msg, seq: int) -> None:
+        """The untraced path above inside ONE `deliver` span per event, child of the publisher's span
+        (never a span per connection: fan-out to thousands would cost more than the delivery)."""
+        hub = self.hub
+        with tracing.deliver_span(tracer, msg.headers, seq) as span:
+            try:
+                env = parse_event(msg.data, msg.subject, self.settings.subject_prefix)
+            except InvalidEvent as exc:
+                self._invalid(seq, msg.subject, exc)
+                tracing.record_invalid(span, exc.reason)
+                return
+            denied, coalesced, closed = hub.denied_total, hub.coalesced_total, hub.slow_closed_total
+            recipients = hub.dispatch(seq, env, msg.data)
+            tracing.record_delivery(
+                span, env, recipients, hub.denied_total - denied, hub.coalesced_total - coalesced,
+                hub.slow_closed_total - closed,
+            )
+
+    def _invalid(self, seq: int, subject: str, exc: InvalidEvent) -> None:
+        self.hub.skip(seq)
+        self.metrics.events_invalid.labels(exc.reason).inc()
+        self._log_invalid(seq, subject, exc)
 
     def _log_invalid(self, seq: int, subject: str, exc: InvalidEvent) -> None:
         now = time.monotonic()

@@ -52,6 +52,11 @@ class Settings(BaseSettings):
 
     # Limits
     max_connections: int = Field(50_000, ge=1, description="Connections per process; beyond: close 4429.")
+    connections_target: int = Field(
+        0, ge=0,
+        description="Autoscaling target of open connections per pod, exported as wsgateway_connections_target "
+                    "for dashboards and alerts (0: not set; the operator sets it from targetConnectionsPerPod).",
+    )
     max_frame_bytes: int = Field(64 * 1024, ge=256, description="Largest client frame; beyond: close 1009.")
     max_subscriptions: int = Field(256, ge=1, description="Subscriptions per connection.")
     max_bad_frames: int = Field(10, ge=1, description="Bad client frames tolerated before close 1008.")
@@ -68,6 +73,21 @@ class Settings(BaseSettings):
     history_max_limit: int = Field(1000, ge=1, le=10_000, description="Largest `limit` of GET /v1/history.")
     flush_interval_ms: float = Field(
         0, ge=0, le=50, description="Extra batching delay before writing queued frames (0: next loop turn)."
+    )
+
+    # Tracing (OpenTelemetry; off unless an endpoint is set: docs/operations.md, Tracing)
+    otel_endpoint: str | None = Field(
+        None, description="OTLP/HTTP base URL of a collector (`/v1/traces` is appended); unset: no tracing."
+    )
+    otel_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of traces starting at the gateway that are recorded (parent-based)."
+    )
+    otel_service_name: str = Field("wsgateway", min_length=1, description="`service.name` of exported spans.")
+
+    gc_gen0_threshold: int = Field(
+        50_000, ge=0,
+        description="Allocations between generation-0 garbage collections, and freeze the start-up heap "
+                    "(0: leave CPython's collector alone); avoids long full collections at many connections.",
     )
 
     # Development mode (never in production: `wsgateway dev` sets it)

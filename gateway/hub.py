@@ -200,6 +200,12 @@ class Hub:
         self._max_msgs = settings.queue_max_messages
         self._max_bytes = settings.queue_max_bytes
         self._delay = settings.flush_interval_ms / 1000.0
+        # Plain-int mirrors of three counters, bumped only where the metric is: the traced delivery path
+        # (gateway.bus) reads them around one dispatch to tell what that dispatch did, so dispatch itself
+        # neither returns more nor knows about tracing.
+        self.denied_total = 0
+        self.coalesced_total = 0
+        self.slow_closed_total = 0
 
     # --- connections -----------------------------------------------------------------------
 
@@ -268,6 +274,7 @@ class Hub:
 
     def too_slow(self, conn: Connection) -> None:
         self.metrics.slow_client_disconnects.inc()
+        self.slow_closed_total += 1
         # `written` is the last sequence handed to the socket: a client that read everything before the
         # close frame has exactly that cursor (its own last seen `seq` is always the one to use)
         self.close(conn, CLOSE_TOO_SLOW, f"too slow: reconnect and resume after seq {conn.written}")
@@ -437,6 +444,7 @@ class Hub:
                 slow.append(c)
         if denied:
             self.metrics.events_denied.inc(denied)
+            self.denied_total += denied
         for c in slow:
             self.overflow(c)
         if dirty:
@@ -469,6 +477,7 @@ class Hub:
         removed = before - len(conn.pending)
         if removed:
             self.metrics.events_coalesced.inc(removed)
+            self.coalesced_total += removed
             conn.pending_bytes = sum(len(f.data) for f in conn.pending)
         # hysteresis: only keep a connection whose queue came well below its bounds
         if len(conn.pending) > self._max_msgs * 3 // 4 or conn.pending_bytes > self._max_bytes * 3 // 4:

@@ -21,6 +21,8 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.auth import AUTH_FAILURE_REASONS
+from gateway.events import InvalidEvent
+from gateway.protocol import ERR_BAD_REQUEST, ERR_READ_ONLY
 
 # Fine enough to read p50/p99 anywhere between 1 ms and 5 s.
 LATENCY_BUCKETS = (
@@ -28,6 +30,10 @@ LATENCY_BUCKETS = (
     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
 )
 KIND_LABELS = ("conversation", "process", "agent")
+# accepted: joined the hub; unauthorized: no valid token; rejected: over the connection limit or a bad URL.
+CONNECTION_OUTCOMES = ("accepted", "unauthorized", "rejected")
+# Codes of client frames answered with an `error` frame (the label of wsgateway_client_frames_rejected_total).
+FRAME_ERROR_CODES = (ERR_BAD_REQUEST, ERR_READ_ONLY)
 
 
 class WeightedHistogram(Histogram):
@@ -53,11 +59,22 @@ class Metrics:
         reg = None if self.multiprocess else self.registry
 
         self.connections = Gauge(
-            "wsgateway_connections", "Open authenticated WebSocket connections.",
+            "wsgateway_connections", "Open authenticated connections (WebSocket and SSE).",
             registry=reg, multiprocess_mode="livesum",
         )
+        # Capacity next to the load (dashboards, alerts): set once at start-up from the settings.
+        self.connections_limit = Gauge(
+            "wsgateway_connections_limit",
+            "Configured connection limit (WSGATEWAY_MAX_CONNECTIONS) summed over the live worker processes.",
+            registry=reg, multiprocess_mode="livesum",
+        )
+        self.connections_target = Gauge(
+            "wsgateway_connections_target",
+            "Autoscaling target of open connections per pod (WSGATEWAY_CONNECTIONS_TARGET; 0: not set).",
+            registry=reg, multiprocess_mode="livemax",
+        )
         self.connection_attempts = Counter(
-            "wsgateway_connection_attempts_total", "WebSocket connection attempts by outcome.",
+            "wsgateway_connection_attempts_total", "WebSocket and SSE connection attempts by outcome.",
             ["outcome"], registry=reg,
         )
         self.auth_failures = Counter(
@@ -113,9 +130,18 @@ class Metrics:
         # Pre-create labelled children so every series exists from the start (rates work, alerts see 0).
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)
-        for outcome in ("accepted", "unauthorized", "rejected"):
+        for outcome in CONNECTION_OUTCOMES:
             self.connection_attempts.labels(outcome)
+        for invalid in InvalidEvent.REASONS:
+            self.events_invalid.labels(invalid)
+        for code in FRAME_ERROR_CODES:
+            self.client_frames_rejected.labels(code)
         self.latency_by_kind = {k: self.delivery_latency.labels(k) for k in KIND_LABELS}
+
+    def set_capacity(self, max_connections: int, connections_target: int) -> None:
+        """This process's connection limit and the per-pod autoscaling target (start-up, from Settings)."""
+        self.connections_limit.set(max_connections)
+        self.connections_target.set(connections_target)
 
     def exposition(self) -> tuple[bytes, str]:
         """Body and content type for GET /metrics."""

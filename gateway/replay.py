@@ -18,6 +18,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from opentelemetry.trace import Tracer
+
+from gateway import tracing
 from gateway.events import InvalidEvent, parse_event
 from gateway.history import StreamReader
 from gateway.hub import Connection, Hub, OutFrame, Subscription, WildSubscription, control, encode
@@ -28,11 +31,26 @@ log = logging.getLogger(__name__)
 CLOSE_INTERNAL = 1011
 
 
+class ReplayStats:
+    """What one replay did: the `replay` span's attributes (filled in as the replay goes)."""
+
+    __slots__ = ("denied", "events", "recovered")
+
+    def __init__(self, recovered: bool) -> None:
+        self.recovered = recovered
+        self.events = 0  # event frames written
+        self.denied = 0  # events of the subscribed scopes withheld by the permission check
+
+
 class Replayer:
-    def __init__(self, hub: Hub, reader: StreamReader, *, max_concurrent: int = 8, batch: int = 256) -> None:
+    def __init__(
+        self, hub: Hub, reader: StreamReader, *, max_concurrent: int = 8, batch: int = 256,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.hub = hub
         self.reader = reader
         self.batch = batch
+        self.tracer = tracer
         self._slots = asyncio.Semaphore(max_concurrent)
 
     def start(self, conn: Connection, request_id: str | int | None, scopes: Sequence[str], since: int) -> None:
@@ -62,8 +80,17 @@ class Replayer:
             recovered = since >= conn.last_seq and since <= target
             prefix, conn.pending, conn.pending_bytes = conn.pending, [], 0
             conn.replaying += 1
+            stats = ReplayStats(recovered)
             try:
-                await self._replay(conn, request_id, subs, since, start, target, recovered, prefix)
+                if self.tracer is None:
+                    await self._replay(conn, request_id, subs, since, start, target, stats, prefix)
+                else:
+                    with tracing.replay_span(self.tracer, "sse" if conn.sse else "websocket", subs, since,
+                                             until=target, connection_id=conn.id) as span:
+                        try:
+                            await self._replay(conn, request_id, subs, since, start, target, stats, prefix)
+                        finally:
+                            tracing.record_replay(span, stats.events, stats.recovered, stats.denied)
             except Exception as exc:
                 log.warning("replay for connection %s failed: %s", conn.id, exc)
                 hub.close(conn, CLOSE_INTERNAL, "replay failed: reconnect and resume from your cursor")
@@ -74,24 +101,24 @@ class Replayer:
 
     async def _replay(
         self, conn: Connection, request_id: str | int | None, subs: dict[str, Subscription | WildSubscription],
-        since: int, start: int, target: int, recovered: bool, prefix: list[OutFrame],
+        since: int, start: int, target: int, stats: ReplayStats, prefix: list[OutFrame],
     ) -> None:
         hub = self.hub
         bounds = await self.reader.bounds()
         if since > target and since <= bounds.latest:
             # this instance lags the stream (the client came from one further ahead): nothing is lost;
             # skip what the client already has instead of calling it unrecovered
-            recovered = True
+            stats.recovered = True
             conn.last_seq = max(conn.last_seq, since)
             conn.pending = [f for f in conn.pending if not f.seq or f.seq > since]
             conn.pending_bytes = sum(len(f.data) for f in conn.pending)
         if bounds.earliest and start + 1 < bounds.earliest and bounds.latest > start:
-            recovered = False  # the stream no longer holds everything after `since`
+            stats.recovered = False  # the stream no longer holds everything after `since`
             start = bounds.earliest - 1
         earliest = bounds.earliest or bounds.latest + 1
         for scope in subs:
             prefix.append(control("subscribed", id=request_id, scope=scope, seq=target, since=since,
-                                  recovered=recovered, earliest=earliest))
+                                  recovered=stats.recovered, earliest=earliest))
         await self._write(conn, encode(conn, prefix))
         if start >= target:
             return
@@ -123,6 +150,7 @@ class Replayer:
                         continue
                     if not ok:
                         hub.metrics.events_denied.inc()
+                        stats.denied += 1
                         continue
                     frames.append(OutFrame(event_payload(ev.seq, ev.data), ev.seq))
                     if ev.seq > conn.last_seq:
@@ -130,6 +158,7 @@ class Replayer:
                 if frames:
                     await self._write(conn, encode(conn, frames), frames[-1].seq)
                     hub.metrics.events_replayed.inc(len(frames))
+                    stats.events += len(frames)
 
     async def _write(self, conn: Connection, data: bytes, seq: int = 0) -> None:
         """Hand bytes to the socket once it has room (the client paces the replay)."""

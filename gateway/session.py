@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from gateway import tracing
 from gateway.auth import AuthError, Principal, extract_token
 from gateway.hub import Connection, control
 from gateway.protocol import (
@@ -56,41 +57,34 @@ def _forget_credentials(scope: Scope) -> None:
     scope["subprotocols"] = []
 
 
+class Refused(NamedTuple):
+    """A handshake that ended in a close instead of a session."""
+
+    outcome: str  # wsgateway_connection_attempts_total label: unauthorized | rejected
+    code: int  # the close code sent
+    auth_failure: str | None = None  # AuthError reason, for 4401
+
+
 async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
     """The whole life of one WebSocket: handshake, authentication, then client frames until it closes."""
-    ws = WebSocket(scope, receive, send)
-    channel: RawChannel | None = ws.scope.get("extensions", {}).get(EXTENSION)
+    channel: RawChannel | None = scope.get("extensions", {}).get(EXTENSION)
     if channel is None:
         raise RuntimeError("the gateway must run with ws=gateway.transport:GatewayWSProtocol")
-    metrics, hub, settings = gw.metrics, gw.hub, gw.settings
-    src = extract_token(
-        ws.headers, ws.scope.get("subprotocols") or [], ws.query_params, allow_query=settings.allow_query_token
-    )
-    await ws.accept(subprotocol=src.subprotocol)
-    if len(hub.connections) >= settings.max_connections:
-        metrics.connection_attempts.labels("rejected").inc()
-        channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")
+    if gw.tracer is None:
+        conn = await _handshake(gw, channel, scope, receive, send)
+    else:
+        # FastAPI's instrumentation never sees /v1/ws (GatewayApp dispatches it first): a span of our own,
+        # current while URL subscriptions start, so a `since` replay becomes its child
+        with tracing.handshake_span(gw.tracer, scope) as span:
+            conn = await _handshake(gw, channel, scope, receive, send)
+            if isinstance(conn, Refused):
+                tracing.handshake_refused(span, conn.outcome, conn.code, conn.auth_failure)
+            else:
+                tracing.handshake_accepted(span, conn.id)
+    if isinstance(conn, Refused):
         await _until_disconnect(receive)
         return
-    try:
-        principal = await gw.verifier.verify(src.token)
-    except AuthError as exc:
-        metrics.auth_failures.labels(exc.reason).inc()
-        metrics.connection_attempts.labels("unauthorized").inc()
-        channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
-        await _until_disconnect(receive)
-        return
-    try:
-        initial = parse_initial(ws.query_params.getlist("scope"), ws.query_params.get("since"))
-    except FrameError as exc:
-        metrics.connection_attempts.labels("rejected").inc()
-        channel.close(CLOSE_BAD_REQUEST, exc.message)
-        await _until_disconnect(receive)
-        return
-    del ws, src  # from here on the session only receives; the handshake objects and the token can go
-    _forget_credentials(scope)
-    channel.limit_kernel_buffer(settings.socket_send_buffer)
-    conn = open_connection(gw, channel, principal, initial)
+    hub = gw.hub
     try:
         while True:
             msg = await receive()
@@ -115,6 +109,39 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
                 await _refresh(gw, conn, frame)
     finally:
         hub.remove(conn)
+
+
+async def _handshake(
+    gw: Gateway, channel: RawChannel, scope: Scope, receive: Receive, send: Send
+) -> Connection | Refused:
+    """Accept, check capacity, verify the token and the URL parameters: a connection in the hub, or a close."""
+    ws = WebSocket(scope, receive, send)
+    metrics, hub, settings = gw.metrics, gw.hub, gw.settings
+    src = extract_token(
+        ws.headers, ws.scope.get("subprotocols") or [], ws.query_params, allow_query=settings.allow_query_token
+    )
+    await ws.accept(subprotocol=src.subprotocol)
+    if len(hub.connections) >= settings.max_connections:
+        metrics.connection_attempts.labels("rejected").inc()
+        channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")
+        return Refused("rejected", CLOSE_TOO_SLOW)
+    try:
+        principal = await gw.verifier.verify(src.token)
+    except AuthError as exc:
+        metrics.auth_failures.labels(exc.reason).inc()
+        metrics.connection_attempts.labels("unauthorized").inc()
+        channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
+        return Refused("unauthorized", CLOSE_UNAUTHORIZED, exc.reason)
+    try:
+        initial = parse_initial(ws.query_params.getlist("scope"), ws.query_params.get("since"))
+    except FrameError as exc:
+        metrics.connection_attempts.labels("rejected").inc()
+        channel.close(CLOSE_BAD_REQUEST, exc.message)
+        return Refused("rejected", CLOSE_BAD_REQUEST)
+    del ws, src  # from here on the session only receives; the handshake objects and the token can go
+    _forget_credentials(scope)
+    channel.limit_kernel_buffer(settings.socket_send_buffer)
+    return open_connection(gw, channel, principal, initial)
 
 
 def open_connection(

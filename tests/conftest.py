@@ -3,6 +3,7 @@ test identity provider over HTTP; a real gateway on a free port; the platform si
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,10 @@ if TYPE_CHECKING:
     from tests.support.idp import TestIdP
 
 pytest_plugins = ["tests.support.idp"]
+
+# In-process gateways must not gc.freeze() the shared pytest process (gateway/gc_tuning.py); gateway
+# subprocesses started by tests inherit this too unless a test sets its own value.
+os.environ.setdefault("WSGATEWAY_GC_GEN0_THRESHOLD", "0")
 
 
 @pytest.fixture

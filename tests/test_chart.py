@@ -489,6 +489,12 @@ def test_operator_deployment(rendered: tuple[Case, list[dict[str, Any]]]) -> Non
     probe = container["livenessProbe"]["httpGet"]
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == probe["port"])
     assert f"--liveness=http://0.0.0.0:{port}{probe['path']}" in args
+    # The operator's /metrics: the flag, the container port and the scrape annotations agree.
+    assert parsed.metrics_port == 9090
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert {k: v for k, v in annotations.items() if k.startswith("prometheus.io/")} == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "9090", "prometheus.io/path": "/metrics"}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert selector_matches(spec["selector"]["matchLabels"], spec["template"]["metadata"]["labels"])
 
@@ -563,8 +569,29 @@ def test_rbac_toggles(helm: Helm) -> None:
 def test_liveness_can_be_switched_off(helm: Helm) -> None:
     docs = helm.template({"operator": {"liveness": {"enabled": False}}})
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert "livenessProbe" not in container and "ports" not in container
+    assert "livenessProbe" not in container and [p["name"] for p in container["ports"]] == ["metrics"]
     assert not any(a.startswith("--liveness") for a in container["args"])
+    validate_all(docs)
+
+
+def test_operator_metrics_values(helm: Helm) -> None:
+    """Another port, annotations the admin overrides, or no metrics endpoint at all."""
+    from gateway.cli import build_parser
+
+    docs = helm.template({"operator": {"metrics": {"port": 9300}},
+                          "podAnnotations": {"prometheus.io/scrape": "false", "team": "ops"}})
+    template = one(docs, "Deployment")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert build_parser().parse_args(container["args"]).metrics_port == 9300
+    assert {"name": "metrics", "containerPort": 9300, "protocol": "TCP"} in container["ports"]
+    assert template["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "false", "prometheus.io/port": "9300", "prometheus.io/path": "/metrics", "team": "ops"}
+    validate_all(docs)
+    docs = helm.template({"operator": {"metrics": {"enabled": False}, "liveness": {"enabled": False}}})
+    template = one(docs, "Deployment")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert build_parser().parse_args(container["args"]).metrics_port == 0  # 0: not served
+    assert "ports" not in container and "annotations" not in template["metadata"]
     validate_all(docs)
 
 
@@ -662,6 +689,8 @@ def test_contradicting_values_are_refused(helm: Helm) -> None:
     assert "lists a namespace twice" in err
     err = helm.template_error({"serviceAccount": {"create": False}})
     assert "serviceAccount.name is required" in err
+    err = helm.template_error({"operator": {"metrics": {"port": 8080}}})
+    assert "operator.metrics.port and operator.liveness.port must differ" in err
 
 
 def test_values_schema_refuses_typos(helm: Helm) -> None:

@@ -19,7 +19,7 @@ import gateway.protocol as protocol
 from gateway.auth import AUTH_FAILURE_REASONS
 from gateway.config import Settings
 from gateway.events import InvalidEvent
-from gateway.metrics import KIND_LABELS, Metrics
+from gateway.metrics import CONNECTION_OUTCOMES, KIND_LABELS, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -108,7 +108,10 @@ def test_readme_table_has_no_settings_the_code_does_not_know() -> None:
 
 
 def test_every_wsgateway_variable_named_in_the_docs_exists() -> None:
-    known = {f"WSGATEWAY_{f.upper()}" for f in Settings.model_fields}
+    from wsgateway_operator.cli import NAMESPACES_ENV
+    from wsgateway_operator.controller import OPERATOR_ENV
+
+    known = {f"WSGATEWAY_{f.upper()}" for f in Settings.model_fields} | {*OPERATOR_ENV.values(), NAMESPACES_ENV}
     for path in [README, *(DOCS / name for name in OUR_DOCS)]:
         named = set(re.findall(r"WSGATEWAY_[A-Z0-9_]*[A-Z0-9]", _read(path)))
         assert named <= known, f"{path.name} names unknown variables: {sorted(named - known)}"
@@ -167,7 +170,7 @@ def test_every_metric_is_documented_with_type_labels_and_label_values(monkeypatc
     assert metrics
     label_values = {
         "reason": set(AUTH_FAILURE_REASONS),
-        "outcome": {"accepted", "unauthorized", "rejected"},
+        "outcome": set(CONNECTION_OUTCOMES),
         "kind": set(KIND_LABELS),
     }
     for metric in metrics:
@@ -188,6 +191,25 @@ def test_every_metric_is_documented_with_type_labels_and_label_values(monkeypatc
             values = label_values[labels[0]]
         for value in values:
             assert f"`{value}`" in cells[2], f"{exposed}: label value {value} not documented"
+
+
+def test_every_operator_metric_is_documented_with_type_labels_and_label_values() -> None:
+    from wsgateway_operator import metrics as op
+    from wsgateway_operator.builders import ALL_KINDS
+
+    registered = {family.name: family.type for family in op.OperatorMetrics().registry.collect()}
+    assert registered == {m.name.removesuffix("_total"): m.type for m in op.METRICS}
+    source = _read(ROOT / "operator" / "wsgateway_operator" / "metrics.py")
+    assert set(re.findall(r'"(wsgateway_operator_[a-z0-9_]+)"', source)) == {m.name for m in op.METRICS}
+    values = {"trigger": op.TRIGGERS, "outcome": op.OUTCOMES, "reason": op.ERROR_REASONS,
+              "state": op.REPLICA_STATES, "type": op.CONDITION_TYPES, "kind": ALL_KINDS}
+    for metric in op.METRICS:
+        cells = _operations_row(metric.name)
+        assert metric.type in cells[1], f"{metric.name}: type {metric.type} not in {cells[1]!r}"
+        for label in metric.labels:
+            assert f"`{label}`" in cells[2], f"{metric.name}: label {label} not documented"
+            for value in values.get(label, ()):
+                assert f"`{value}`" in cells[2], f"{metric.name}: label value {value} not documented"
 
 
 # --- protocol ------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ async def test_two_workers_share_one_port_each_with_its_own_consumer(
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     port = free_port()
-    proc = subprocess.Popen([WSGATEWAY, "serve", "--workers", "2"], env=_env(nats_server, idp, port))  # noqa: ASYNC220
+    env = {**_env(nats_server, idp, port), "WSGATEWAY_MAX_CONNECTIONS": "1000", "WSGATEWAY_CONNECTIONS_TARGET": "700"}
+    proc = subprocess.Popen([WSGATEWAY, "serve", "--workers", "2"], env=env)  # noqa: ASYNC220
     try:
         await wait_ready(f"http://127.0.0.1:{port}", timeout=40)
         # every worker runs its own ordered consumer on the stream (readiness answered for one of them)
@@ -60,8 +61,11 @@ async def test_two_workers_share_one_port_each_with_its_own_consumer(
         async with httpx.AsyncClient() as c:
             for _ in range(4):
                 text = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
-                line = next(ln for ln in text.splitlines() if ln.startswith("wsgateway_connections "))
-                assert float(line.split()[1]) == 12
+                values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines()
+                          if ln.startswith("wsgateway_connections")}
+                assert values["wsgateway_connections"] == 12
+                assert values["wsgateway_connections_limit"] == 2000  # the pod's total: 2 x 1000
+                assert values["wsgateway_connections_target"] == 700  # per pod, not summed
         for ws in clients:
             await ws.close()
     finally:

@@ -13,6 +13,7 @@ Layout (pure modules first, I/O last):
   kube.py      a small async Kubernetes REST client (httpx)
   natsops.py   JetStream stream, ACL bucket and consumer operations (nats-py)
   scrape.py    reads `wsgateway_connections` from the gateway pods' /metrics
+  metrics.py   the operator's own Prometheus metrics and their /metrics endpoint (aiohttp)
   controller.py  reconcile / refresh / finalize steps (one gateway at a time)
   handlers.py  thin kopf handlers wiring it all together
   cli.py       `wsgateway operator ...`

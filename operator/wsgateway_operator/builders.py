@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from wsgateway_operator import API_VERSION, FIELD_MANAGER, KIND
+from wsgateway_operator.alerts import alert_groups
 from wsgateway_operator.spec import WebSocketGatewaySpec
 
 Manifest = dict[str, Any]
@@ -119,6 +120,8 @@ def gateway_env(spec: WebSocketGatewaySpec) -> dict[str, str]:
         "WSGATEWAY_WORKERS": str(gw.workers),
         "WSGATEWAY_LOG_LEVEL": gw.log_level,
         "WSGATEWAY_MAX_CONNECTIONS": str(gw.max_connections),
+        # exported as wsgateway_connections_target: dashboards and alerts compare the load with it
+        "WSGATEWAY_CONNECTIONS_TARGET": str(spec.autoscaling.target_connections_per_pod),
         "WSGATEWAY_MAX_FRAME_BYTES": str(gw.max_frame_bytes),
         "WSGATEWAY_MAX_SUBSCRIPTIONS": str(gw.max_subscriptions),
         "WSGATEWAY_MAX_BAD_FRAMES": str(gw.max_bad_frames),
@@ -140,8 +143,8 @@ def gateway_env(spec: WebSocketGatewaySpec) -> dict[str, str]:
     if auth.audience:
         env["WSGATEWAY_AUDIENCE"] = auth.audience
     if spec.observability.otlp_endpoint:
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = spec.observability.otlp_endpoint
-        env["OTEL_SERVICE_NAME"] = "wsgateway"
+        env["WSGATEWAY_OTEL_ENDPOINT"] = spec.observability.otlp_endpoint
+        env["WSGATEWAY_OTEL_SAMPLE_RATIO"] = str(spec.observability.trace_sample_ratio)
     return dict(sorted(env.items()))
 
 
@@ -407,48 +410,21 @@ def build_service_monitor(owner: Owner, spec: WebSocketGatewaySpec) -> Manifest:
 
 
 def build_prometheus_rule(owner: Owner, spec: WebSocketGatewaySpec) -> Manifest:
-    """Alerts for this gateway; `job` is the Service name (the ServiceMonitor's default job label)."""
-    sel = f'namespace="{owner.namespace}",job="{owner.name}"'
-    per_pod_limit = spec.gateway.max_connections * spec.gateway.workers
-    where = f"WebSocketGateway {owner.namespace}/{owner.name}"
-
-    def alert(name: str, expr: str, duration: str, severity: str, summary: str, runbook: str) -> dict[str, Any]:
-        return {
-            "alert": name, "expr": expr, "for": duration, "labels": {"severity": severity},
-            "annotations": {"summary": f"{where}: {summary}", "runbook": runbook},
-        }
-
-    rules = [
-        alert("WSGatewayDown", f"sum(up{{{sel}}}) == 0 or absent(up{{{sel}}})", "5m", "critical",
-              "no gateway pod can be scraped", "docs/runbooks.md#nats-disconnected--not-ready"),
-        alert("WSGatewayNatsDisconnected", f"min(wsgateway_nats_connected{{{sel}}}) == 0", "2m", "critical",
-              "a gateway pod lost its NATS connection", "docs/runbooks.md#nats-disconnected--not-ready"),
-        alert("WSGatewayConnectionsNearLimit", f"max(wsgateway_connections{{{sel}}}) > {int(per_pod_limit * 0.9)}",
-              "10m", "warning", "a pod is above 90% of its connection limit; raise replicas.max",
-              "docs/runbooks.md#slow-client-disconnects-rising"),
-        alert("WSGatewayConsumerLag", f"max(wsgateway_consumer_lag{{{sel}}}) > 10000", "5m", "warning",
-              "a pod's consumer is more than 10000 events behind", "docs/runbooks.md#delivery-latency-high"),
-        alert("WSGatewaySlowClientDisconnects",
-              f"sum(rate(wsgateway_slow_client_disconnects_total{{{sel}}}[5m])) > 1", "10m", "warning",
-              "clients are disconnected for falling behind", "docs/runbooks.md#slow-client-disconnects-rising"),
-        alert("WSGatewayJwksUnavailable",
-              f'sum(rate(wsgateway_auth_failures_total{{{sel},reason="jwks_unavailable"}}[5m])) > 0', "5m",
-              "critical", "tokens are refused because the JWKS cannot be loaded",
-              "docs/runbooks.md#auth-failure-spike"),
-    ]
-    if spec.autoscaling.mode == "hpa":  # needs kube-state-metrics (part of kube-prometheus-stack)
-        hpa = f'namespace="{owner.namespace}",horizontalpodautoscaler="{owner.name}"'
-        rules.append(alert(
-            "WSGatewayAtMaxReplicas",
-            f"kube_horizontalpodautoscaler_status_current_replicas{{{hpa}}} "
-            f">= kube_horizontalpodautoscaler_spec_max_replicas{{{hpa}}}",
-            "15m", "warning", "the autoscaler is at replicas.max; raise it or the per-pod target",
-            "docs/runbooks.md#slow-client-disconnects-rising"))
+    """This gateway's alerts: the rules of wsgateway_operator.alerts (the same ones as the committed
+    dashboards/prometheus/wsgateway-alerts.yaml) with the gateway's own selector; `job` is the Service
+    name (the ServiceMonitor's default job label). WSGatewayAtMaxReplicas only with the HPA."""
+    groups = alert_groups(
+        f'namespace="{owner.namespace}",job="{owner.name}"',
+        runbook_base_url=spec.observability.runbook_base_url,
+        group_name=f"wsgateway.{owner.namespace}.{owner.name}",
+        hpa=spec.autoscaling.mode == "hpa",  # needs kube-state-metrics (part of kube-prometheus-stack)
+        hpa_selector=f'namespace="{owner.namespace}",horizontalpodautoscaler="{owner.name}"',
+    )
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": _metadata(owner, owner.name),
-        "spec": {"groups": [{"name": f"wsgateway.{owner.namespace}.{owner.name}", "rules": rules}]},
+        "spec": {"groups": groups},
     }
 
 

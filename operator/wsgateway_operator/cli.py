@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     peer.add_argument("--standalone", action="store_true", help="no peering (one operator instance)")
     p.add_argument("--liveness", metavar="URL", default=None,
                    help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve the operator's Prometheus metrics on http://0.0.0.0:PORT/metrics "
+                        "(default: $WSGATEWAY_OPERATOR_METRICS_PORT, else 9090; 0: off)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("-d", "--debug", action="store_true", help="log everything (API calls included)")
 
@@ -51,12 +54,21 @@ def run(args: argparse.Namespace) -> int:
         print("wsgateway operator: kopf is not installed; install the operator extra: "
               "pip install 'wsgateway[operator]'", file=sys.stderr)
         return 2
+    from pydantic import ValidationError
+
     from wsgateway_operator.controller import OperatorConfig
     from wsgateway_operator.handlers import register
 
+    try:
+        config = OperatorConfig.from_env()
+        if args.metrics_port is not None:
+            config = OperatorConfig.model_validate({**config.model_dump(), "metrics_port": args.metrics_port})
+    except ValidationError as exc:
+        print(f"wsgateway operator: bad configuration:\n{exc}", file=sys.stderr)
+        return 2
     kopf.configure(debug=args.debug, verbose=args.verbose)
     registry = kopf.OperatorRegistry()
-    register(registry, OperatorConfig.from_env())
+    register(registry, config)
     kopf.run(
         registry=registry,
         clusterwide=bool(args.all_namespaces),

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from wsgateway_operator.apply import drift_patch, owned_by
 from wsgateway_operator.builders import (
@@ -27,6 +27,7 @@ from wsgateway_operator.builders import (
     unwanted_kinds,
 )
 from wsgateway_operator.kube import CHILD_REFS, PODS, SECRETS, ApiError, KubeClient
+from wsgateway_operator.metrics import DEFAULT_PORT, OperatorMetrics
 from wsgateway_operator.natsops import (
     JetStreamReport,
     NatsProblem,
@@ -53,6 +54,18 @@ OPTIONAL_KINDS = {
 }
 
 
+# OperatorConfig field -> the environment variable that sets it (operator/README.md lists them).
+OPERATOR_ENV = {
+    "resync_seconds": "WSGATEWAY_OPERATOR_RESYNC_S",
+    "scrape_timeout": "WSGATEWAY_OPERATOR_SCRAPE_TIMEOUT_S",
+    "nats_timeout": "WSGATEWAY_OPERATOR_NATS_TIMEOUT_S",
+    "retry_base_seconds": "WSGATEWAY_OPERATOR_RETRY_BASE_S",
+    "retry_max_seconds": "WSGATEWAY_OPERATOR_RETRY_MAX_S",
+    "metrics_port": "WSGATEWAY_OPERATOR_METRICS_PORT",
+    "metrics_host": "WSGATEWAY_OPERATOR_METRICS_HOST",
+}
+
+
 class OperatorConfig(BaseModel):
     """Operator tunables; `from_env` reads WSGATEWAY_OPERATOR_* (tests use short intervals)."""
 
@@ -63,17 +76,12 @@ class OperatorConfig(BaseModel):
     retry_max_seconds: float = 60.0
     drain_poll_seconds: float = 5.0  # finalizer: how often to look whether the pods are gone
     api_cache_seconds: float = 60.0  # how long API discovery (Prometheus Operator, KEDA) is trusted
+    metrics_port: int = Field(DEFAULT_PORT, ge=0, le=65535)  # the operator's /metrics; 0: not served
+    metrics_host: str = "0.0.0.0"
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        fields = {
-            "resync_seconds": "WSGATEWAY_OPERATOR_RESYNC_S",
-            "scrape_timeout": "WSGATEWAY_OPERATOR_SCRAPE_TIMEOUT_S",
-            "nats_timeout": "WSGATEWAY_OPERATOR_NATS_TIMEOUT_S",
-            "retry_base_seconds": "WSGATEWAY_OPERATOR_RETRY_BASE_S",
-            "retry_max_seconds": "WSGATEWAY_OPERATOR_RETRY_MAX_S",
-        }
-        values = {f: os.environ[v] for f, v in fields.items() if os.environ.get(v)}
+        values = {f: os.environ[v] for f, v in OPERATOR_ENV.items() if os.environ.get(v)}
         return cls.model_validate(values)
 
     def backoff(self, retry: int) -> float:
@@ -85,6 +93,7 @@ class ApplyReport(BaseModel):
     updated: list[str] = []
     deleted: list[str] = []
     errors: list[str] = []
+    managed: list[str] = []  # kinds of the children in place and owned (created, patched or as they were)
 
     @property
     def changed(self) -> bool:
@@ -97,6 +106,19 @@ class ReconcileResult(BaseModel):
     nats_problem: NatsProblemInfo | None = None
     applied: ApplyReport = ApplyReport()
     jetstream: JetStreamReport | None = None
+    desired_replicas: int | None = None  # the Deployment's spec.replicas (the autoscaler's choice)
+
+    @property
+    def error_reasons(self) -> list[str]:
+        """Why this reconcile counts as an error (wsgateway_operator_reconcile_errors_total's reasons)."""
+        reasons = []
+        if self.spec_error:
+            reasons.append("invalid_spec")
+        if self.nats_problem is not None:
+            reasons.append("nats")
+        if self.applied.errors:
+            reasons.append("children")
+        return reasons
 
 
 class NatsProblemInfo(BaseModel):
@@ -113,14 +135,18 @@ class Controller:
         self.kube: KubeClient | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._api_cache: dict[str, tuple[float, bool]] = {}
+        self.metrics = OperatorMetrics()
 
     # --- helpers ---------------------------------------------------------------------------------
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
 
-    def forget(self, uid: str) -> None:
+    def forget(self, uid: str, *, namespace: str | None = None, name: str | None = None) -> None:
+        """The gateway is gone: drop its lock and (given its namespace and name) its metric series."""
         self._locks.pop(uid, None)
+        if namespace is not None and name is not None:
+            self.metrics.forget(namespace, name)
 
     @property
     def api(self) -> KubeClient:
@@ -182,6 +208,7 @@ class Controller:
                 if live is None:
                     await self.api.create(ref, owner.namespace, child)
                     report.created.append(f"{kind}/{name}")
+                    report.managed.append(kind)
                 elif not owned_by(live, owner.uid):
                     report.errors.append(
                         f"{kind} {owner.namespace}/{name} exists but does not belong to this WebSocketGateway: "
@@ -192,6 +219,7 @@ class Controller:
                     if patch is not None:
                         await self.api.patch(ref, owner.namespace, name, patch)
                         report.updated.append(f"{kind}/{name}")
+                    report.managed.append(kind)
             except ApiError as exc:
                 report.errors.append(f"{kind} {owner.namespace}/{name}: {exc.reason}: {exc.message}")
         for kind in unwanted_kinds(children):
@@ -217,18 +245,31 @@ class Controller:
 
     async def reconcile(
         self, *, name: str, namespace: str, uid: str, generation: int | None, spec: dict[str, Any],
-        status: dict[str, Any] | None, deleting: Callable[[], bool] = lambda: False,
+        status: dict[str, Any] | None, deleting: Callable[[], bool] = lambda: False, trigger: str = "change",
     ) -> ReconcileResult | None:
         """Children, JetStream and status for one gateway; never raises for NATS or child problems
         (they are in the result and the status), only for the unexpected.
 
         None when the gateway is being deleted: checked under the lock the finalizer also takes, so a
-        periodic refresh can never re-create what the finalizer just removed.
+        periodic refresh can never re-create what the finalizer just removed. Every reconcile that ran
+        is counted in the operator's metrics (`trigger`: change or refresh).
         """
         async with self._lock(uid):
             if deleting():
                 return None
-            return await self._reconcile(name, namespace, uid, generation, spec, status)
+            started = time.perf_counter()
+            try:
+                result = await self._reconcile(name, namespace, uid, generation, spec, status)
+            except Exception:
+                self.metrics.reconciled(namespace, name, trigger=trigger, seconds=time.perf_counter() - started,
+                                        errors=["exception"])
+                raise
+            self.metrics.reconciled(
+                namespace, name, trigger=trigger, seconds=time.perf_counter() - started,
+                errors=result.error_reasons, status=result.status, desired_replicas=result.desired_replicas,
+                managed=None if result.spec_error else result.applied.managed,
+            )
+            return result
 
     async def _reconcile(
         self, name: str, namespace: str, uid: str, generation: int | None, raw_spec: dict[str, Any],
@@ -282,8 +323,10 @@ class Controller:
         except ApiError as exc:
             log.warning("%s/%s: cannot list pods: %s", namespace, name, exc)
             obs.scrape = ScrapeResult()
+        desired = ((obs.deployment or {}).get("spec") or {}).get("replicas")
         return ReconcileResult(
-            status=build_status(obs, status), nats_problem=problem, applied=applied, jetstream=report
+            status=build_status(obs, status), nats_problem=problem, applied=applied, jetstream=report,
+            desired_replicas=int(desired) if desired is not None else None,
         )
 
     # --- deletion --------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `register(registry, config)` installs everything into a kopf registry, so `wsgateway operator` and the
 tests (kopf.testing.KopfRunner) run the very same handlers with their own settings:
 
-  startup        kopf settings: progress and diff-base in annotations (the status stays ours), finalizer
+  startup        kopf settings: progress and diff-base in annotations (the status stays ours), finalizer;
+                 the operator's /metrics endpoint (metrics.py) when config.metrics_port is set
   login          service account in a pod, else kubeconfig; the operator's own client uses it too
   index          gateways by (NATS urls, stream): the finalizer must not clean a stream another uses
   create/update/resume
@@ -24,6 +25,7 @@ import kopf
 from wsgateway_operator import GROUP, PLURAL, VERSION
 from wsgateway_operator.controller import Controller, OperatorConfig, ReconcileResult
 from wsgateway_operator.kube import KubeClient
+from wsgateway_operator.metrics import serve as serve_metrics
 from wsgateway_operator.status import status_changed, with_condition
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -62,6 +64,20 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
         # again every second rather than kopf's default minute.
         settings.background.cancellation_polling = 1.0
 
+    metrics_server: list[Any] = []  # the aiohttp runner while it serves
+
+    @kopf.on.startup(registry=registry, id="metrics")
+    async def metrics(logger: logging.Logger, **_: Any) -> None:
+        if not config.metrics_port or metrics_server:
+            return
+        where = f"{config.metrics_host}:{config.metrics_port}"
+        try:
+            metrics_server.append(await serve_metrics(ctrl.metrics, config.metrics_host, config.metrics_port))
+        except OSError as exc:  # e.g. the port is taken: say so and stop, rather than run unobserved
+            raise kopf.PermanentError(f"cannot serve the operator's metrics on {where}: {exc} "
+                                      "(--metrics-port / WSGATEWAY_OPERATOR_METRICS_PORT; 0 turns it off)") from exc
+        logger.info("serving the operator's metrics on http://%s/metrics", where)
+
     @kopf.on.login(registry=registry, id="login")
     async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
         info = _login(settings)
@@ -80,12 +96,14 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
         if ctrl.kube is not None:
             await ctrl.kube.aclose()
             ctrl.kube = None
+        while metrics_server:
+            await metrics_server.pop().cleanup()
 
     @kopf.index(*RESOURCE, registry=registry, id="gateways_by_stream")
     def gateways_by_stream(name: str, namespace: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
         return {_stream_key(dict(spec)): f"{namespace}/{name}"}
 
-    async def reconcile(body: kopf.Body, patch: kopf.Patch) -> ReconcileResult | None:
+    async def reconcile(body: kopf.Body, patch: kopf.Patch, trigger: str) -> ReconcileResult | None:
         if ctrl.kube is None:  # the operator is stopping (a late timer tick after cleanup)
             return None
         meta = body.metadata
@@ -93,6 +111,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
             name=meta.name, namespace=meta.namespace or "", uid=meta.uid or "",
             generation=meta.get("generation"), spec=dict(body.spec), status=dict(body.status),
             deleting=lambda: bool(body.metadata.deletion_timestamp),  # the body is live in timers
+            trigger=trigger,
         )
         if result is not None and status_changed(dict(body.status), result.status):
             for key, value in result.status.items():
@@ -103,7 +122,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
     @kopf.on.create(*RESOURCE, registry=registry, id="apply")
     @kopf.on.update(*RESOURCE, registry=registry, id="apply")
     async def apply(body: kopf.Body, patch: kopf.Patch, retry: int, logger: logging.Logger, **_: Any) -> None:
-        result = await reconcile(body, patch)
+        result = await reconcile(body, patch, "change")
         if result is None:
             return
         if result.applied.changed:
@@ -127,7 +146,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
         initial_delay=config.resync_seconds,
     )
     async def refresh(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
-        result = await reconcile(body, patch)
+        result = await reconcile(body, patch, "refresh")
         if result is not None and result.applied.changed:
             logger.warning("corrected drift: %s", ", ".join(
                 [f"re-created {c}" for c in result.applied.created] + [f"restored {c}" for c in result.applied.updated]
@@ -154,6 +173,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
                 generation=meta.get("generation"),
             )
             raise kopf.TemporaryError(step.pending, delay=config.drain_poll_seconds)
-        ctrl.forget(meta.uid or "")
+        ctrl.forget(meta.uid or "", namespace=meta.namespace or "", name=meta.name or "")
 
     return ctrl

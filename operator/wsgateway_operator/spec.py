@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from pydantic.alias_generators import to_camel
 
 from gateway.config import NAME_PATTERN
+from wsgateway_operator.alerts import DEFAULT_RUNBOOK_BASE_URL
 
 # --- patterns (RE2: no look-arounds, no backreferences) -------------------------------------------
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -297,11 +298,21 @@ class ServiceSpec(CRModel):
 class ObservabilitySpec(CRModel):
     otlp_endpoint: str | None = Field(
         None, pattern=HTTP_URL, max_length=1024,
-        description="OTLP endpoint, passed as OTEL_EXPORTER_OTLP_ENDPOINT (for when the gateway exports traces).",
+        description="OTLP/HTTP base URL of an OpenTelemetry collector (e.g. http://otel-collector:4318); "
+                    "passed as WSGATEWAY_OTEL_ENDPOINT. Unset: the gateway records no traces.",
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1,
+        description="Share of traces starting at the gateway that are recorded (WSGATEWAY_OTEL_SAMPLE_RATIO); "
+                    "traces sampled upstream by the publisher are always recorded.",
     )
     service_monitor: bool = Field(True, description="Create a ServiceMonitor (only if monitoring.coreos.com exists).")
     prometheus_rule: bool = Field(True, description="Create a PrometheusRule (only if monitoring.coreos.com exists).")
     scrape_interval: str = Field("30s", pattern=DURATION, max_length=32, description="ServiceMonitor interval.")
+    runbook_base_url: str = Field(
+        DEFAULT_RUNBOOK_BASE_URL, pattern=HTTP_URL, max_length=1024,
+        description="docs/runbooks.md URL the PrometheusRule's runbook_url annotations point into (#<section>).",
+    )
 
 
 class WebSocketGatewaySpec(CRModel):

@@ -26,7 +26,7 @@ from wsgateway_operator.handlers import register
 NAMESPACE = "realtime"
 FAST = OperatorConfig(
     resync_seconds=1.0, scrape_timeout=0.5, nats_timeout=1.0, retry_base_seconds=0.5, retry_max_seconds=1.0,
-    drain_poll_seconds=0.5, api_cache_seconds=0.5,
+    drain_poll_seconds=0.5, api_cache_seconds=0.5, metrics_port=0,  # metrics: test_operator_metrics.py
 )
 
 CORE = {

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.config import Settings
 from gateway.metrics import Metrics
+from wsgateway_operator.alerts import DEFAULT_RUNBOOK_BASE_URL, alerts
 from wsgateway_operator.apply import contains, drift_patch, owned_by, quantity
 from wsgateway_operator.builders import (
     CONFIG_HASH_ANNOTATION,
@@ -135,6 +136,7 @@ def test_config_map_is_the_gateways_settings() -> None:
         assert settings.stream == s.nats.stream.name and settings.acl_bucket == s.nats.acl_bucket
         assert settings.create_stream is False  # the operator owns the stream and the bucket
         assert settings.max_connections == s.gateway.max_connections
+        assert settings.connections_target == s.autoscaling.target_connections_per_pod
         assert settings.queue_max_bytes == s.gateway.queue_max_bytes
         assert settings.heartbeat_s == s.gateway.heartbeat_seconds
         assert settings.shutdown_timeout_s == s.gateway.shutdown_timeout_seconds
@@ -143,7 +145,10 @@ def test_config_map_is_the_gateways_settings() -> None:
     assert full["WSGATEWAY_NATS_CREDENTIALS"] == "/etc/wsgateway/nats/nats.creds"
     assert full["WSGATEWAY_JWKS_URL"] == "https://idp/jwks" and "WSGATEWAY_OIDC_ISSUER" not in full
     assert full["WSGATEWAY_STREAM_MAX_AGE_S"] == str(7 * 86400)
-    assert full["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel:4318"
+    assert full["WSGATEWAY_CONNECTIONS_TARGET"] == "8000"  # spec.autoscaling.targetConnectionsPerPod
+    assert full["WSGATEWAY_OTEL_ENDPOINT"] == "http://otel:4318"  # what the gateway's tracing reads
+    assert Settings(**{k.removeprefix("WSGATEWAY_").lower(): v for k, v in full.items()
+                       if k.startswith("WSGATEWAY_OTEL_")}, dev_mode=True).otel_endpoint == "http://otel:4318"
 
 
 def container(dep: dict[str, Any]) -> dict[str, Any]:
@@ -257,9 +262,19 @@ def test_monitoring_objects_use_real_metrics() -> None:
         assert all(isinstance(v, str) for v in (*r["labels"].values(), *r["annotations"].values()))
         for metric in re.findall(r"\b(wsgateway_[a-z_]+)\b", r["expr"]):
             assert metric in names, (r["alert"], metric)
-        assert 'namespace="realtime"' in r["expr"]
-    limit = next(r for r in group["rules"] if r["alert"] == "WSGatewayConnectionsNearLimit")
-    assert limit["expr"].endswith(f"> {int(50000 * 1 * 0.9)}")
+        # every selector is this gateway's (the ServiceMonitor's job label is the Service name)
+        for metric, matchers in re.findall(r"\b([a-z_]+)\{([^}]*)\}", r["expr"]):
+            wanted = 'horizontalpodautoscaler="gw"' if metric.startswith("kube_") else 'job="gw"'
+            assert 'namespace="realtime"' in matchers and wanted in matchers, (r["alert"], metric, matchers)
+        assert r["labels"]["severity"] in {"critical", "warning"}
+        assert set(r["annotations"]) == {"summary", "description", "runbook_url"}
+        assert r["annotations"]["runbook_url"].startswith(f"{DEFAULT_RUNBOOK_BASE_URL}#")
+    # the one definition shared with dashboards/prometheus/wsgateway-alerts.yaml (tests/test_alerts.py)
+    assert [r["alert"] for r in group["rules"]] == [a.name for a in alerts(hpa=True)]
+    assert "WSGatewayAtMaxReplicas" not in str(by_kind(MATRIX["keda+monitoring"][0], "PrometheusRule"))
+    custom = by_kind(spec(observability={"runbookBaseUrl": "https://wiki.example.com/rb"}), "PrometheusRule")
+    assert {r["annotations"]["runbook_url"].split("#")[0] for r in custom["spec"]["groups"][0]["rules"]} == {
+        "https://wiki.example.com/rb"}
 
 
 def test_jetstream_plan() -> None:

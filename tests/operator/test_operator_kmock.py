@@ -275,7 +275,8 @@ async def test_resume_after_operator_restart(api: ApiServer, kubectl: Client, na
 
 async def test_wsgateway_operator_command(api: ApiServer, kubectl: Client, nats_server: NatsProcess) -> None:
     """The real entry point: `wsgateway operator` as a process, namespaces from the environment."""
-    env = {**os.environ, "WSGATEWAY_OPERATOR_NAMESPACES": NAMESPACE, "WSGATEWAY_OPERATOR_RESYNC_S": "1"}
+    env = {**os.environ, "WSGATEWAY_OPERATOR_NAMESPACES": NAMESPACE, "WSGATEWAY_OPERATOR_RESYNC_S": "1",
+           "WSGATEWAY_OPERATOR_METRICS_PORT": "0"}  # metrics: test_operator_metrics.py
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "wsgateway"), "operator", "--standalone", env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)

@@ -74,15 +74,18 @@ async def wait_ready(url: str, timeout: float = 20.0) -> None:
 async def run_gateway(
     nats_url: str, issuer: str | None = None, *, ready: bool = True, **overrides: Any
 ) -> AsyncIterator[RunningGateway]:
-    """Start a gateway against `nats_url` with tokens from `issuer`; stop it (gracefully) afterwards."""
+    """Start a gateway against `nats_url` with tokens from `issuer`; stop it (gracefully) afterwards.
+
+    `overrides` are Settings fields, except `tracer_provider`, which goes to `create_app`."""
     port = overrides.pop("port", None) or free_port()
+    tracer_provider = overrides.pop("tracer_provider", None)
     values: dict[str, Any] = {
         "nats_url": nats_url, "host": "127.0.0.1", "port": port, "oidc_issuer": issuer,
         "heartbeat_s": 5, "shutdown_timeout_s": 3, "log_level": "warning", "jwt_leeway_s": 1,
     }
     values.update(overrides)
     settings = Settings(**values)
-    app = create_app(settings)
+    app = create_app(settings, tracer_provider=tracer_provider)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_options(settings))  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
