@@ -457,20 +457,11 @@ int main(int argc, char **argv) {
     double last_check = now_wall();
     for (;;) {
         int n = epoll_wait(ep, evs, 512, 100);
+        int commands = 0;
         for (int i = 0; i < n; i++) {
             conn_t *c = evs[i].data.ptr;
             if (!c) {
-                ssize_t r = read(0, cbuf + clen, sizeof cbuf - 1 - clen);
-                if (r <= 0) return 0; /* the parent is gone */
-                clen += (size_t)r;
-                char *nl;
-                while ((nl = memchr(cbuf, '\n', clen))) {
-                    *nl = 0;
-                    if (command(cbuf)) return 0;
-                    size_t used = (size_t)(nl - cbuf) + 1;
-                    memmove(cbuf, cbuf + used, clen - used);
-                    clen -= used;
-                }
+                commands = 1; /* after the sockets: `disconnect` frees connections this batch may name */
                 continue;
             }
             if (c->state == DEAD) continue;
@@ -488,6 +479,19 @@ int main(int argc, char **argv) {
                 continue;
             }
             if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) on_readable(c);
+        }
+        if (commands) {
+            ssize_t r = read(0, cbuf + clen, sizeof cbuf - 1 - clen);
+            if (r <= 0) return 0; /* the parent is gone */
+            clen += (size_t)r;
+            char *nl;
+            while ((nl = memchr(cbuf, '\n', clen))) {
+                *nl = 0;
+                if (command(cbuf)) return 0;
+                size_t used = (size_t)(nl - cbuf) + 1;
+                memmove(cbuf, cbuf + used, clen - used);
+                clen -= used;
+            }
         }
         if (connecting) {
             double now = now_wall();
