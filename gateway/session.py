@@ -15,6 +15,7 @@ from starlette.websockets import WebSocket
 
 from gateway import tracing
 from gateway.auth import AuthError, Principal, extract_token
+from gateway.gc_tuning import after_handshake
 from gateway.hub import Connection, control
 from gateway.protocol import (
     CLOSE_BAD_REQUEST,
@@ -151,6 +152,7 @@ def open_connection(
     started. Shared by the WebSocket session and the SSE endpoint."""
     conn = Connection(gw.hub, channel, principal, uuid.uuid4().hex, sse=sse)
     gw.hub.add(conn)
+    after_handshake()
     gw.metrics.connection_attempts.labels("accepted").inc()
     conn.send(control(
         "welcome", connection_id=conn.id, principal=principal_info(principal),
