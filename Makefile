@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-APT_DEPS := nats-server=nats-server node=nodejs npm=npm promtool=prometheus chromium=chromium
+APT_DEPS := nats-server=nats-server node=nodejs npm=npm promtool=prometheus chromium=chromium gcc=gcc
 PYTEST_ARGS ?=
 
 .PHONY: run test deps venv system-deps npm-deps lint bench clean dashboards

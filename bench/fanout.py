@@ -870,9 +870,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=2, help="load-client processes")
     p.add_argument("--workers", type=int, default=1,
                    help="gateway worker processes (`wsgateway serve --workers N`); CPU and RSS are summed")
-    p.add_argument("--client", choices=("py", "c"), default="py",
-                   help="load client: py (bench/wsload.py, uvloop) or c (bench/wsload.c, compiled with gcc; "
-                        "~4x less CPU, so more of the machine is left to the server under test)")
+    p.add_argument("--client", choices=("py", "c"), default="c",
+                   help="load client: c (bench/wsload.c, compiled with gcc at start; the default: a fraction of "
+                        "the CPU, so more of the machine is left to the server under test) or py (bench/wsload.py)")
     p.add_argument("--rate", default="", help="override offered deliveries/s: 'conns=rate,...'")
     p.add_argument("--gateway-steps", default="0.5,0.625,0.75,0.875,1,1.25,1.5,2",
                    help="offered rates as fractions of the target, ascending while p99 holds (1 always runs)")

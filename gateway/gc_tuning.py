@@ -63,16 +63,16 @@ def after_handshake() -> None:
 async def collect_when_quiet(gen0_threshold: int, interval_s: float = 1.0) -> None:
     """Run until cancelled: collect generations 0 and 1 after each quiet second.
 
-    Quiet: fewer than a tenth of the threshold allocations since the last look. Those collections are
-    small (the young generations of an idle process) and, with little promoted, never lead to a long
-    full collection.
+    Quiet: no threshold-driven collection and fewer than a tenth of the threshold allocations since
+    the last look. Those collections are small (the young generations of an idle process) and, with
+    little promoted, never lead to a long full collection. Under load this does nothing.
     """
     quiet = max(1, gen0_threshold // 10)
-    last = gc.get_count()[0]
+    last_young, last_runs = gc.get_count()[0], gc.get_stats()[0]["collections"]
     while True:
         await asyncio.sleep(interval_s)
         young, older, _ = gc.get_count()
-        allocated = young - last if young >= last else young  # a collection ran meanwhile
-        if allocated < quiet and (young > 0 or older > 0):
+        runs = gc.get_stats()[0]["collections"]
+        if runs == last_runs and young - last_young < quiet and (young > 0 or older > 0):
             gc.collect(1)
-        last = gc.get_count()[0]
+        last_young, last_runs = gc.get_count()[0], gc.get_stats()[0]["collections"]

@@ -14,9 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(180)
 def test_quick_benchmark_runs_and_reports_both_servers(tmp_path: Path) -> None:
+    """The Python load client (`--client py`) against both servers."""
     out = tmp_path / "quick.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "fanout.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(REPO / "bench" / "fanout.py"), "--quick", "--client", "py", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=170,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -28,7 +29,7 @@ def test_quick_benchmark_runs_and_reports_both_servers(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_quick_benchmark_with_the_compiled_load_client(tmp_path: Path) -> None:
-    """`--client c` compiles bench/wsload.c and measures the same figures through it."""
+    """`--client c` (the default) compiles bench/wsload.c and measures the same figures through it."""
     out = tmp_path / "quick-c.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "fanout.py"), "--quick", "--client", "c", "--servers", "gateway",
