@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from gateway import tracing
 from gateway.auth import TokenVerifier
 from gateway.bus import Bus
 from gateway.config import Settings
-from gateway.gc_tuning import collect_when_quiet, tune_gc
+from gateway.gc_tuning import tune_gc
 from gateway.history import StreamReader
 from gateway.http_api import build_router
 from gateway.hub import Hub
@@ -54,7 +53,6 @@ class Gateway:
         self.verifier = TokenVerifier.from_settings(settings, issuer=issuer)
 
         self._replayer: Replayer | None = None
-        self._gc_task: asyncio.Task[None] | None = None
 
     @property
     def reader(self) -> StreamReader:
@@ -75,11 +73,8 @@ class Gateway:
         await self.bus.start()
         if self.settings.gc_gen0_threshold > 0:
             tune_gc(self.settings.gc_gen0_threshold)
-            self._gc_task = asyncio.create_task(collect_when_quiet(self.settings.gc_gen0_threshold))
 
     async def stop(self) -> None:
-        if self._gc_task is not None:
-            self._gc_task.cancel()
         for conn in list(self.hub.connections.values()):
             self.hub.go_away(conn)
         await self.bus.stop()
