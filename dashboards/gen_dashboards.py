@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wsgateway_operator.generated import write_or_check
+
 OUT = Path(__file__).resolve().parent / "grafana"
 SCHEMA_VERSION = 39
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
@@ -433,21 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only check that the committed files are current")
     parser.add_argument("--out", type=Path, default=OUT, help=f"output directory (default {OUT})")
     args = parser.parse_args(argv)
-    stale = []
-    for name, text in generate().items():
-        path = args.out / name
-        current = path.read_text(encoding="utf-8") if path.exists() else None
-        if current == text:
-            continue
-        stale.append(name)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-            print(f"wrote {path}")
-    if args.check and stale:
-        print(f"stale: {', '.join(stale)}; run `make dashboards`", file=sys.stderr)
-        return 1
-    return 0
+    results = [write_or_check(args.out / name, text, check=args.check, how_to_regenerate="make dashboards")
+               for name, text in generate().items()]
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":

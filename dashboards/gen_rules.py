@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from wsgateway_operator.alerts import DEFAULT_GROUP, DEFAULT_RUNBOOK_BASE_URL, GENERIC_SELECTOR, alert_groups
+from wsgateway_operator.generated import write_or_check
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "dashboards" / "prometheus" / "wsgateway-alerts.yaml"
@@ -70,17 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stdout:
         sys.stdout.write(text)
         return 0
-    if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} is stale: run .venv/bin/python dashboards/gen_rules.py (make dashboards)",
-                  file=sys.stderr)
-            return 1
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(f"wrote {args.output}")
-    return 0
+    ok = write_or_check(args.output, text, check=args.check,
+                        how_to_regenerate=".venv/bin/python dashboards/gen_rules.py (make dashboards)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

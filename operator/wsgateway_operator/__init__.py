@@ -7,6 +7,8 @@ no `__init__.py`.
 Layout (pure modules first, I/O last):
   spec.py      pydantic models of the resource: the one source of truth for the CRD and the operator
   crd.py       the CustomResourceDefinition generated from spec.py (`python -m wsgateway_operator.crd`)
+  generated.py writing or staleness-checking committed generated files (CRD, alert rules, dashboards)
+  alerts.py    the alert rules (one source for the PrometheusRule and dashboards/prometheus/)
   builders.py  pure functions: (name, namespace, uid, spec) -> Kubernetes manifests, JetStream plan
   apply.py     pure drift detection and merge patches for idempotent get/create/patch apply
   status.py    pure status/conditions from observations

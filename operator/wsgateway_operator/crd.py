@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from wsgateway_operator import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from wsgateway_operator.generated import write_or_check
 from wsgateway_operator.spec import RULE_NAME, GatewayStatus, WebSocketGatewaySpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -194,16 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stdout:
         sys.stdout.write(text)
         return 0
-    if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} is stale: run python -m wsgateway_operator.crd", file=sys.stderr)
-            return 1
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(f"wrote {args.output}")
-    return 0
+    ok = write_or_check(args.output, text, check=args.check, how_to_regenerate="python -m wsgateway_operator.crd")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
