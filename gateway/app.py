@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -53,6 +57,7 @@ class Gateway:
         self.verifier = TokenVerifier.from_settings(settings, issuer=issuer)
 
         self._replayer: Replayer | None = None
+        self._unchain_signals: Callable[[], None] = lambda: None
 
     @property
     def reader(self) -> StreamReader:
@@ -73,8 +78,18 @@ class Gateway:
         await self.bus.start()
         if self.settings.gc_gen0_threshold > 0:
             tune_gc(self.settings.gc_gen0_threshold)
+        self._unchain_signals = chain_exit_signals(asyncio.get_running_loop(), self.begin_shutdown)
+
+    def begin_shutdown(self) -> None:
+        """The server was told to stop: end every SSE stream now, after what is queued, with a `close`
+        event (1001). WebSockets get theirs from uvicorn's protocol shutdown (transport.py); an SSE
+        response would otherwise run until the graceful-shutdown timeout."""
+        for conn in list(self.hub.connections.values()):
+            if conn.sse:
+                self.hub.go_away(conn)
 
     async def stop(self) -> None:
+        self._unchain_signals()
         for conn in list(self.hub.connections.values()):
             self.hub.go_away(conn)
         await self.bus.stop()
@@ -88,6 +103,39 @@ class Gateway:
             "acl_loaded": self.bus.acl_ready.is_set(),
             "jwks_loaded": self.verifier.ready,
         }
+
+
+def chain_exit_signals(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> Callable[[], None]:
+    """Run `callback` on the loop when SIGINT/SIGTERM arrive, then the handler that was there.
+
+    uvicorn installs its own Python handlers before the app starts (and restores the previous ones
+    when it ends); chaining in front of them is how the gateway learns that shutdown began before the
+    server waits for open HTTP responses. The callback is scheduled with `call_soon_threadsafe`, never
+    run inside the signal handler, so it cannot interleave with the hub's own work. Nothing happens
+    outside the main thread or when no Python handler is installed. Returns what undoes it (where the
+    chain is still in place).
+    """
+    installed: list[tuple[signal.Signals, Any, Any]] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue
+
+            def handler(signum: int, frame: FrameType | None, previous: Callable[..., Any] = previous) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(callback)
+                previous(signum, frame)
+
+            signal.signal(sig, handler)
+            installed.append((sig, handler, previous))
+
+    def undo() -> None:
+        for sig, handler, previous in installed:
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, previous)
+
+    return undo
 
 
 WS_PATH = "/v1/ws"

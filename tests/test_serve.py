@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,41 @@ def test_serve_refuses_dev_mode(nats_server: NatsProcess) -> None:
     out = subprocess.run([WSGATEWAY, "serve"], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "wsgateway dev" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.timeout(60)
+async def test_shutdown_ends_sse_streams_with_a_close_event_at_once(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    """SIGTERM: an open SSE stream gets what is queued, then `event: close` with code 1001, and the
+    process exits long before the graceful-shutdown timeout (it used to wait all of it)."""
+    port = free_port()
+    env = {**_env(nats_server, idp, port), "WSGATEWAY_SHUTDOWN_TIMEOUT_S": "30"}
+    proc = subprocess.Popen([WSGATEWAY, "serve", "--workers", "1"], env=env)  # noqa: ASYNC220
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await wait_ready(base, timeout=40)
+        await platform.grant("acme.org", {"admins": ["user:alice"]})
+        seq = await platform.publish("acme", "conversation:c1")
+        body = b""
+        async with httpx.AsyncClient(timeout=20) as c:
+            params = {"scope": "conversation:c1", "since": str(seq - 1)}
+            headers = {"Authorization": f"Bearer {idp.mint('alice')}"}
+            async with c.stream("GET", f"{base}/v1/sse", params=params, headers=headers) as r:
+                assert r.status_code == 200
+                chunks = r.aiter_bytes()
+                while f"id: {seq}".encode() not in body:
+                    body += await chunks.__anext__()
+                t0 = asyncio.get_running_loop().time()
+                proc.terminate()
+                async for chunk in chunks:  # ends when the server ends the response
+                    body += chunk
+                ended_after = asyncio.get_running_loop().time() - t0
+        assert b"event: close" in body and b'"code":1001' in body.replace(b" ", b"")
+        assert ended_after < 10, f"the SSE stream ran {ended_after:.1f}s into shutdown"
+        # uvicorn re-raises the signal once it has shut down gracefully: exit by SIGTERM (or 0)
+        assert await asyncio.to_thread(proc.wait, 15) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 20)
