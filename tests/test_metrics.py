@@ -29,7 +29,7 @@ from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.promql import queried_metrics
-from tests.support.wsclient import closed, connect, connect_slow, events, recv, recv_type, subscribe, welcome
+from tests.support.wsclient import closed, connect, connect_stalled, events, recv, recv_type, subscribe, welcome
 
 # label -> allowed values, per metric family (as the parser names them: counters without _total)
 ALLOWED_LABELS: dict[str, dict[str, frozenset[str]]] = {
@@ -116,10 +116,7 @@ async def make_traffic(g: RunningGateway, idp: TestIdP, platform: Platform) -> N
     assert (await events(resumed, 1))[0]["event"]["scope"] == "conversation:c1"
 
     # a slow client: deltas are coalesced in its queue, then lifecycle events overflow it (4429)
-    slow = await connect_slow(f"{g.ws}?scope=process:slow", idp.mint("alice"))
-    await welcome(slow)
-    await recv_type(slow, "subscribed")
-    slow.transport.pause_reading()
+    slow = await connect_stalled(f"{g.ws}?scope=process:slow", idp.mint("alice"))
     for _ in range(40):
         for _ in range(25):
             await platform.publish("acme", "process:slow", type="run.message.delta", run_id="r1",

@@ -16,7 +16,7 @@ from gateway.natsproc import NatsProcess
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
-from tests.support.wsclient import connect, connect_slow, events, recv, recv_type, silence, welcome
+from tests.support.wsclient import connect, connect_stalled, events, recv, recv_type, silence, welcome
 
 ADMIN = {"admins": ["user:alice"]}
 
@@ -173,10 +173,7 @@ async def test_slow_client_coalesced_then_closed_and_resume_has_every_lifecycle_
     client has every lifecycle event, and merged deltas carry all the text they replace."""
     await platform.grant("acme.org", ADMIN)
     async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=400) as g:
-        slow = await connect_slow(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
-        await welcome(slow)
-        await recv_type(slow, "subscribed")
-        slow.transport.pause_reading()
+        slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         fast = await connect(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         await welcome(fast)
         await recv_type(fast, "subscribed")
@@ -245,10 +242,7 @@ async def test_coalescing_merges_deltas_and_drops_superseded_snapshots_keeping_l
     the same: merged deltas with the full text, only the newest snapshot, every lifecycle event in order."""
     await platform.grant("acme.org", ADMIN)
     async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=200) as g:
-        slow = await connect_slow(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
-        await welcome(slow)
-        await recv_type(slow, "subscribed")
-        slow.transport.pause_reading()
+        slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         published: list[tuple[int, str]] = []
         kw = {"run_id": "r1"}
 

@@ -36,7 +36,7 @@ from tests.support.gateway import RunningGateway, run_gateway, wait_ready
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
-from tests.support.wsclient import closed, connect, connect_slow, events, recv_type, subscribe, welcome
+from tests.support.wsclient import closed, connect, connect_stalled, events, recv_type, subscribe, welcome
 
 ADMIN = {"admins": ["user:alice"]}
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
@@ -163,10 +163,7 @@ async def test_deliver_spans_account_for_every_coalesced_frame(
         nats_server.url, idp.issuer, audience=idp.audience, tracer_provider=provider,
         queue_max_messages=50, socket_send_buffer=4096,
     ) as g:
-        slow = await connect_slow(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
-        await welcome(slow)
-        await recv_type(slow, "subscribed")
-        slow.transport.pause_reading()
+        slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         for i in range(600):
             await platform.publish("acme", "conversation:c1", type="run.message.delta", run_id="r1",
                                    data={"message_id": "m1", "delta": f"{i} ", "pad": "p" * 1000})

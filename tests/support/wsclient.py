@@ -39,6 +39,16 @@ async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnec
     return await connect(url, token, sock=sock, max_queue=1)
 
 
+async def connect_stalled(url: str, token: str) -> ClientConnection:
+    """A slow client (see `connect_slow`) subscribed through the URL's `scope`, that has now stopped reading:
+    the server's backlog for it builds up in the gateway's queue."""
+    ws = await connect_slow(url, token)
+    await recv_type(ws, "welcome")
+    await recv_type(ws, "subscribed")
+    ws.transport.pause_reading()
+    return ws
+
+
 async def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
     raw = await asyncio.wait_for(ws.recv(), timeout)
     return json.loads(raw)  # type: ignore[no-any-return]
