@@ -55,7 +55,7 @@ from benchutil import (  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from jwt.algorithms import ECAlgorithm  # noqa: E402
 
-from gateway.natsproc import NatsProcess  # noqa: E402
+from gateway.devtools.natsproc import NatsProcess  # noqa: E402
 
 AUDIENCE = "wsgateway-bench"
 STREAM = "EVENTS"

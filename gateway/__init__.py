@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.events import Envelope, InvalidEvent, parse_event
-    from gateway.publisher import Publisher
+    from gateway.sdk.publisher import Publisher
 
 __all__ = ["Envelope", "InvalidEvent", "Publisher", "parse_event"]
 
@@ -18,7 +18,7 @@ _LAZY = {
     "Envelope": "gateway.events",
     "InvalidEvent": "gateway.events",
     "parse_event": "gateway.events",
-    "Publisher": "gateway.publisher",
+    "Publisher": "gateway.sdk.publisher",
 }
 
 

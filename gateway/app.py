@@ -19,23 +19,23 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import tracing
 from gateway.auth import TokenVerifier
-from gateway.bus import Bus
 from gateway.config import Settings
+from gateway.core.bus import Bus
+from gateway.core.history import StreamReader
+from gateway.core.hub import Hub
+from gateway.core.replay import Replayer
+from gateway.edge.http_api import build_router
+from gateway.edge.session import serve_socket
 from gateway.gc_tuning import tune_gc
-from gateway.history import StreamReader
-from gateway.http_api import build_router
-from gateway.hub import Hub
 from gateway.logs import configure_logging, install_redaction
 from gateway.metrics import Metrics
 from gateway.permissions import AclStore
-from gateway.replay import Replayer
-from gateway.session import serve_socket
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Tracer
 
-    from gateway.devidp import DevIdentityProvider
+    from gateway.devtools.devidp import DevIdentityProvider
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def app_from_env() -> FastAPI:
 def uvicorn_options(settings: Settings) -> dict[str, object]:
     """The uvicorn settings the data path relies on (protocol class, limits, keepalive, shutdown)."""
     return {
-        "ws": "gateway.transport:GatewayWSProtocol",
+        "ws": "gateway.edge.transport:GatewayWSProtocol",
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": settings.heartbeat_s,
         "ws_ping_timeout": settings.heartbeat_s,

@@ -31,29 +31,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 import jwt
-import pydantic
 from jwt import exceptions as jwt_errors
 
 from gateway.config import NAME_PATTERN
+from gateway.principal import AUTH_FAILURE_REASONS, Principal
 
 if TYPE_CHECKING:
     from gateway.config import Settings
 
 log = logging.getLogger(__name__)
 
-AUTH_FAILURE_REASONS: tuple[str, ...] = (
-    "missing",
-    "malformed",
-    "expired",
-    "not_yet_valid",
-    "bad_signature",
-    "wrong_issuer",
-    "wrong_audience",
-    "unknown_key",
-    "bad_algorithm",
-    "missing_claim",
-    "jwks_unavailable",
-)
 
 #: WebSocket subprotocol of the gateway; browsers offer it next to ``bearer.<jwt>``.
 SUBPROTOCOL = "wsgateway.v1"
@@ -95,25 +82,6 @@ class AuthError(Exception):
 
     def __repr__(self) -> str:
         return f"AuthError({self.reason!r}, {self.message!r})"
-
-
-class Principal(pydantic.BaseModel, frozen=True):
-    """The authenticated user of a connection, as the permission layer sees it."""
-
-    subject: str
-    tenant: str
-    groups: tuple[str, ...] = ()
-    expires_at: float
-
-    @property
-    def name(self) -> str:
-        """The principal's own ACL identity."""
-        return f"user:{self.subject}"
-
-    @property
-    def ids(self) -> frozenset[str]:
-        """Every ACL identity this principal holds: itself and its groups."""
-        return frozenset((self.name, *(f"group:{g}" for g in self.groups)))
 
 
 class TokenSource(NamedTuple):

@@ -52,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from gateway.dev import run_dev
+    from gateway.devtools.dev import run_dev
 
     if not 0.01 <= args.pace <= 100:
         print("wsgateway dev: --pace must be between 0.01 and 100", file=sys.stderr)

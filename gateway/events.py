@@ -2,7 +2,7 @@
 
 Every platform service publishes events to ``<prefix>.<tenant>.<kind>.<resource_id>`` with a JSON
 envelope; the gateway validates each one with :func:`parse_event` before it may reach a browser, and
-the :class:`~gateway.publisher.Publisher` runs the very same check before it publishes, so a
+the :class:`~gateway.sdk.publisher.Publisher` runs the very same check before it publishes, so a
 publisher cannot produce an event the gateway would reject. ``docs/events.md`` is the human-readable
 catalogue; ``tests/test_events.py`` keeps it and this module in step.
 

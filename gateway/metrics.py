@@ -20,8 +20,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.auth import AUTH_FAILURE_REASONS
 from gateway.events import InvalidEvent
+from gateway.principal import AUTH_FAILURE_REASONS
 from gateway.protocol import ERR_BAD_REQUEST, ERR_READ_ONLY
 
 # Fine enough to read p50/p99 anywhere between 1 ms and 5 s.

@@ -26,7 +26,7 @@ from typing import Annotated
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
 
-from gateway.auth import Principal
+from gateway.principal import Principal
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from gateway.natsproc import NatsProcess
+from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.platform import Platform
 

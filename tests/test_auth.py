@@ -27,7 +27,7 @@ from gateway.auth import (
     extract_token,
 )
 from gateway.config import Settings
-from gateway.devidp import DevIdentityProvider
+from gateway.devtools.devidp import DevIdentityProvider
 from tests.support.idp import TestIdP, generate_key, public_pem
 from tests.support.oidc_provider import OidcProviderProcess
 from tests.support.ports import free_port
@@ -477,7 +477,7 @@ def dev_idp_server() -> Iterator[DevIdentityProvider]:
 
 
 async def test_dev_idp_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="gateway.devidp"):
+    with caplog.at_level("WARNING", logger="gateway.devtools.devidp"):
         DevIdentityProvider("http://127.0.0.1:1/dev/idp")
     assert "INSECURE" in caplog.text and "Development only" in caplog.text
 

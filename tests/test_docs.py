@@ -221,7 +221,7 @@ def _protocol() -> str:
 
 def _close_codes_in_code() -> dict[str, int]:
     codes = {n: v for n, v in vars(protocol).items() if n.startswith("CLOSE_") and isinstance(v, int)}
-    import gateway.replay as replay
+    import gateway.core.replay as replay
 
     codes["replay.CLOSE_INTERNAL"] = replay.CLOSE_INTERNAL
     return codes
@@ -257,7 +257,7 @@ def test_every_client_op_and_write_op_is_documented() -> None:
 
 def test_every_server_frame_type_is_documented() -> None:
     types = {"event"}
-    for path in (ROOT / "gateway").glob("*.py"):
+    for path in (ROOT / "gateway").rglob("*.py"):
         types |= set(re.findall(r'control\(\s*"([a-z_]+)"', _read(path)))
     table = {cells[0] for cells in _table_rows(_section(_protocol(), "## Server frames"))}
     assert {f"`{t}`" for t in types} <= table, f"undocumented frame types: {types - {c.strip('`') for c in table}}"
@@ -268,8 +268,9 @@ def test_every_server_frame_type_is_documented() -> None:
 
 def test_module_map_lists_every_module() -> None:
     text = _read(DOCS / "architecture.md")
-    for path in sorted((ROOT / "gateway").glob("*.py")):
-        assert f"`gateway/{path.name}`" in text, f"gateway/{path.name} missing from the module map"
+    for path in sorted((ROOT / "gateway").rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        assert f"`{name}`" in text, f"{name} missing from the module map"
 
 
 # --- links ---------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from gateway.client import GatewayClient
-from gateway.natsproc import NatsProcess
-from gateway.publisher import Publisher, new_event_id
+from gateway.devtools.natsproc import NatsProcess
+from gateway.sdk.publisher import Publisher, new_event_id
 from tests.support.gateway import run_gateway, scrape_metric
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform

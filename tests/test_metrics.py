@@ -22,9 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import AUTH_FAILURE_REASONS
+from gateway.devtools.natsproc import NatsProcess
 from gateway.events import InvalidEvent
 from gateway.metrics import CONNECTION_OUTCOMES, FRAME_ERROR_CODES, KIND_LABELS, LATENCY_BUCKETS
-from gateway.natsproc import NatsProcess
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform

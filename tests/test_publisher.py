@@ -21,9 +21,9 @@ from nats.js.api import RawStreamMsg, StreamConfig
 from nats.js.errors import APIError
 
 from gateway import Envelope, InvalidEvent, Publisher, parse_event
+from gateway.devtools.natsproc import NatsProcess
 from gateway.events import MessageDelta, StateDelta
-from gateway.natsproc import NatsProcess
-from gateway.publisher import new_event_id
+from gateway.sdk.publisher import new_event_id
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "events.md"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

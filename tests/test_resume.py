@@ -12,7 +12,7 @@ from nats.js.api import StreamConfig
 from websockets.exceptions import ConnectionClosed
 
 from gateway.client import GatewayClient
-from gateway.natsproc import NatsProcess
+from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform

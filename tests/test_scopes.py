@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.natsproc import NatsProcess
+from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.natsproc import NatsProcess
+from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import wait_ready
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform

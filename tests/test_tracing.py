@@ -30,7 +30,7 @@ from opentelemetry.trace import SpanKind
 from starlette.background import BackgroundTask
 
 from gateway.config import Settings
-from gateway.natsproc import NatsProcess
+from gateway.devtools.natsproc import NatsProcess
 from gateway.tracing import build_provider, traces_url
 from tests.support.gateway import RunningGateway, run_gateway, wait_ready
 from tests.support.idp import TestIdP

@@ -164,7 +164,7 @@ def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
                httpx.post(f"{base}/dev/demo/access", json={"scope": "conversation:welcome", "grant": "no"})]
         assert [r.status_code for r in bad] == [400, 400, 400]
         assert httpx.get(f"{base}/dev/demo").json()["restricted"] == []  # granted back by the page
-        assert "WARNING gateway.simulator" not in log.read_text()  # every simulated event was valid
+        assert "WARNING gateway.devtools.simulator" not in log.read_text()  # every simulated event was valid
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0

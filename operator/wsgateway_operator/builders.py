@@ -523,7 +523,7 @@ def jetstream_plan(owner: Owner, spec: WebSocketGatewaySpec) -> JetStreamPlan:
 def is_gateway_consumer(plan: JetStreamPlan, config: dict[str, Any]) -> bool:
     """Whether a consumer on the stream is one a gateway pod created (so it may be cleaned up).
 
-    The pods read through consumers they create themselves (gateway/bus.py, gateway/history.py): an
+    The pods read through consumers they create themselves (gateway/core/bus.py, gateway/core/history.py): an
     ephemeral *ordered push* consumer on `<prefix>.>` per process (the live feed), and short-lived
     ephemeral *pull* readers on one scope or tenant (resume, history, SSE). Durable consumers and
     anything filtered outside the prefix belong to someone else and are never touched.

@@ -12,7 +12,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
-from gateway.natsproc import NatsProcess
+from gateway.devtools.natsproc import NatsProcess
 from wsgateway_operator.builders import Owner, jetstream_plan
 from wsgateway_operator.natsops import (
     NatsProblem,
@@ -44,8 +44,8 @@ async def client(url: str) -> AsyncIterator[NATS]:
 
 
 async def leave_gateway_consumers(url: str, prefix: str = "events", stream: str = "EVENTS") -> None:
-    """What a gateway pod that was killed leaves behind: its live ordered consumer (as gateway/bus.py
-    makes it) and a history reader (as gateway/history.py makes it), and no connection."""
+    """What a gateway pod that was killed leaves behind: its live ordered consumer (as gateway/core/bus.py
+    makes it) and a history reader (as gateway/core/history.py makes it), and no connection."""
     async with client(url) as nc:
         js = nc.jetstream()
         await js.subscribe(

@@ -20,8 +20,8 @@ import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry
 
+from gateway.devtools.natsproc import NatsProcess
 from gateway.metrics import Metrics
-from gateway.natsproc import NatsProcess
 from tests.operator.conftest import FAST, KEDA, MONITORING, NAMESPACE, Client, declare, eventually, running_operator
 from tests.operator.emulator import GATEWAYS, ApiServer
 from wsgateway_operator.builders import CONFIG_HASH_ANNOTATION
@@ -123,7 +123,7 @@ async def consumer_names(url: str, stream: str = "EVENTS") -> list[str]:
 
 
 async def leave_pod_consumer(url: str) -> None:
-    """The live consumer a gateway pod makes (gateway/bus.py), left behind by a pod that died."""
+    """The live consumer a gateway pod makes (gateway/core/bus.py), left behind by a pod that died."""
     nc = await nats.connect(url)
     js = nc.jetstream()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.natsproc import NatsProcess
+from gateway.devtools.natsproc import NatsProcess
 from tests.operator.conftest import FAST, NAMESPACE, Client, eventually, running_operator
 from tests.operator.emulator import GATEWAYS, ApiServer
 from tests.operator.test_operator_kmock import (

@@ -8,7 +8,7 @@ import nats
 import orjson
 from nats.aio.client import Client
 
-from gateway.publisher import Publisher
+from gateway.sdk.publisher import Publisher
 
 
 class Platform:

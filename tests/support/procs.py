@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.natsproc import NatsProcess, die_with_parent
+from gateway.devtools.natsproc import NatsProcess, die_with_parent
 from tests.support.gateway import GatewayEndpoint
 from tests.support.ports import free_port
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from gateway.publisher import Publisher
+from gateway.sdk.publisher import Publisher
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,12 @@ from typing import Any
 
 import orjson
 
-from gateway.auth import Principal
 from gateway.config import Settings
+from gateway.edge.transport import RawChannel
 from gateway.events import Envelope, coalesce_key, delivery_class
 from gateway.metrics import Metrics
 from gateway.permissions import AclStore
+from gateway.principal import Principal
 from gateway.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_TOKEN_EXPIRED,
@@ -38,7 +39,6 @@ from gateway.protocol import (
     server_payload,
     ws_text_frame,
 )
-from gateway.transport import RawChannel
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class Hub:
         self._max_bytes = settings.queue_max_bytes
         self._delay = settings.flush_interval_ms / 1000.0
         # Plain-int mirrors of three counters, bumped only where the metric is: the traced delivery path
-        # (gateway.bus) reads them around one dispatch to tell what that dispatch did, so dispatch itself
+        # (gateway.core.bus) reads them around one dispatch to tell what that dispatch did, so dispatch itself
         # neither returns more nor knows about tracing.
         self.denied_total = 0
         self.coalesced_total = 0

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from opentelemetry.trace import Tracer
 
 from gateway import tracing
+from gateway.core.history import StreamReader
+from gateway.core.hub import Connection, Hub, OutFrame, Subscription, WildSubscription, control, encode
 from gateway.events import InvalidEvent, parse_event
-from gateway.history import StreamReader
-from gateway.hub import Connection, Hub, OutFrame, Subscription, WildSubscription, control, encode
 from gateway.protocol import WILDCARD, event_payload
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,11 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from gateway import tracing
-from gateway.auth import AuthError, Principal, extract_token
+from gateway.auth import AuthError, extract_token
+from gateway.core.hub import Connection, control
+from gateway.edge.transport import EXTENSION, RawChannel
 from gateway.gc_tuning import after_handshake
-from gateway.hub import Connection, control
+from gateway.principal import Principal
 from gateway.protocol import (
     CLOSE_BAD_REQUEST,
     CLOSE_POLICY,
@@ -33,7 +35,6 @@ from gateway.protocol import (
     Unsubscribe,
     parse_client_frame,
 )
-from gateway.transport import EXTENSION, RawChannel
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -70,7 +71,7 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
     """The whole life of one WebSocket: handshake, authentication, then client frames until it closes."""
     channel: RawChannel | None = scope.get("extensions", {}).get(EXTENSION)
     if channel is None:
-        raise RuntimeError("the gateway must run with ws=gateway.transport:GatewayWSProtocol")
+        raise RuntimeError("the gateway must run with ws=gateway.edge.transport:GatewayWSProtocol")
     if gw.tracer is None:
         conn = await _handshake(gw, channel, scope, receive, send)
     else:

@@ -22,12 +22,12 @@ from fastapi.responses import JSONResponse
 
 from gateway.app import create_app, uvicorn_options
 from gateway.config import Settings
-from gateway.devidp import DevIdentityProvider
-from gateway.natsproc import NatsProcess
-from gateway.publisher import Publisher
-from gateway.simulator import DEMO_ACLS, DEMO_USERS, TENANT, Simulator, seed_acls
+from gateway.devtools.devidp import DevIdentityProvider
+from gateway.devtools.natsproc import NatsProcess
+from gateway.devtools.simulator import DEMO_ACLS, DEMO_USERS, TENANT, Simulator, seed_acls
+from gateway.sdk.publisher import Publisher
 
-log = logging.getLogger("gateway.dev")
+log = logging.getLogger("gateway.devtools.dev")
 
 BANNER = """
 ==========================================================================================

@@ -23,8 +23,8 @@ from opentelemetry.trace import Tracer
 
 from gateway import tracing
 from gateway.config import Settings
+from gateway.core.hub import Hub
 from gateway.events import InvalidEvent, parse_event
-from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.permissions import AclStore, watch_acl
 

@@ -15,12 +15,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway import tracing
-from gateway.auth import AuthError, Principal, extract_token
+from gateway.auth import AuthError, extract_token
+from gateway.core.history import StreamBounds
+from gateway.core.hub import control
+from gateway.edge.session import open_connection, parse_initial
 from gateway.events import InvalidEvent, parse_event
-from gateway.history import StreamBounds
-from gateway.hub import control
+from gateway.principal import Principal
 from gateway.protocol import SCOPE_RE, WILDCARD, FrameError
-from gateway.session import open_connection, parse_initial
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
