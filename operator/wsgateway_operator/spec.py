@@ -104,9 +104,11 @@ Quantity = Annotated[str, StringConstraints(pattern=QUANTITY, max_length=32)]
 
 
 def nested(model: type[BaseModel], description: str, **values: Any) -> Any:
-    """A nested object that is always present: its CRD default is `{}` (or the given values), so the
-    API server applies the nested defaults too, exactly as pydantic's default_factory does here."""
-    default = model(**values).model_dump(by_alias=True, exclude_none=True, exclude_defaults=True)
+    """A nested object that is always present: its CRD default is the complete default object, as
+    pydantic's default_factory makes it here. Complete, not `{}`: the API server checks a default
+    against the schema and its CEL rules without defaulting inside it first (kube-apiserver refused the
+    CRD with `{}` for replicas: "no such key: min evaluating rule: replicas.min must be ...")."""
+    default = model(**values).model_dump(by_alias=True, exclude_none=True)
     return Field(
         default_factory=lambda: model(**values), description=description, json_schema_extra={"default": default}
     )
