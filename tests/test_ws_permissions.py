@@ -9,7 +9,7 @@ import pytest
 from tests.support.gateway import RunningGateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
-from tests.support.wsclient import connect, events, recv, recv_type, silence, subscribe, welcome
+from tests.support.wsclient import connect, events, nothing_before, recv, recv_type, subscribe, welcome
 
 ACLS = {
     "acme.org": {"admins": ["user:olga"]},
@@ -19,6 +19,10 @@ ACLS = {
     "acme.agent.ag1": {"members": ["nick"]},  # bare name = user
     "beta.org": {"admins": ["user:zed"]},
 }
+# A scope every principal of the matrix may read, for the marker event that proves a denied one never came.
+MARKER = "agent:marker"
+SUBS = ["olga", "paul", "vera", "mia", "owen", "sam", "ann", "nick", "zed", "nobody"]
+MARKERS = {f"{tenant}.agent.marker": {"members": [f"user:{s}" for s in SUBS]} for tenant in ("acme", "beta")}
 
 
 @pytest.mark.parametrize(
@@ -44,8 +48,9 @@ async def test_permission_matrix(
     gw: RunningGateway, idp: TestIdP, platform: Platform,
     sub: str, tenant: str, groups: tuple[str, ...], scope: str, allowed: bool,
 ) -> None:
-    for key, doc in ACLS.items():
+    for key, doc in {**ACLS, **MARKERS}.items():
         await platform.grant(key, doc)
+    assert sub in SUBS
     ws = await connect(gw.ws, idp.mint(sub, tenant=tenant, groups=groups))
     await welcome(ws)
     ack = await subscribe(ws, scope, rid="q")
@@ -58,21 +63,24 @@ async def test_permission_matrix(
             assert ack["type"] == "error" and ack["code"] == "forbidden" and ack["id"] == "q"
         # scopes are per tenant: another tenant's principal subscribes to its own tenant's scope
         # of that name, and never sees acme's event
-        await silence(ws, 0.3)
+        assert (await subscribe(ws, MARKER, rid="m"))["type"] == "subscribed"
+        await nothing_before(ws, await platform.publish(tenant, MARKER))
     await ws.close()
 
 
 async def test_revocation_while_connected(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+    await platform.grant("acme.agent.marker", {"members": ["user:mia"]})
     ws = await connect(gw.ws, idp.mint("mia"))
     await welcome(ws)
     assert (await subscribe(ws, "conversation:c1"))["type"] == "subscribed"
+    assert (await subscribe(ws, MARKER, rid="m"))["type"] == "subscribed"
     await platform.publish("acme", "conversation:c1")
     await events(ws, 1)
     await platform.grant("acme.conversation.c1", {"members": ["user:someone-else"]})
     assert await recv(ws) == {"type": "revoked", "scope": "conversation:c1"}
     await platform.publish("acme", "conversation:c1")
-    await silence(ws, 0.4)
+    await nothing_before(ws, await platform.publish("acme", MARKER))
     await ws.close()
 
 
@@ -80,6 +88,7 @@ async def test_revocation_by_deleting_the_entry_and_wildcard(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.process.pr1", {"owner": "user:owen"})
+    await platform.grant("acme.agent.marker", {"members": ["user:owen"]})
     ws = await connect(gw.ws, idp.mint("owen"))
     await welcome(ws)
     await subscribe(ws, "*")
@@ -88,18 +97,20 @@ async def test_revocation_by_deleting_the_entry_and_wildcard(
     await platform.revoke("acme.process.pr1")
     assert await recv(ws) == {"type": "revoked", "scope": "process:pr1"}
     await platform.publish("acme", "process:pr1")
-    await silence(ws, 0.4)
+    await nothing_before(ws, await platform.publish("acme", MARKER))  # the wildcard still sees the marker
     await ws.close()
 
 
 async def test_grant_while_connected_starts_pending_subscription(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
+    await platform.grant("acme.agent.marker", {"members": ["user:mia"]})
     ws = await connect(gw.ws, idp.mint("mia"))
     await welcome(ws)
     assert (await subscribe(ws, "conversation:c1"))["code"] == "forbidden"
+    assert (await subscribe(ws, MARKER, rid="m"))["type"] == "subscribed"
     await platform.publish("acme", "conversation:c1")
-    await silence(ws, 0.3)
+    await nothing_before(ws, await platform.publish("acme", MARKER))
     await platform.grant("acme.project.p1", {"viewers": ["user:mia"]})
     await platform.grant("acme.conversation.c1", {"project": "p1"})
     started = await recv_type(ws, "subscribed")

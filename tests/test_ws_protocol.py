@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import pytest
@@ -11,7 +10,8 @@ import pytest
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
-from tests.support.wsclient import closed, connect, events, recv, recv_type, silence, subscribe, welcome
+from tests.support.wait import HANG_S
+from tests.support.wsclient import closed, connect, events, nothing_before, recv, recv_type, subscribe, welcome
 
 ADMIN = {"admins": ["user:alice"]}
 
@@ -47,7 +47,7 @@ async def test_one_cursor_across_scopes_no_duplicates(gw: RunningGateway, idp: T
         published.append(await platform.publish("acme", scope))
     got = await events(ws, 30)
     assert [f["seq"] for f in got] == published
-    await silence(ws, 0.3)
+    await nothing_before(ws, await platform.publish("acme", "conversation:c1"))  # no duplicate of any of them
     await ws.close()
 
 
@@ -62,7 +62,7 @@ async def test_wildcard_sees_only_permitted_scopes(gw: RunningGateway, idp: Test
     mine = await platform.publish("acme", "conversation:c1")
     got = await events(ws, 1)
     assert got[0]["seq"] == mine
-    await silence(ws, 0.3)
+    await nothing_before(ws, await platform.publish("acme", "conversation:c1"))
     assert await gw.metric("wsgateway_events_denied_total") >= 1
     await ws.close()
 
@@ -76,8 +76,9 @@ async def test_unsubscribe_stops_delivery(gw: RunningGateway, idp: TestIdP, plat
     await events(ws, 1)
     await ws.send(json.dumps({"op": "unsubscribe", "id": 7, "scope": "process:p1"}))
     assert await recv(ws) == {"type": "unsubscribed", "id": 7, "scope": "process:p1"}
+    assert (await subscribe(ws, "agent:marker"))["type"] == "subscribed"  # for the marker event below
     await platform.publish("acme", "process:p1")
-    await silence(ws, 0.4)
+    await nothing_before(ws, await platform.publish("acme", "agent:marker"))
     await ws.close()
 
 
@@ -301,7 +302,7 @@ async def test_over_connection_limit_closes_4429(nats_server: object, idp: TestI
         assert code == 4429 and "connection limit" in reason
         assert await g.metric("wsgateway_connection_attempts_total", {"outcome": "rejected"}) == 1
         await first[0].close()
-        await asyncio.sleep(0.2)
+        await g.metric_reaches("wsgateway_connections", 1)  # the closed one is counted out: room for another
         again = await connect(g.ws, idp.mint("alice"))
         await welcome(again)
         for ws in [*first[1:], again]:
@@ -323,17 +324,17 @@ async def test_keepalive_pings_reap_a_dead_peer(nats_server: object, idp: TestId
         ).encode())
         await writer.drain()
         assert (await reader.readline()).startswith(b"HTTP/1.1 101")
-        for _ in range(50):
-            if await g.metric("wsgateway_connections") == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert await g.metric("wsgateway_connections") == 1
+        await g.metric_reaches("wsgateway_connections", 1)
         # read (and ignore) whatever comes, never answering the pings: the server must give up on us
         data = b""
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(5):
+        try:
+            async with asyncio.timeout(HANG_S):  # a hang guard: the server must end the connection by itself
                 while chunk := await reader.read(4096):
                     data += chunk
+        except ConnectionError:
+            pass
+        except TimeoutError:
+            raise AssertionError(f"a peer that never answers a ping was not closed ({len(data)} bytes read)") from None
         assert b"\x89" in data, "expected at least one ping frame"
         assert await g.metric("wsgateway_connections") == 0
         writer.close()
@@ -357,9 +358,5 @@ async def test_subscriptions_gauge_follows_subscribe_unsubscribe_and_disconnect(
     assert (await recv(a))["type"] == "unsubscribed"
     assert await gw.metric("wsgateway_subscriptions") == 3
     await a.close()
-    for _ in range(50):
-        if await gw.metric("wsgateway_subscriptions") == 1:
-            break
-        await asyncio.sleep(0.05)
-    assert await gw.metric("wsgateway_subscriptions") == 1
+    await gw.metric_reaches("wsgateway_subscriptions", 1)
     await b.close()

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import Gateway, create_app, uvicorn_options
 from gateway.config import Settings
 from tests.support.ports import free_port
+from tests.support.wait import HANG_S, eventually
 
 
 async def scrape_metric(http: str, name: str, labels: dict[str, str] | None = None) -> float:
@@ -48,6 +49,19 @@ class GatewayEndpoint:
     async def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         return await scrape_metric(self.http, name, labels)
 
+    async def metric_reaches(
+        self, name: str, value: float, labels: dict[str, str] | None = None, *, timeout: float = HANG_S
+    ) -> None:
+        """Wait until the scraped `name` (see `metric`) equals `value`; a failure shows the last value."""
+        seen: list[float] = []
+
+        async def reached() -> bool:
+            seen.append(await self.metric(name, labels))
+            return seen[-1] == value
+
+        await eventually(reached, what=f"{name}{labels or ''} == {value:g}", timeout=timeout, interval=0.05,
+                         info=lambda: f"last scraped value: {seen[-1] if seen else 'none'}")
+
 
 class RunningGateway(GatewayEndpoint):
     def __init__(self, settings: Settings, server: uvicorn.Server, gateway: Gateway) -> None:
@@ -57,17 +71,18 @@ class RunningGateway(GatewayEndpoint):
         self.port = settings.port
 
 
-async def wait_ready(url: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_ready(url: str, timeout: float = HANG_S) -> None:
+    """Until `url`/readyz answers 200 (a hang guard of `timeout` seconds, not a start-up time limit)."""
+    last = ["no answer"]
     async with httpx.AsyncClient() as c:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                r = await c.get(f"{url}/readyz")
-                if r.status_code == 200:
-                    return
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"gateway at {url} not ready: {r.text if 'r' in dir() else 'no answer'}")
-            await asyncio.sleep(0.05)
+
+        async def ready() -> bool:
+            r = await c.get(f"{url}/readyz")
+            last[0] = f"{r.status_code} {r.text}"
+            return r.status_code == 200
+
+        await eventually(ready, what=f"gateway at {url} to answer /readyz 200", timeout=timeout, interval=0.05,
+                         ignore=(httpx.HTTPError,), info=lambda: f"last /readyz answer: {last[0]}")
 
 
 @contextlib.asynccontextmanager
@@ -89,11 +104,8 @@ async def run_gateway(
     config = uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_options(settings))  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
+    task = asyncio.create_task(server.serve(), name=f"uvicorn-{port}")
+    await eventually(lambda: server.started, what=f"uvicorn to listen on port {port}", watch=[task])
     running = RunningGateway(settings, server, app.state.gateway)
     try:
         if ready:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -23,6 +22,7 @@ from typing import IO
 import httpx
 
 from tests.support.ports import free_port
+from tests.support.wait import eventually_sync
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools"
@@ -93,22 +93,23 @@ class OidcProviderProcess:
             stderr=self._stderr,  # a file, not a pipe: an unread pipe could fill up and block node
             preexec_fn=_die_with_parent,
         )
-        deadline = time.monotonic() + self._start_timeout_s
+        proc = self._proc
         with httpx.Client(timeout=2.0) as client:
-            while True:
-                if self._proc.poll() is not None:
-                    raise RuntimeError(f"oidc-provider exited with {self._proc.returncode}:\n{self.stderr()}")
-                try:
-                    response = client.get(f"{self.issuer}/.well-known/openid-configuration")
-                    if response.status_code == 200:
-                        self.token_endpoint = response.json()["token_endpoint"]
-                        return self
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise TimeoutError(f"oidc-provider did not answer discovery on {self.issuer}")
-                time.sleep(0.05)
+
+            def discovered() -> str | None:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"oidc-provider exited with {proc.returncode}:\n{self.stderr()}")
+                response = client.get(f"{self.issuer}/.well-known/openid-configuration")
+                return str(response.json()["token_endpoint"]) if response.status_code == 200 else None
+
+            try:
+                self.token_endpoint = eventually_sync(
+                    discovered, what=f"oidc-provider to answer discovery on {self.issuer}",
+                    timeout=self._start_timeout_s, ignore=(httpx.TransportError,))
+            except AssertionError:
+                self.close()
+                raise
+        return self
 
     def token(self, scope: str = "events:read", *, resource: str | None = None) -> str:
         """A JWT access token from the real client_credentials grant (client_secret_basic)."""

@@ -24,6 +24,7 @@ import httpx
 from gateway.devtools.natsproc import NatsProcess, die_with_parent
 from tests.support.gateway import GatewayEndpoint
 from tests.support.ports import free_port
+from tests.support.wait import HANG_S, eventually
 
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
 
@@ -73,23 +74,21 @@ class GatewayProcess(GatewayEndpoint):
         self._log.flush()
         return Path(self._log.name).read_text(errors="replace")[-tail:]
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
+    async def wait_ready(self, timeout: float = HANG_S) -> None:
         """Until /readyz answers 200; fails at once (with the log) if the process exits."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        last = "no answer"
+        last = ["no answer"]
         async with httpx.AsyncClient(timeout=2) as c:
-            while True:
+
+            async def ready() -> bool:
                 if not self.alive:
                     raise RuntimeError(f"gateway on port {self.port} exited:\n{self.log()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    r = await c.get(f"{self.http}/readyz")
-                    if r.status_code == 200:
-                        return
-                    last = r.text
-                if loop.time() > deadline:
-                    raise TimeoutError(f"gateway on port {self.port} not ready in {timeout}s: {last}\n{self.log()}")
-                await asyncio.sleep(0.1)
+                r = await c.get(f"{self.http}/readyz")
+                last[0] = r.text
+                return r.status_code == 200
+
+            await eventually(ready, what=f"gateway on port {self.port} to answer /readyz 200", timeout=timeout,
+                             interval=0.1, ignore=(httpx.HTTPError,),
+                             info=lambda: f"last /readyz answer: {last[0]}\n{self.log()}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no close frames; the clients see their TCP connections die."""

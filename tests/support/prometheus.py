@@ -19,6 +19,7 @@ import httpx
 import yaml
 
 from tests.support.ports import free_port
+from tests.support.wait import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,18 +108,15 @@ async def run_prometheus(
             )
         server = PrometheusServer(f"http://127.0.0.1:{port}", log)
         try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 20
             async with httpx.AsyncClient(timeout=2) as c:
-                while True:
+
+                async def ready() -> bool:
                     if proc.returncode is not None:
                         raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{server.log_tail()}")
-                    with contextlib.suppress(httpx.HTTPError):
-                        if (await c.get(f"{server.url}/-/ready")).status_code == 200:
-                            break
-                    if loop.time() > deadline:
-                        raise TimeoutError(f"prometheus not ready:\n{server.log_tail()}")
-                    await asyncio.sleep(0.1)
+                    return (await c.get(f"{server.url}/-/ready")).status_code == 200
+
+                await eventually(ready, what="prometheus to answer /-/ready", interval=0.1, ignore=(httpx.HTTPError,),
+                                 info=server.log_tail)
             yield server
         finally:
             if proc.returncode is None:

@@ -82,13 +82,16 @@ async def events(ws: ClientConnection, n: int, timeout: float = 10.0) -> list[di
     return out
 
 
-async def silence(ws: ClientConnection, wait: float = 0.5) -> None:
-    """Assert that no frame arrives within `wait` seconds."""
-    try:
-        raw = await asyncio.wait_for(ws.recv(), wait)
-    except TimeoutError:
-        return
-    raise AssertionError(f"unexpected frame: {raw!r}")
+async def nothing_before(ws: ClientConnection, marker: int, timeout: float = 10.0) -> dict[str, Any]:
+    """Assert that nothing arrived before the marker event `marker`: the next frame must be that event.
+
+    The marker is an event published AFTER whatever must not arrive, to a scope the client does see.
+    The gateway handles events in stream order and writes each connection's frames in order, so a frame
+    for anything earlier would come first: this proves "nothing else" without waiting out a quiet window."""
+    frame = await recv(ws, timeout)
+    assert frame.get("type") == "event" and frame.get("seq") == marker, (
+        f"expected nothing before the marker event seq={marker}, got {frame}")
+    return frame
 
 
 async def closed(ws: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
