@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import nats
@@ -31,10 +31,12 @@ from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
 from tests.support.procs import gateway_processes, nats_cluster, start_nats
+from tests.support.wait import HANG_S, eventually
 
 ADMIN = {"admins": ["user:alice"]}
 SCOPES = ["conversation:c1", "process:p1"]
 RETRYABLE = (nats.errors.Error, TimeoutError, OSError)
+T = TypeVar("T")
 
 
 async def _quiet(exc: Exception) -> None:
@@ -83,36 +85,46 @@ class SteadyPublisher:
         if self.task is not None:
             await asyncio.wait_for(asyncio.shield(self.task), timeout)
 
-    async def _run(self) -> None:
+    async def marker(self, scope: str = "conversation:c1") -> int:
+        """After `stop`: one last event, which every client of these tests sees. Once a client has it, it
+        has everything before it, and a duplicate or stray of anything earlier would have come first."""
+        assert self._stop.is_set(), "stop the steady publishing first"
+        return await self._publish_one(len(self.acked), scope)
+
+    async def _publish_one(self, i: int, scope: str) -> int:
+        """Publish logical event #i, retrying with the same event id until acked; record the ack."""
         loop = asyncio.get_running_loop()
+        event_id = new_event_id()
+        deadline = loop.time() + self.max_stall
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                ack = await self.publisher.publish(
+                    tenant="acme", scope=scope, type="test.tick", data={"i": i}, event_id=event_id,
+                    timeout=self.attempt_timeout,
+                )
+                break
+            except RETRYABLE as exc:
+                self.failed_attempts += 1
+                self.last_error = exc
+                if loop.time() > deadline:
+                    raise AssertionError(f"event #{i} not acked within {self.max_stall}s: {exc!r}") from exc
+                await asyncio.sleep(0.05)  # pacing of the retries, not a wait for anything
+        if attempts > 1:
+            self.retried_events += 1
+        if ack.duplicate:
+            self.duplicate_acks += 1
+        self.acked.append((int(ack.seq), scope))
+        self.acked_at[int(ack.seq)] = time.monotonic()
+        return int(ack.seq)
+
+    async def _run(self) -> None:
         i = 0
         while not self._stop.is_set():
-            scope = self.scopes[i % len(self.scopes)]
-            event_id = new_event_id()
-            deadline = loop.time() + self.max_stall
-            attempts = 0
-            while True:
-                attempts += 1
-                try:
-                    ack = await self.publisher.publish(
-                        tenant="acme", scope=scope, type="test.tick", data={"i": i}, event_id=event_id,
-                        timeout=self.attempt_timeout,
-                    )
-                    break
-                except RETRYABLE as exc:
-                    self.failed_attempts += 1
-                    self.last_error = exc
-                    if loop.time() > deadline:
-                        raise AssertionError(f"event #{i} not acked within {self.max_stall}s: {exc!r}") from exc
-                    await asyncio.sleep(0.05)
-            if attempts > 1:
-                self.retried_events += 1
-            if ack.duplicate:
-                self.duplicate_acks += 1
-            self.acked.append((int(ack.seq), scope))
-            self.acked_at[int(ack.seq)] = time.monotonic()
+            await self._publish_one(i, self.scopes[i % len(self.scopes)])
             i += 1
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval)  # the steady rate
 
 
 class Recorder:
@@ -151,73 +163,39 @@ class Recorder:
                 await asyncio.wait_for(self.task, 5)
 
 
-async def until(
-    cond: Callable[[], bool], timeout: float, what: str, *, watch: Sequence[asyncio.Task[Any] | None] = (),
-    info: Callable[[], str] = lambda: "",
-) -> float:
-    """Poll `cond` until true (returns the seconds it took); fails early if a watched task died."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not cond():
-        for t in watch:
-            if t is not None and t.done():
-                exc = None if t.cancelled() else t.exception()
-                raise AssertionError(f"{t.get_name()} ended while waiting for {what}: {exc!r}\n{info()}")
-        if loop.time() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{info()}")
-        await asyncio.sleep(0.02)
-    return loop.time() - start
+def nats_call(call: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T | bool]]:
+    """`call` as a condition for `eventually(..., ignore=RETRYABLE)`: retried until it succeeds (e.g. while
+    a JetStream cluster elects its leaders); its result, or True for a result that is falsy."""
+    async def attempt() -> T | bool:
+        return (await call()) or True
+    return attempt
 
 
-async def until_ok(call: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Retry a NATS call until it succeeds (e.g. while a JetStream cluster elects its leaders)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            return await call()
-        except RETRYABLE as exc:
-            if loop.time() > deadline:
-                raise AssertionError(f"{what}: still failing after {timeout}s: {exc!r}") from exc
-            await asyncio.sleep(0.2)
-
-
-async def readyz(http: str) -> tuple[int, dict[str, Any]]:
+async def readiness(http: str, status: int) -> dict[str, Any]:
+    """Until /readyz answers `status`; returns its body."""
+    last: list[object] = ["no answer"]
     async with httpx.AsyncClient(timeout=2) as c:
-        r = await c.get(f"{http}/readyz")
-        return r.status_code, r.json()
+
+        async def answered() -> dict[str, Any] | None:
+            r = await c.get(f"{http}/readyz")
+            last[0] = (r.status_code, r.text)
+            return dict(r.json()) if r.status_code == status else None
+
+        return await eventually(answered, what=f"/readyz to answer {status}", interval=0.05,
+                                ignore=(httpx.HTTPError,), info=lambda: f"last /readyz answer: {last[0]}")
 
 
-async def wait_readiness(http: str, status: int, timeout: float) -> tuple[float, dict[str, Any]]:
-    """Poll /readyz until it answers `status`; returns (seconds it took, body)."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    last: tuple[int, dict[str, Any]] | str = "no answer"
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            last = await readyz(http)
-            if last[0] == status:
-                return loop.time() - start, last[1]
-        if loop.time() - start > timeout:
-            raise AssertionError(f"/readyz did not answer {status} within {timeout}s; last: {last}")
-        await asyncio.sleep(0.05)
-
-
-async def caught_up(recorders: Sequence[Recorder], expected: Callable[[Recorder], list[int]], timeout: float,
+async def caught_up(recorders: Sequence[Recorder], expected: Callable[[Recorder], list[int]],
                     pub: SteadyPublisher) -> None:
-    """Wait until each client has (at least) its expected last event, then a little longer for strays."""
+    """After `pub.stop()`: publish the marker and wait until each client has its expected last event (the
+    marker, for every client here). Anything extra (a duplicate, a stray) would have arrived before it."""
+    await pub.marker()
+
     def done() -> bool:
-        return all(not expected(r) or (r.seqs and r.seqs[-1] >= expected(r)[-1]) for r in recorders)
+        return all(not expected(r) or bool(r.seqs and r.seqs[-1] >= expected(r)[-1]) for r in recorders)
 
-    await until(done, timeout, "the clients to catch up", watch=[r.task for r in recorders],
-                info=lambda: "\n".join([r.summary() for r in recorders] + [f"published {len(pub.acked)}"]))
-    await asyncio.sleep(0.3)  # anything extra (a duplicate, a stray) would arrive now
-
-
-def worst_latency(pub: SteadyPublisher, rec: Recorder, since: float) -> float:
-    """The longest ack-to-application delay of the events acked after `since` (monotonic)."""
-    return max((rec.received_at[s] - t for s, t in pub.acked_at.items() if t >= since and s in rec.received_at),
-               default=0.0)
+    await eventually(done, what="the clients to catch up", watch=[r.task for r in recorders],
+                     info=lambda: "\n".join([r.summary() for r in recorders] + [f"published {len(pub.acked)}"]))
 
 
 class ReadinessLog:
@@ -278,21 +256,21 @@ async def test_gateway_sigkilled_mid_stream_client_resumes_on_second_instance(
         pub = SteadyPublisher(platform.publisher, SCOPES).start()
         watch = [rec.task, pub.task]
         try:
-            await until(lambda: len(rec.seqs) >= 100, 20, "100 events through gateway A", watch=watch,
-                        info=rec.summary)
+            await eventually(lambda: len(rec.seqs) >= 100, what="100 events through gateway A", watch=watch,
+                             info=rec.summary)
             assert client.connects == 1
             a.kill()  # SIGKILL: no close frame, no drain; A's sockets just die
             # A load balancer would now send the reconnect elsewhere: the client's next connect goes to B.
             # Set before the event loop runs again, so GatewayClient's own reconnect (with its cursor) does it.
             client.url = b.ws
             cursor_at_kill, published_at_kill = client.cursor, len(pub.acked)
-            await until(lambda: client.connects == 2, 10, "the client to reconnect (to B)", watch=watch,
-                        info=rec.summary)
+            await eventually(lambda: client.connects == 2, what="the client to reconnect (to B)", watch=watch,
+                             info=rec.summary)
             close_from_a = client.last_close
-            await until(lambda: len(rec.seqs) >= published_at_kill + 150, 20, "150 more events through B",
-                        watch=watch, info=rec.summary)
+            await eventually(lambda: len(rec.seqs) >= published_at_kill + 150, what="150 more events through B",
+                             watch=watch, info=rec.summary)
             await pub.stop()
-            await caught_up([rec], lambda r: pub.seqs, 20, pub)
+            await caught_up([rec], lambda r: pub.seqs, pub)
         finally:
             await rec.close()
             with contextlib.suppress(Exception):
@@ -338,49 +316,39 @@ async def test_nats_restart_same_store_gateway_recovers_by_itself_and_clients_lo
                         f"gateway readiness {g.gateway.readiness()}"])
 
                 try:
-                    await until(lambda: len(every.seqs) >= 100 and len(one.seqs) >= 50, 20,
-                                "events before the outage", watch=watch, info=info)
+                    await eventually(lambda: len(every.seqs) >= 100 and len(one.seqs) >= 50,
+                                     what="events before the outage", watch=watch, info=info)
                     await asyncio.to_thread(natsd.stop)
                     down_at = len(pub.acked)  # the server has exited: nothing can be acked until it is back
-                    took, body = await wait_readiness(g.http, 503, 5)
+                    body = await readiness(g.http, 503)
                     assert body["nats_connected"] is False, body
-                    await asyncio.sleep(1.5)  # the outage: the publisher keeps trying
+                    # the outage: the publisher keeps trying (and failing) for a few attempts
+                    failed_at_down = pub.failed_attempts
+                    await eventually(lambda: pub.failed_attempts >= failed_at_down + 3,
+                                     what="publish attempts failing during the outage", watch=watch, info=info)
                     assert len(pub.acked) <= down_at + 1, "acked while nats-server was down?"
                     await start_nats(natsd)
-                    restarted = time.monotonic()
-                    back, body = await wait_readiness(g.http, 200, 20)
-                    ready_again = time.monotonic()
+                    body = await readiness(g.http, 200)
                     assert all(body.values()), body
                     after = len(pub.acked)
                     # the gateway's ordered consumer must deliver again: new events reach both clients
-                    await until(lambda: len(pub.acked) >= after + 150 and every.seqs[-1] >= pub.acked[after + 100][0],
-                                25, "delivery after the restart", watch=watch, info=info)
-                    delivering = time.monotonic() - restarted
+                    await eventually(
+                        lambda: len(pub.acked) >= after + 150 and every.seqs[-1] >= pub.acked[after + 100][0],
+                        what="delivery after the restart", watch=watch, info=info)
                     await pub.stop()
-                    await caught_up(recs, lambda r: pub.seqs if r is every else pub.seqs_of("conversation:c1"),
-                                    20, pub)
+                    await caught_up(recs, lambda r: pub.seqs if r is every else pub.seqs_of("conversation:c1"), pub)
                 finally:
                     for r in recs:
                         await r.close()
                     with contextlib.suppress(Exception):
                         await pub.stop(5)
-                stall = max(worst_latency(pub, r, ready_again) for r in recs)
-                print(f"\n[nats restart] 503 after {took:.2f}s; 200 again {back:.2f}s after start; "
-                      f"delivering {delivering:.2f}s after start; failed publish attempts {pub.failed_attempts}, "
-                      f"retried events {pub.retried_events}, duplicate acks {pub.duplicate_acks}; "
-                      f"worst delay of an event acked after /readyz=200: {stall:.2f}s")
                 assert pub.retried_events >= 1  # some events were published during the outage
                 assert every.seqs == pub.seqs, diff(every.seqs, pub.seqs)
                 assert one.seqs == pub.seqs_of("conversation:c1"), diff(one.seqs, pub.seqs_of("conversation:c1"))
                 assert every.client.connects == 1 and one.client.connects == 1  # no client had to reconnect
                 assert await stream_state(platform.js) == (len(pub.seqs), pub.seqs[-1])
-                # Ready means delivering: once /readyz says 200 (`consumer_live: true`) again, live events must
-                # flow, not wait for the client library to notice, heartbeats later, that the consumer is gone.
-                assert stall < 1.0, (
-                    f"/readyz answered 200 (consumer_live: true) {back:.2f}s after nats-server came back, but events "
-                    f"acked after that reached the clients only up to {stall:.2f}s later: the ordered consumer died "
-                    f"with the server (it is an in-memory R1 consumer) and was re-created only when nats-py's "
-                    f"heartbeat check (2 x idle_heartbeat) noticed")
+                # How soon events flow once /readyz says 200 again (it must not wait for nats-py's heartbeat
+                # check to notice the lost in-memory consumer) is measured by bench/resilience.py.
         finally:
             await nc.close()
     finally:
@@ -390,19 +358,17 @@ async def test_nats_restart_same_store_gateway_recovers_by_itself_and_clients_lo
 # --- 3. a 3-node JetStream cluster (R3 stream) loses a node while events are published -------------
 
 
-async def _stream_leader(js: JetStreamContext, timeout: float = 20.0) -> str:
-    """The stream's leader, once it has one and every replica is current."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        with contextlib.suppress(*RETRYABLE):
-            c = (await js.stream_info("EVENTS")).cluster
-            if c is not None and c.leader and c.replicas and len(c.replicas) == 2 \
-                    and all(r.current for r in c.replicas):
-                return c.leader
-        if loop.time() > deadline:
-            raise AssertionError("stream EVENTS has no leader with current replicas")
-        await asyncio.sleep(0.1)
+async def _stream_leader(js: JetStreamContext, other_than: str | None = None) -> str:
+    """The stream's leader, once it has one (not `other_than`) and every replica is current."""
+    async def leader() -> str | None:
+        c = (await js.stream_info("EVENTS")).cluster
+        if c is not None and c.leader and c.leader != other_than and c.replicas and len(c.replicas) == 2 \
+                and all(r.current for r in c.replicas):
+            return str(c.leader)
+        return None
+
+    what = "stream EVENTS to have a leader with current replicas" + (f" (not {other_than})" if other_than else "")
+    return await eventually(leader, what=what, interval=0.1, ignore=RETRYABLE)
 
 
 @pytest.mark.timeout(80)
@@ -412,12 +378,13 @@ async def test_cluster_node_killed_during_publishing_r3_stream_loses_nothing(idp
                                 connect_timeout=2, error_cb=_quiet)
         try:
             js = nc.jetstream(timeout=2)
-            await until_ok(js.account_info, 30, "JetStream meta leader")
-            await until_ok(lambda: js.add_stream(StreamConfig(
+            await eventually(nats_call(js.account_info), what="a JetStream meta leader", interval=0.2,
+                             ignore=RETRYABLE)
+            await eventually(nats_call(lambda: js.add_stream(StreamConfig(
                 name="EVENTS", subjects=["events.>"], storage=StorageType.FILE, num_replicas=3,
-                duplicate_window=120.0)), 20, "create the R3 stream")
-            await until_ok(lambda: js.create_key_value(bucket="wsgateway-acl", history=1, replicas=3), 20,
-                           "create the R3 ACL bucket")
+                duplicate_window=120.0))), what="the R3 stream to be created", interval=0.2, ignore=RETRYABLE)
+            await eventually(nats_call(lambda: js.create_key_value(bucket="wsgateway-acl", history=1, replicas=3)),
+                             what="the R3 ACL bucket to be created", interval=0.2, ignore=RETRYABLE)
             await _stream_leader(js)
             urls = ",".join(cluster.urls)
             async with run_gateway(urls, idp.issuer, audience=idp.audience, stream_replicas=3) as g1, \
@@ -436,12 +403,15 @@ async def test_cluster_node_killed_during_publishing_r3_stream_loses_nothing(idp
                 # connection too.
                 g1_node = node_of(g1)
                 leader = await _stream_leader(js)
-                deadline = asyncio.get_running_loop().time() + 12
-                while leader != g1_node and asyncio.get_running_loop().time() < deadline:
-                    with contextlib.suppress(*RETRYABLE):
+                for _ in range(12):  # each step-down elects another node; give up on g1's after a dozen
+                    if leader == g1_node:
+                        break
+                    try:
                         await nc.request("$JS.API.STREAM.LEADER.STEPDOWN.EVENTS", b"", timeout=2)
-                    await asyncio.sleep(0.5)
-                    leader = await _stream_leader(js)
+                    except RETRYABLE:
+                        leader = await _stream_leader(js)
+                    else:
+                        leader = await _stream_leader(js, other_than=leader)
                 victim = leader
                 homes = sorted(ci.cluster.leader or "?" for ci in await js.consumers_info("EVENTS") if ci.cluster)
                 token = idp.mint("alice")
@@ -460,20 +430,21 @@ async def test_cluster_node_killed_during_publishing_r3_stream_loses_nothing(idp
                         f"g2 on {node_of(g2)} ready={g2.gateway.readiness()}"])
 
                 try:
-                    await until(lambda: len(r1.seqs) >= 100 and len(r2.seqs) >= 100, 20,
-                                "events before the kill", watch=watch, info=info)
+                    await eventually(lambda: len(r1.seqs) >= 100 and len(r2.seqs) >= 100,
+                                     what="events before the kill", watch=watch, info=info)
                     g2_node = node_of(g2)
                     killed_at = time.monotonic()
                     await asyncio.to_thread(cluster.node(victim).kill)
                     at_kill = len(pub.acked)
-                    await until(lambda: len(pub.acked) >= at_kill + 150, 40, "publishing to resume after the kill",
-                                watch=watch, info=info)
+                    await eventually(lambda: len(pub.acked) >= at_kill + 150, timeout=45,
+                                     what="publishing to resume after the kill", watch=watch, info=info)
                     publishing = time.monotonic() - killed_at
-                    await until(lambda: all(r.seqs and r.seqs[-1] >= pub.acked[at_kill + 100][0] for r in recs),
-                                30, "both clients to get events published after the kill", watch=watch, info=info)
+                    await eventually(lambda: all(r.seqs and r.seqs[-1] >= pub.acked[at_kill + 100][0] for r in recs),
+                                     what="both clients to get events published after the kill", watch=watch,
+                                     info=info)
                     delivering = time.monotonic() - killed_at
                     await pub.stop()
-                    await caught_up(recs, lambda r: pub.seqs, 30, pub)
+                    await caught_up(recs, lambda r: pub.seqs, pub)
                 finally:
                     await readiness.close()
                     for r in recs:
@@ -496,14 +467,15 @@ async def test_cluster_node_killed_during_publishing_r3_stream_loses_nothing(idp
                 assert r2.seqs == pub.seqs, diff(r2.seqs, pub.seqs)
                 assert r1.seqs == r2.seqs
                 assert node_of(g1) != victim
-                assert await until_ok(lambda: stream_state(js), 10, "stream info") == (len(pub.seqs), pub.seqs[-1])
+                state = await eventually(nats_call(lambda: stream_state(js)), what="stream info", ignore=RETRYABLE)
+                assert state == (len(pub.seqs), pub.seqs[-1])
         finally:
             await nc.close()
 
 
-async def test_revocation_after_a_nats_restart_takes_effect_at_once(tmp_path: Any, idp: TestIdP) -> None:
-    """The ACL watch is re-established with the connection: a revocation right after an outage is not
-    left waiting for a consumer heartbeat timeout."""
+async def test_revocation_after_a_nats_restart_takes_effect(tmp_path: Any, idp: TestIdP) -> None:
+    """The ACL watch is re-established with the connection: a revocation right after an outage reaches the
+    client (that it is not left waiting for a consumer heartbeat timeout is measured by bench/resilience.py)."""
     from tests.support.wsclient import connect, recv, recv_type, welcome
 
     natsd = NatsProcess(free_port(), tmp_path / "nats")
@@ -516,19 +488,16 @@ async def test_revocation_after_a_nats_restart_takes_effect_at_once(tmp_path: An
             await welcome(ws)
             assert (await recv_type(ws, "subscribed"))["scope"] == "conversation:c1"
             await platform.close()
+            bus_nc = g.gateway.bus.nc
+            assert bus_nc is not None
             natsd.stop()
             natsd.start()
-            async with httpx.AsyncClient() as c:
-                for _ in range(200):
-                    if (await c.get(f"{g.http}/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
+            # after the restart: the gateway has reconnected and says it is ready again
+            await eventually(lambda: bus_nc.stats["reconnects"] >= 1, what="the gateway to reconnect to NATS")
+            await readiness(g.http, 200)
             platform = await Platform.connect(natsd.url)
-            t0 = time.monotonic()
             await platform.grant("acme.conversation.c1", {"members": ["user:someone-else"]})
-            assert await recv(ws, 10) == {"type": "revoked", "scope": "conversation:c1"}
-            took = time.monotonic() - t0
-            assert took < 2.0, f"revocation took {took:.1f}s after the restart"
+            assert await recv(ws, HANG_S) == {"type": "revoked", "scope": "conversation:c1"}
             await ws.close()
             await platform.close()
     finally:
