@@ -31,6 +31,7 @@ from gateway.devtools.devidp import DevIdentityProvider
 from tests.support.idp import TestIdP, generate_key, public_pem
 from tests.support.oidc_provider import OidcProviderProcess
 from tests.support.ports import free_port
+from tests.support.wait import HANG_S, eventually, eventually_sync
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -63,11 +64,55 @@ async def refused(verifier: TokenVerifier, token: str | None) -> AuthError:
     return err
 
 
-async def wait_until(condition: Any, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+class UnansweringIssuer:
+    """A TCP server that reads HTTP requests and answers none of them until `release()`, then answers
+    every request with 503: an issuer whose first request stays in flight as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.requests = 0  # requests received
+        self.in_flight = 0  # ... not answered yet, with the client still waiting for the answer
+        self._released = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def start(self, port: int) -> UnansweringIssuer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        return self
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def close(self) -> None:
+        self.release()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
+        self.requests += 1
+        self.in_flight += 1
+        gave_up = asyncio.ensure_future(reader.read())  # b"" once the client closes the connection
+        released = asyncio.ensure_future(self._released.wait())
+        try:
+            await asyncio.wait({gave_up, released}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.in_flight -= 1
+            gave_up.cancel()
+            released.cancel()
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        writer.close()
 
 
 @contextlib.contextmanager
@@ -76,10 +121,12 @@ def serve_app(app: FastAPI, port: int) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
+
+    def started() -> bool:
+        assert thread.is_alive(), "uvicorn's thread ended before it listened"
+        return server.started
+
+    eventually_sync(started, what=f"uvicorn to listen on port {port}", interval=0.01)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -300,7 +347,7 @@ async def test_every_reason_is_distinct_and_error_is_validated() -> None:
 async def test_discovery_path(idp: TestIdP) -> None:
     async with verifier_for(idp, jwks_url=None) as v:
         await v.start()
-        await wait_until(lambda: v.ready)
+        await eventually(lambda: v.ready, what="the JWKS to be loaded")
         await v.verify(idp.mint(alg="EdDSA"))
     assert (idp.discovery_fetches, idp.jwks_fetches) == (1, 1)
 
@@ -308,25 +355,33 @@ async def test_discovery_path(idp: TestIdP) -> None:
 async def test_explicit_jwks_url_skips_discovery(idp: TestIdP) -> None:
     async with verifier_for(idp) as v:
         await v.start()
-        await wait_until(lambda: v.ready)
+        await eventually(lambda: v.ready, what="the JWKS to be loaded")
         await v.verify(idp.mint())
     assert (idp.discovery_fetches, idp.jwks_fetches) == (0, 1)
 
 
 async def test_start_returns_at_once_and_retries_until_the_idp_is_up() -> None:
     port = free_port()
+    issuer = await UnansweringIssuer().start(port)
     verifier = TokenVerifier(issuer=f"http://127.0.0.1:{port}", jwks_url=None, audience="wsgateway-test")
     try:
-        started = time.monotonic()
-        await verifier.start()
-        assert time.monotonic() - started < 0.1
-        await asyncio.sleep(0.3)  # a few failed attempts: nothing listens yet
+        async with asyncio.timeout(HANG_S):  # a hang guard: start() must not wait for the IdP
+            await verifier.start()
+        # start() returned before its first request even reached the IdP; that request then stays in
+        # flight, unanswered, and the verifier is not ready: start() does not wait for the load
+        assert issuer.requests == 0
+        await eventually(lambda: issuer.in_flight == 1, what="the verifier's first request to be in flight")
+        assert issuer.requests == 1 and not verifier.ready
+        issuer.release()  # from now on the IdP answers 503: a few failed attempts, retried
+        await eventually(lambda: issuer.requests >= 3, what="the verifier to retry after failed attempts")
         assert not verifier.ready
+        await issuer.close()
         with TestIdP(port=port) as late:
-            await wait_until(lambda: verifier.ready, timeout_s=8)
+            await eventually(lambda: verifier.ready, what="the JWKS to be loaded once the IdP is up")
             assert (await verifier.verify(late.mint("bob"))).subject == "bob"
     finally:
         await verifier.aclose()
+        await issuer.close()
 
 
 async def test_key_rotation_without_restart(idp: TestIdP, verifier: TokenVerifier) -> None:
@@ -354,12 +409,20 @@ async def test_withdrawn_key_is_dropped_on_refresh(idp: TestIdP) -> None:
 async def test_periodic_refresh_drops_withdrawn_keys(idp: TestIdP) -> None:
     async with verifier_for(idp, max_age_s=0.2, refresh_min_interval_s=3600) as v:
         await v.start()
-        await wait_until(lambda: v.ready)
+        await eventually(lambda: v.ready, what="the JWKS to be loaded")
         token = idp.mint()
         await v.verify(token)
         idp.remove_key(idp.kid("RS256"))
-        await wait_until(lambda: idp.jwks_fetches >= 2)
-        await asyncio.sleep(0.05)  # let the fetched JWKS be installed
+
+        async def withdrawn_key_dropped() -> bool:  # the cached key verifies (without a fetch) until then
+            try:
+                await v.verify(token)
+            except AuthError:
+                return True
+            return False
+
+        await eventually(withdrawn_key_dropped, what="the periodic refresh to drop the withdrawn key")
+        assert idp.jwks_fetches >= 2
         assert (await refused(v, token)).reason == "unknown_key"
 
 
@@ -500,7 +563,7 @@ async def test_dev_idp_tokens_verify_through_discovery(dev_idp_server: DevIdenti
     verifier = TokenVerifier(issuer=dev.issuer, jwks_url=None, audience=dev.audience)
     try:
         await verifier.start()
-        await wait_until(lambda: verifier.ready)
+        await eventually(lambda: verifier.ready, what="the JWKS to be loaded")
         erin = await verifier.verify(body["access_token"])
         assert (erin.subject, erin.tenant, erin.groups) == ("erin@example.com", "demo", ("a", "b"))
         frank = await verifier.verify(posted.json()["access_token"])
@@ -560,7 +623,7 @@ async def test_oidc_provider_client_credentials_token_accepted() -> None:
         verifier = TokenVerifier(issuer=op.issuer, jwks_url=None, audience=op.audience)
         try:
             await verifier.start()
-            await wait_until(lambda: verifier.ready, timeout_s=10)
+            await eventually(lambda: verifier.ready, what="the JWKS to be loaded")
             principal = await verifier.verify(token)
             # A token for another resource server is refused by audience.
             other = TokenVerifier(issuer=op.issuer, jwks_url=None, audience="urn:someone-else")
