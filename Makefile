@@ -13,6 +13,7 @@ run: deps
 
 test: deps
 	$(VENV)/bin/ruff check gateway operator tests bench dashboards
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 deps: venv system-deps npm-deps

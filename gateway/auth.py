@@ -33,10 +33,12 @@ import httpx
 import jwt
 from jwt import exceptions as jwt_errors
 
-from gateway.config import NAME_PATTERN
+from gateway.events import NAME_PATTERN, NAME_RE
 from gateway.principal import AUTH_FAILURE_REASONS, Principal
 
 if TYPE_CHECKING:
+    from jwt.types import Options
+
     from gateway.config import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,6 @@ _ALG_KEY_TYPES: dict[str, tuple[str, str | None]] = {
 }
 _KEY_TYPE_ALGS: dict[tuple[str, str | None], str] = {v: k for k, v in _ALG_KEY_TYPES.items()}
 
-_TENANT_RE = re.compile(NAME_PATTERN)
 # Compact JWS: three base64url segments (the signature is empty for alg "none", rejected later).
 _COMPACT_JWS_RE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _MAX_TOKEN_CHARS = 16 * 1024  # larger is no access token; do not spend CPU on it
@@ -503,7 +504,7 @@ class TokenVerifier:
         if key.alg != alg or (key.declared_alg is not None and key.declared_alg != alg):
             raise AuthError("bad_algorithm", "token algorithm does not match its key")
 
-        options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": self.audience is not None}
+        options: Options = {"require": ["exp", "sub"], "verify_aud": self.audience is not None}
         try:
             claims = jwt.decode(
                 token,
@@ -523,7 +524,7 @@ class TokenVerifier:
         if not isinstance(sub, str) or not 0 < len(sub) <= _MAX_SUBJECT_CHARS:
             raise AuthError("missing_claim", "token 'sub' claim must be a non-empty string")
         tenant = _claim(claims, self.tenant_claim)
-        if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
+        if not isinstance(tenant, str) or not NAME_RE.match(tenant):
             raise AuthError("missing_claim", f"token {self.tenant_claim!r} claim must match {NAME_PATTERN}")
         raw_groups = _claim(claims, self.groups_claim)
         if raw_groups is None:

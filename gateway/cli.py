@@ -62,7 +62,7 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from gateway.client import watch
+    from gateway.sdk.client import watch
 
     try:
         asyncio.run(watch(args.url, args.token, args.scope, since=args.since))

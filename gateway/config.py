@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+from gateway.events import check_prefix
 
 
 class Settings(BaseSettings):
@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     create_stream: bool = Field(True, description="Create the stream at start-up if it is missing.")
     stream_max_age_s: float = Field(7 * 24 * 3600, gt=0, description="Max age of a created stream.")
     stream_max_bytes: int = Field(-1, description="Max bytes of a created stream (-1: unlimited).")
-    stream_replicas: int = Field(1, ge=1, le=5, description="Replicas of a created stream.")
+    stream_replicas: int = Field(1, ge=1, le=5, description="Replicas of a created stream and ACL bucket.")
     acl_bucket: str = Field("wsgateway-acl", description="NATS KV bucket holding the ACL documents.")
 
     # Identity provider
@@ -96,10 +96,7 @@ class Settings(BaseSettings):
     @field_validator("subject_prefix")
     @classmethod
     def _prefix_ok(cls, v: str) -> str:
-        parts = v.split(".")
-        if not v or any(not p or any(c in p for c in " *>") for p in parts):
-            raise ValueError("subject prefix must be dot-separated tokens without spaces or wildcards")
-        return v
+        return check_prefix(v)  # the Publisher's rule: what one accepts, the other does too
 
     @model_validator(mode="after")
     def _idp_given(self) -> Settings:

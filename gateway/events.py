@@ -33,16 +33,29 @@ if TYPE_CHECKING:
     from pydantic.plugin._schema_validator import PluggableSchemaValidator
     from pydantic_core import SchemaValidator
 
+# The rules below are the only definitions: protocol, permissions, metrics, config, auth, the dev tools
+# and the operator's CRD all build on them.
+#
+# The three kinds of scope (and the subject token between tenant and id).
 KINDS: Final = ("conversation", "process", "agent")
-NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,128}$"
-# ``\Z``, not ``$``: Python's ``$`` also matches before a trailing newline, and a newline must never
-# reach a subject. (pydantic's Rust regex treats ``$`` as end of text, so NAME_PATTERN is safe there.)
-NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,128}\Z")
+# A tenant, project or resource id (without anchors, to build larger patterns from).
+NAME_BODY: Final = r"[A-Za-z0-9_-]{1,128}"
+# ``<kind>:<id>`` (without anchors).
+SCOPE_BODY: Final = rf"(?:{'|'.join(KINDS)}):{NAME_BODY}"
+# The ``*_PATTERN`` strings are for pydantic fields (and JSON schema): pydantic searches a pattern, so
+# it is anchored, and its Rust regex reads ``$`` as the end of the text ("c1\n" does not match).
+NAME_PATTERN: Final = rf"^{NAME_BODY}$"
+SCOPE_PATTERN: Final = rf"^{SCOPE_BODY}$"
+# For Python code: ``\Z``, not ``$``, because Python's ``$`` also matches before a trailing newline,
+# and a newline must never reach a subject.
+NAME_RE: Final = re.compile(rf"^{NAME_BODY}\Z")
+# A subject prefix: dot-separated tokens without whitespace or wildcards (NATS subject syntax).
+SUBJECT_PREFIX_PATTERN: Final = r"^[^\s.*>]+(\.[^\s.*>]+)*$"
+_SUBJECT_PREFIX_RE: Final = re.compile(SUBJECT_PREFIX_PATTERN)  # used with fullmatch
 # Event ids travel in the Nats-Msg-Id header too, so no whitespace or control characters.
 EVENT_ID_PATTERN: Final = r"^[\x21-\x7e]{1,128}$"
 # Dot-separated tokens; unknown types must still look like types so they are safe in logs and labels.
 TYPE_PATTERN: Final = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
-SCOPE_PATTERN: Final = r"^(conversation|process|agent):[A-Za-z0-9_-]{1,128}$"
 
 InvalidReason = Literal["json", "envelope", "subject", "scope_mismatch", "tenant_mismatch", "data"]
 DeliveryClass = Literal["lifecycle", "delta", "snapshot", "state_delta", "other"]
@@ -527,8 +540,8 @@ def parse_scope(scope: str) -> tuple[str, str]:
 
 
 def check_prefix(prefix: str) -> str:
-    """Validate a subject prefix (dot-separated tokens, no spaces or wildcards) and return it."""
-    if not prefix or any(not tok or any(c in tok for c in " \t\r\n*>") for tok in prefix.split(".")):
+    """Validate a subject prefix (dot-separated tokens, no whitespace or wildcards) and return it."""
+    if not _SUBJECT_PREFIX_RE.fullmatch(prefix):
         raise ValueError(f"bad subject prefix {prefix!r}: dot-separated tokens without spaces or wildcards")
     return prefix
 
@@ -540,6 +553,14 @@ def subject_for(prefix: str, tenant: str, scope: str) -> str:
         raise ValueError(f"tenant must match {NAME_PATTERN}")
     kind, resource_id = parse_scope(scope)
     return f"{prefix}.{tenant}.{kind}.{resource_id}"
+
+
+def tenant_subjects(prefix: str, tenant: str) -> str:
+    """The subject filter matching every event of ``tenant``."""
+    check_prefix(prefix)
+    if not NAME_RE.match(tenant):
+        raise ValueError(f"tenant must match {NAME_PATTERN}")
+    return f"{prefix}.{tenant}.>"
 
 
 @lru_cache(maxsize=32768)
@@ -618,7 +639,12 @@ __all__ = [
     "DELIVERY_CLASSES",
     "EVENT_TYPES",
     "KINDS",
+    "NAME_BODY",
+    "NAME_PATTERN",
     "NAME_RE",
+    "SCOPE_BODY",
+    "SCOPE_PATTERN",
+    "SUBJECT_PREFIX_PATTERN",
     "ConversationMessageCreated",
     "ConversationMessageDeleted",
     "ConversationMessageUpdated",
@@ -669,4 +695,5 @@ __all__ = [
     "parse_event",
     "parse_scope",
     "subject_for",
+    "tenant_subjects",
 ]

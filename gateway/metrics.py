@@ -20,7 +20,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.events import InvalidEvent
+from gateway.events import KINDS, InvalidEvent
 from gateway.principal import AUTH_FAILURE_REASONS
 from gateway.protocol import ERR_BAD_REQUEST, ERR_READ_ONLY
 
@@ -29,7 +29,7 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
 )
-KIND_LABELS = ("conversation", "process", "agent")
+KIND_LABELS = KINDS  # the `kind` label of wsgateway_delivery_latency_seconds
 # accepted: joined the hub; unauthorized: no valid token; rejected: over the connection limit or a bad URL.
 CONNECTION_OUTCOMES = ("accepted", "unauthorized", "rejected")
 # Codes of client frames answered with an `error` frame (the label of wsgateway_client_frames_rejected_total).

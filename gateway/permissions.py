@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, StringConstraints, ValidationError
 
+from gateway.events import KINDS, NAME_PATTERN
 from gateway.principal import Principal
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +39,17 @@ def _principal_id(entry: str) -> str:
     return entry if ":" in entry else f"user:{entry}"
 
 
+def _principal_ids(entries: frozenset[str]) -> frozenset[str]:
+    return frozenset(_principal_id(e) for e in entries)
+
+
 PrincipalList = Annotated[
-    list[Annotated[str, StringConstraints(min_length=1, max_length=300)]],
-    AfterValidator(lambda entries: frozenset(_principal_id(e) for e in entries)),
+    frozenset[Annotated[str, StringConstraints(min_length=1, max_length=300)]],
+    Strict(False),  # the container only: a JSON list becomes the set; the entries stay strict strings
+    AfterValidator(_principal_ids),
 ]
-"""A JSON list of principal ids; a string or an object where a list belongs makes the document unreadable."""
+"""A JSON list of principal ids, held as a frozenset of `user:`/`group:` ids (decisions are set
+intersections); a string or an object where a list belongs makes the document unreadable."""
 
 
 class _Doc(BaseModel):
@@ -47,17 +57,17 @@ class _Doc(BaseModel):
 
 
 class OrgAcl(_Doc):
-    admins: PrincipalList = frozenset()  # type: ignore[assignment]
+    admins: PrincipalList = frozenset()
 
 
 class ProjectAcl(_Doc):
-    admins: PrincipalList = frozenset()  # type: ignore[assignment]
-    viewers: PrincipalList = frozenset()  # type: ignore[assignment]
+    admins: PrincipalList = frozenset()
+    viewers: PrincipalList = frozenset()
 
 
 class ResourceAcl(_Doc):
-    project: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,128}$")] | None = None
-    members: PrincipalList = frozenset()  # type: ignore[assignment]
+    project: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
+    members: PrincipalList = frozenset()
     owner: Annotated[str, StringConstraints(min_length=1, max_length=300), AfterValidator(_principal_id)] | None = None
 
 
@@ -70,7 +80,7 @@ def parse_doc(key: str, value: bytes) -> OrgAcl | ProjectAcl | ResourceAcl | Non
             return OrgAcl.model_validate(body)
         if len(parts) == 3 and parts[1] == "project":
             return ProjectAcl.model_validate(body)
-        if len(parts) == 3 and parts[1] in ("conversation", "process", "agent"):
+        if len(parts) == 3 and parts[1] in KINDS:
             return ResourceAcl.model_validate(body)
     except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
         log.warning("ACL entry %r is unreadable, treated as absent (deny): %s", key, str(exc)[:200])
@@ -85,7 +95,6 @@ class AclStore:
     def __init__(self) -> None:
         self.docs: dict[str, OrgAcl | ProjectAcl | ResourceAcl] = {}
         self.scopes: dict[str, set[str]] = {}  # tenant -> scopes that have a resource document
-        self.loaded = False
 
     def apply(self, key: str, value: bytes | None) -> str:
         """Put (value) or delete (None) one entry; returns the tenant it belongs to."""
@@ -174,14 +183,14 @@ OnChange = Callable[[str | None], None]
 """Called with the tenant whose documents changed, or None after the initial load (re-check all)."""
 
 
-async def watch_acl(kv: object, store: AclStore, on_change: OnChange, ready: asyncio.Event) -> None:
+async def watch_acl(kv: KeyValue, store: AclStore, on_change: OnChange, ready: asyncio.Event) -> None:
     """Follow the bucket forever: initial values first (then `ready` is set), then every change.
 
-    `kv` is a nats.js.kv.KeyValue. The initial values are loaded into a staging copy and swapped in at
+    The initial values are loaded into a staging copy and swapped in at
     once, so a re-started watch (after a NATS restart) never passes through a half-loaded, deny-all state;
     after the swap every subscription is re-decided (on_change(None)).
     """
-    watcher = await kv.watchall()  # type: ignore[attr-defined]
+    watcher = await kv.watchall()
     staging: AclStore | None = AclStore()
     try:
         async for entry in watcher:
@@ -189,7 +198,6 @@ async def watch_acl(kv: object, store: AclStore, on_change: OnChange, ready: asy
                 if staging is not None:
                     store.adopt(staging)
                     staging = None
-                store.loaded = True
                 ready.set()
                 on_change(None)
                 continue
@@ -200,6 +208,3 @@ async def watch_acl(kv: object, store: AclStore, on_change: OnChange, ready: asy
                 on_change(tenant)
     finally:
         await watcher.stop()
-
-
-AclChangeHandler = Callable[[str], Awaitable[None] | None]

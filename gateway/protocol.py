@@ -15,8 +15,22 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from wsproto.frame_protocol import FrameProtocol
 
-SCOPE_RE = re.compile(r"^(?:\*|(conversation|process|agent):[A-Za-z0-9_-]{1,128})$")
+from gateway.events import SCOPE_BODY
+
 WILDCARD = "*"
+# A subscription scope: `<kind>:<id>` or the wildcard.
+_SCOPE_ALTERNATIVES = rf"\*|{SCOPE_BODY}"
+# Ends with `\Z`, not `$` (Python's `$` also matches before a trailing newline); `is_scope` is the check.
+SCOPE_RE = re.compile(rf"(?:{_SCOPE_ALTERNATIVES})\Z")
+# The same rule for pydantic fields, which search a pattern: anchored at both ends, and pydantic's Rust
+# regex reads `$` as the end of the text, so "conversation:c1\n" is refused there too.
+_SCOPE_FIELD_PATTERN = rf"^(?:{_SCOPE_ALTERNATIVES})$"
+
+
+def is_scope(text: str) -> bool:
+    """Whether `text` is a subscription scope (`<kind>:<id>` or `*`), all of it (no trailing newline)."""
+    return SCOPE_RE.fullmatch(text) is not None
+
 
 # Close codes (documented in docs/protocol.md).
 CLOSE_GOING_AWAY = 1001
@@ -48,14 +62,14 @@ class _Frame(BaseModel):
 class Subscribe(_Frame):
     op: Literal["subscribe"]
     id: RequestId | None = None
-    scope: Annotated[str, Field(pattern=SCOPE_RE.pattern)]
+    scope: Annotated[str, Field(pattern=_SCOPE_FIELD_PATTERN)]
     since: Annotated[int, Field(ge=0)] | None = None
 
 
 class Unsubscribe(_Frame):
     op: Literal["unsubscribe"]
     id: RequestId | None = None
-    scope: Annotated[str, Field(pattern=SCOPE_RE.pattern)]
+    scope: Annotated[str, Field(pattern=_SCOPE_FIELD_PATTERN)]
 
 
 class Refresh(_Frame):
@@ -106,6 +120,27 @@ def parse_client_frame(text: str | bytes) -> Subscribe | Unsubscribe | Refresh |
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:]) or op
         raise FrameError(ERR_BAD_REQUEST, f"{where}: {first['msg']}", rid) from None
+
+
+_DIGITS_RE = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() also accepts "²" and other digits
+MAX_SEQ = 2**63 - 1  # JetStream sequences are uint64; larger is no position of ours
+
+
+def parse_int(text: str, name: str, lo: int, hi: int) -> int:
+    """A query or header parameter that must be an integer in [lo, hi]: ASCII digits, at most 19 of them.
+
+    The one validation of every numeric parameter (URL `since`, `Last-Event-ID`, `after`, `limit`);
+    raises FrameError(bad_request) with a message naming the parameter."""
+    if not _DIGITS_RE.fullmatch(text) or not lo <= int(text) <= hi:
+        raise FrameError(ERR_BAD_REQUEST, f"{name} must be an integer from {lo} to {hi}")
+    return int(text)
+
+
+def parse_seq(text: str, name: str) -> int:
+    """A stream sequence parameter (a cursor): a non-negative integer."""
+    if not _DIGITS_RE.fullmatch(text) or int(text) > MAX_SEQ:
+        raise FrameError(ERR_BAD_REQUEST, f"{name} must be a stream sequence (a non-negative integer)")
+    return int(text)
 
 
 # --- server frames -----------------------------------------------------------------------------

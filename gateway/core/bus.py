@@ -17,11 +17,12 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 from opentelemetry.trace import Tracer
 
-from gateway import tracing
+from gateway import provisioning, tracing
 from gateway.config import Settings
 from gateway.core.hub import Hub
 from gateway.events import InvalidEvent, parse_event
@@ -34,39 +35,35 @@ log = logging.getLogger(__name__)
 async def ensure_stream(js: JetStreamContext, settings: Settings) -> int:
     """Make sure the events stream exists (creating it when allowed); returns its last sequence."""
     subject = f"{settings.subject_prefix}.>"
+    config = provisioning.stream_config(
+        settings.stream, [subject], max_age_s=settings.stream_max_age_s, max_bytes=settings.stream_max_bytes,
+        replicas=settings.stream_replicas,
+    )
     try:
-        info = await js.stream_info(settings.stream)
+        info, created = await provisioning.ensure_stream(js, config, create=settings.create_stream)
     except NotFoundError:
-        if not settings.create_stream:
-            raise RuntimeError(
-                f"JetStream stream {settings.stream!r} does not exist and stream creation is disabled"
-            ) from None
-        info = await js.add_stream(
-            StreamConfig(
-                name=settings.stream,
-                subjects=[subject],
-                storage=StorageType.FILE,
-                max_age=settings.stream_max_age_s,
-                max_bytes=settings.stream_max_bytes,
-                num_replicas=settings.stream_replicas,
-                duplicate_window=120.0,
-            )
-        )
+        raise RuntimeError(
+            f"JetStream stream {settings.stream!r} does not exist and stream creation is disabled"
+        ) from None
+    if created:
         log.info("created JetStream stream %s on %s", settings.stream, subject)
-    else:
-        if subject not in (info.config.subjects or []):
-            log.warning("stream %s does not list subject %s: events may be missed", settings.stream, subject)
+    elif subject not in (info.config.subjects or []):
+        log.warning("stream %s does not list subject %s: events may be missed", settings.stream, subject)
     return int(info.state.last_seq)
 
 
-async def ensure_bucket(js: JetStreamContext, settings: Settings) -> object:
+async def ensure_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """The ACL bucket, created (with the stream's replicas) when missing and creation is allowed."""
+    config = provisioning.bucket_config(settings.acl_bucket, replicas=settings.stream_replicas)
     try:
-        return await js.key_value(settings.acl_bucket)
-    except (BucketNotFoundError, NotFoundError):
-        if not settings.create_stream:
-            raise
-        log.info("creating ACL bucket %s", settings.acl_bucket)
-        return await js.create_key_value(bucket=settings.acl_bucket, history=1)
+        kv, created = await provisioning.ensure_bucket(js, config, create=settings.create_stream)
+    except BucketNotFoundError:
+        raise RuntimeError(
+            f"ACL bucket {settings.acl_bucket!r} does not exist and stream creation is disabled"
+        ) from None
+    if created:
+        log.info("created ACL bucket %s", settings.acl_bucket)
+    return kv
 
 
 class Bus:
@@ -87,7 +84,7 @@ class Bus:
         self._task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PushSubscription | None = None
-        self._kv: object | None = None
+        self._kv: KeyValue | None = None
         self._recover_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -141,15 +138,13 @@ class Bus:
             self.metrics.nats_connected.set(1)
             self.check_consumer("reconnected")  # a restarted server has lost our in-memory consumer
             if self._kv is not None:
-                self._start_acl_watch()  # ... and the ACL watch's: revocations must not wait for it
-            log.info("NATS reconnected to %s", self.nc.connected_url.netloc if self.nc else "?")
+                self._start_acl_watch(self._kv)  # ... and the ACL watch's: revocations must not wait for it
+            url = self.nc.connected_url if self.nc else None
+            log.info("NATS reconnected to %s", url.netloc if url else "?")
 
         async def error(exc: Exception) -> None:
             log.debug("NATS error: %s", exc)
 
-        opts: dict[str, object] = {}
-        if s.nats_credentials:
-            opts["user_credentials"] = str(s.nats_credentials)
         self.nc = await nats.connect(
             servers=s.nats_servers,
             name="wsgateway",
@@ -160,13 +155,13 @@ class Bus:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             error_cb=error,
-            **opts,  # type: ignore[arg-type]
+            user_credentials=str(s.nats_credentials) if s.nats_credentials else None,
         )
         self.metrics.nats_connected.set(1)
         self.js = self.nc.jetstream()
         last = await ensure_stream(self.js, s)
         self._kv = await ensure_bucket(self.js, s)
-        self._start_acl_watch()
+        self._start_acl_watch(self._kv)
         await asyncio.wait_for(self.acl_ready.wait(), timeout=30)
         # Start right after the stream's current end: the hub's cursor is exact from the first event.
         self.hub.skip(last)
@@ -175,12 +170,12 @@ class Bus:
         self._watchdog_task = asyncio.create_task(self._watchdog(), name="wsgateway-consumer-watchdog")
         log.info("consuming %s.> from stream %s after seq %d", s.subject_prefix, s.stream, last)
 
-    def _start_acl_watch(self) -> None:
+    def _start_acl_watch(self, kv: KeyValue) -> None:
         """(Re)start following the ACL bucket; a restart reloads every document and re-checks everything."""
         if self._watch_task is not None:
             self._watch_task.cancel()
         self._watch_task = asyncio.create_task(
-            watch_acl(self._kv, self.acl, self._acl_changed, self.acl_ready), name="wsgateway-acl-watch"
+            watch_acl(kv, self.acl, self._acl_changed, self.acl_ready), name="wsgateway-acl-watch"
         )
 
     def _acl_changed(self, tenant: str | None) -> None:

@@ -24,6 +24,11 @@ class StreamBounds:
     earliest: int  # first sequence still held (0 when the stream is empty)
     latest: int  # last sequence written
 
+    def complete_after(self, after: int) -> bool:
+        """The stream still holds every event after `after`: the `recovered` flag of a resume and of a
+        history page (false once retention removed part of the range)."""
+        return not (self.earliest and after + 1 < self.earliest and self.latest > after)
+
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
@@ -60,11 +65,17 @@ class StreamReader:
             mem_storage=True,
             filter_subject=subject,
         )
-        psub = await self.js.pull_subscribe(subject, stream=self.stream, config=config)
+        # Created here, not by pull_subscribe, so its name (given by the server) is known before anything
+        # can fail, and the `finally` below deletes exactly this consumer.
+        consumer = (await self.js.add_consumer(self.stream, config)).name
+        psub: JetStreamContext.PullSubscription | None = None
         returned = 0
         try:
+            psub = await self.js.pull_subscribe_bind(consumer, stream=self.stream)
             info = await psub.consumer_info()
-            pending = int(info.num_pending)
+            if info.num_pending is None:  # the server always sends it; without it the read has no end
+                raise RuntimeError(f"JetStream gave no num_pending for consumer {consumer} on {self.stream}")
+            pending = info.num_pending
             while pending > 0:
                 want = batch if limit is None else min(batch, limit - returned)
                 if want <= 0:
@@ -89,7 +100,8 @@ class StreamReader:
                 if done or (upto is not None and out and out[-1].seq >= upto):
                     return
         finally:
+            if psub is not None:
+                with contextlib.suppress(Exception):
+                    await psub.unsubscribe()
             with contextlib.suppress(Exception):
-                await psub.unsubscribe()
-            with contextlib.suppress(Exception):
-                await self.js.delete_consumer(self.stream, config.name or "")  # type: ignore[attr-defined]
+                await self.js.delete_consumer(self.stream, consumer)

@@ -19,12 +19,15 @@ import orjson
 import uvicorn
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from nats.js.kv import KeyValue
 
+from gateway import provisioning
 from gateway.app import create_app, uvicorn_options
 from gateway.config import Settings
 from gateway.devtools.devidp import DevIdentityProvider
 from gateway.devtools.natsproc import NatsProcess
 from gateway.devtools.simulator import DEMO_ACLS, DEMO_USERS, TENANT, Simulator, seed_acls
+from gateway.events import KINDS
 from gateway.sdk.publisher import Publisher
 
 log = logging.getLogger("gateway.devtools.dev")
@@ -47,7 +50,7 @@ RESTRICTED_DOC: dict[str, object] = {}
 """What "revoke" writes for a demo scope: no project, no members, no owner. Only org admins still see it."""
 
 
-def demo_router(kv: object) -> APIRouter:
+def demo_router(kv: KeyValue) -> APIRouter:
     """Dev-only routes behind the viewer (mounted at /dev/demo by `wsgateway dev`, never by `serve`).
 
     GET  /dev/demo          the demo tenant, its users (with groups and what they see) and scopes
@@ -58,7 +61,7 @@ def demo_router(kv: object) -> APIRouter:
     """
     router = APIRouter(tags=["dev demo (insecure)"])
     scopes = {f"{key.split('.')[1]}:{key.split('.')[2]}": key for key in DEMO_ACLS
-              if key.split(".")[1] in ("conversation", "process", "agent")}
+              if key.split(".")[1] in KINDS}
     restricted: set[str] = set()
 
     @router.get("")
@@ -84,7 +87,7 @@ def demo_router(kv: object) -> APIRouter:
         if scope not in scopes:
             return _bad(f"scope must be one of the demo scopes: {', '.join(sorted(scopes))}")
         doc = DEMO_ACLS[scopes[scope]] if body["grant"] else RESTRICTED_DOC
-        await kv.put(scopes[scope], orjson.dumps(doc))  # type: ignore[attr-defined]
+        await kv.put(scopes[scope], orjson.dumps(doc))
         if body["grant"]:
             restricted.discard(scope)
         else:
@@ -113,7 +116,9 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool, pac
         # seed demo permissions before the gateway starts watching them
         nc = await nats.connect(natsd.url)
         js = nc.jetstream()
-        kv = await js.create_key_value(bucket=settings.acl_bucket, history=1)
+        kv, _ = await provisioning.ensure_bucket(
+            js, provisioning.bucket_config(settings.acl_bucket, replicas=settings.stream_replicas)
+        )
         await seed_acls(kv)
         app.include_router(demo_router(kv), prefix="/dev/demo")
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options(settings)))  # type: ignore[arg-type]

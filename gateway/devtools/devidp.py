@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from gateway.config import NAME_PATTERN
+from gateway.events import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 import orjson
+from nats.js.kv import KeyValue
 
 from gateway.sdk.publisher import Publisher
 
@@ -46,9 +47,9 @@ DEMO_ACLS: dict[str, dict[str, object]] = {
 }
 
 
-async def seed_acls(kv: object) -> None:
+async def seed_acls(kv: KeyValue) -> None:
     for key, doc in DEMO_ACLS.items():
-        await kv.put(key, orjson.dumps(doc))  # type: ignore[attr-defined]
+        await kv.put(key, orjson.dumps(doc))
 
 
 def _chunks(text: str, size: int = 12) -> list[str]:

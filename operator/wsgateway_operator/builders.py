@@ -474,8 +474,9 @@ class StreamPlan(BaseModel):
     max_age_seconds: float
     max_bytes: int
     replicas: int
-    duplicate_window_seconds: float = 120.0  # the publisher's Nats-Msg-Id de-duplication window
     description: str
+    # The rest of the stream's and the bucket's shape (duplicate window, bucket history) is the gateway's own:
+    # gateway.provisioning builds both configs for the operator and for a gateway that creates them itself.
 
 
 class BucketPlan(BaseModel):
@@ -483,7 +484,6 @@ class BucketPlan(BaseModel):
 
     name: str
     replicas: int
-    history: int = 1
 
 
 class JetStreamPlan(BaseModel):

@@ -110,7 +110,7 @@ def openapi_schema(model: type[BaseModel], description: str) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
     raw["description"] = description  # the model's docstring is for Python readers
-    schema = _inline(raw, defs)
+    schema: dict[str, Any] = _inline(raw, defs)  # a dict in, a dict out
     _check_structural(schema, model.__name__)
     return schema
 

@@ -67,7 +67,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
     metrics_server: list[Any] = []  # the aiohttp runner while it serves
 
     @kopf.on.startup(registry=registry, id="metrics")
-    async def metrics(logger: logging.Logger, **_: Any) -> None:
+    async def metrics(logger: kopf.Logger, **_: Any) -> None:
         if not config.metrics_port or metrics_server:
             return
         where = f"{config.metrics_host}:{config.metrics_port}"
@@ -100,7 +100,9 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
             await metrics_server.pop().cleanup()
 
     @kopf.index(*RESOURCE, registry=registry, id="gateways_by_stream")
-    def gateways_by_stream(name: str, namespace: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+    def gateways_by_stream(
+        name: str, namespace: str | None, spec: kopf.Spec, **_: Any
+    ) -> dict[tuple[str, str], str]:
         return {_stream_key(dict(spec)): f"{namespace}/{name}"}
 
     async def reconcile(body: kopf.Body, patch: kopf.Patch, trigger: str) -> ReconcileResult | None:
@@ -121,7 +123,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
     @kopf.on.resume(*RESOURCE, registry=registry, id="apply")
     @kopf.on.create(*RESOURCE, registry=registry, id="apply")
     @kopf.on.update(*RESOURCE, registry=registry, id="apply")
-    async def apply(body: kopf.Body, patch: kopf.Patch, retry: int, logger: logging.Logger, **_: Any) -> None:
+    async def apply(body: kopf.Body, patch: kopf.Patch, retry: int, logger: kopf.Logger, **_: Any) -> None:
         result = await reconcile(body, patch, "change")
         if result is None:
             return
@@ -145,7 +147,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
         *RESOURCE, registry=registry, id="refresh", interval=config.resync_seconds,
         initial_delay=config.resync_seconds,
     )
-    async def refresh(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+    async def refresh(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
         result = await reconcile(body, patch, "refresh")
         if result is not None and result.applied.changed:
             logger.warning("corrected drift: %s", ", ".join(
@@ -154,8 +156,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
 
     @kopf.on.delete(*RESOURCE, registry=registry, id="finalize")
     async def finalize(
-        body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, gateways_by_stream: kopf.Index[Any, str], **_: Any
+        body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **kwargs: Any
     ) -> None:
+        # kopf passes every index as a keyword named by its id; kopf's handler protocols cannot name it.
+        gateways_by_stream: kopf.Index[tuple[str, str], str] = kwargs["gateways_by_stream"]
         meta = body.metadata
         me = f"{meta.namespace}/{meta.name}"
         others = [g for g in gateways_by_stream.get(_stream_key(dict(body.spec)), []) if g != me]

@@ -23,9 +23,10 @@ MERGE_PATCH = "application/merge-patch+json"
 
 
 class Credentials(Protocol):
-    """What the client needs of `kopf.ConnectionInfo`."""
+    """What the client needs of `kopf.ConnectionInfo` (a frozen dataclass: `server` is read-only)."""
 
-    server: str
+    @property
+    def server(self) -> str: ...
 
     def as_http_headers(self) -> dict[str, str]: ...
 

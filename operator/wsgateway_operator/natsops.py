@@ -20,16 +20,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from pydantic import BaseModel
 
+from gateway import provisioning
 from wsgateway_operator.builders import JetStreamPlan, is_gateway_consumer
 
 log = logging.getLogger(__name__)
-
-
-STREAM_NAME_IN_USE = 10058  # JetStream API error code: a stream with that name exists
 
 
 class NatsProblem(Exception):
@@ -96,58 +94,28 @@ async def jetstream(
 
 def _stream_config(plan: JetStreamPlan, storage: StorageType | None = None) -> StreamConfig:
     s = plan.stream
-    return StreamConfig(
-        name=s.name,
-        description=s.description,
-        subjects=list(s.subjects),
-        storage=storage or StorageType(s.storage),
-        max_age=s.max_age_seconds,
-        max_bytes=s.max_bytes,
-        num_replicas=s.replicas,
-        duplicate_window=s.duplicate_window_seconds,
+    return provisioning.stream_config(
+        s.name, s.subjects, max_age_s=s.max_age_seconds, max_bytes=s.max_bytes, replicas=s.replicas,
+        storage=storage or StorageType(s.storage), description=s.description,
     )
-
-
-def _stream_differs(live: StreamConfig, plan: JetStreamPlan) -> list[str]:
-    s = plan.stream
-    diffs = []
-    if sorted(live.subjects or []) != sorted(s.subjects):
-        diffs.append(f"subjects {live.subjects} -> {list(s.subjects)}")
-    if abs(float(live.max_age or 0) - s.max_age_seconds) > 0.001:
-        diffs.append(f"max_age {live.max_age}s -> {s.max_age_seconds}s")
-    if int(live.max_bytes if live.max_bytes is not None else -1) != s.max_bytes:
-        diffs.append(f"max_bytes {live.max_bytes} -> {s.max_bytes}")
-    if int(live.num_replicas or 1) != s.replicas:
-        diffs.append(f"replicas {live.num_replicas} -> {s.replicas}")
-    if abs(float(live.duplicate_window or 0) - s.duplicate_window_seconds) > 0.001:
-        diffs.append(f"duplicate_window {live.duplicate_window}s -> {s.duplicate_window_seconds}s")
-    if (live.description or "") != s.description:
-        diffs.append("description")
-    return diffs
 
 
 async def ensure_jetstream(js: JetStreamContext, plan: JetStreamPlan) -> JetStreamReport:
     """Create the stream and the ACL bucket when missing; bring the stream's config to the plan.
 
     Idempotent: a second call only reads. The storage type cannot change in place (the CRD forbids the
-    change too); a mismatch is reported as a warning and everything else is still updated.
+    change too); a mismatch is reported as a warning and everything else is still updated. The configs
+    are the gateway's own (gateway.provisioning), so a stream or bucket a gateway created is the same.
     """
     name = plan.stream.name
     warnings: list[str] = []
+    stream_state: Literal["created", "updated", "unchanged"] = "unchanged"
     try:
-        stream_state: Literal["created", "updated", "unchanged"] = "created"
-        try:
-            info = await js.stream_info(name)
-        except NotFoundError:
-            try:
-                await js.add_stream(_stream_config(plan))
-                log.info("created JetStream stream %s on %s", name, list(plan.stream.subjects))
-                info = None
-            except APIError as exc:
-                if exc.err_code != STREAM_NAME_IN_USE:
-                    raise
-                info = await js.stream_info(name)  # created meanwhile (another gateway on the stream)
-        if info is not None:
+        info, created = await provisioning.ensure_stream(js, _stream_config(plan))
+        if created:
+            log.info("created JetStream stream %s on %s", name, list(plan.stream.subjects))
+            stream_state = "created"
+        else:
             live = info.config
             live_storage = StorageType(live.storage) if live.storage else StorageType.FILE
             if live_storage.value != plan.stream.storage:
@@ -156,37 +124,29 @@ async def ensure_jetstream(js: JetStreamContext, plan: JetStreamPlan) -> JetStre
                     f"{plan.stream.storage}; JetStream cannot change it in place (keep the old value, or move "
                     "the data to a new stream)"
                 )
-            diffs = _stream_differs(live, plan)
+            want = _stream_config(plan, storage=live_storage)
+            diffs = provisioning.stream_differences(live, want)
             if diffs:
-                await js.update_stream(_stream_config(plan, storage=live_storage))
+                await js.update_stream(want)
                 log.info("updated JetStream stream %s: %s", name, "; ".join(diffs))
                 stream_state = "updated"
-            else:
-                stream_state = "unchanged"
     except APIError as exc:
         raise NatsProblem(
             "StreamRejected",
             f"JetStream rejected stream {name!r}: {exc.description or exc}. Check spec.nats.stream "
             "(subjects overlapping another stream, more replicas than NATS servers, account limits).",
         ) from exc
-    bucket_state: Literal["created", "unchanged"] = "unchanged"
     try:
-        await js.key_value(plan.bucket.name)
-    except BucketNotFoundError:
-        try:
-            await js.create_key_value(KeyValueConfig(
-                bucket=plan.bucket.name, history=plan.bucket.history, replicas=plan.bucket.replicas,
-                storage=StorageType.FILE, description="wsgateway ACL documents",
-            ))
-        except APIError as exc:
-            if exc.err_code != STREAM_NAME_IN_USE:  # else: created meanwhile by a gateway sharing it
-                raise NatsProblem(
-                    "BucketRejected", f"JetStream rejected ACL bucket {plan.bucket.name!r}: {exc.description or exc}"
-                ) from exc
-        else:
-            log.info("created ACL bucket %s", plan.bucket.name)
-            bucket_state = "created"
-    return JetStreamReport(stream=stream_state, bucket=bucket_state, warnings=warnings)
+        _, bucket_created = await provisioning.ensure_bucket(
+            js, provisioning.bucket_config(plan.bucket.name, replicas=plan.bucket.replicas)
+        )
+    except APIError as exc:
+        raise NatsProblem(
+            "BucketRejected", f"JetStream rejected ACL bucket {plan.bucket.name!r}: {exc.description or exc}"
+        ) from exc
+    if bucket_created:
+        log.info("created ACL bucket %s", plan.bucket.name)
+    return JetStreamReport(stream=stream_state, bucket="created" if bucket_created else "unchanged", warnings=warnings)
 
 
 def consumer_config(info: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
-from gateway.config import NAME_PATTERN
+from gateway.events import NAME_PATTERN, SUBJECT_PREFIX_PATTERN
 from wsgateway_operator.alerts import DEFAULT_RUNBOOK_BASE_URL
 
 # --- patterns (RE2: no look-arounds, no backreferences) -------------------------------------------
@@ -24,7 +24,7 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 NATS_URL = r"^(nats|tls|ws|wss)://[^\s,]+$"
 HTTP_URL = r"^https?://[^\s]+$"
-SUBJECT_PREFIX = r"^[^\s.*>]+(\.[^\s.*>]+)*$"  # the gateway's own rule: dot-separated, no wildcards
+SUBJECT_PREFIX = SUBJECT_PREFIX_PATTERN  # the gateway's own rule (gateway.events.check_prefix)
 SUBJECT = r"^[^\s.]+(\.[^\s.]+)*$"  # a stream subject: wildcards allowed
 DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"

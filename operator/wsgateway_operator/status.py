@@ -58,7 +58,7 @@ def _deployment_numbers(d: dict[str, Any] | None, fallback: int) -> dict[str, An
                 "stuck": None}
     st = d.get("status") or {}
     desired = int((d.get("spec") or {}).get("replicas", fallback) or 0)
-    nums = {
+    nums: dict[str, Any] = {
         "desired": desired,
         "replicas": int(st.get("replicas") or 0),
         "ready": int(st.get("readyReplicas") or 0),
@@ -176,7 +176,7 @@ def with_condition(
     previous: list[dict[str, Any]], condition: dict[str, str], *, generation: int | None, now: str | None = None
 ) -> list[dict[str, Any]]:
     """`previous` with one condition replaced (the others keep their values and times)."""
-    others = [{k: c[k] for k in ("type", "status", "reason", "message") if k in c}
+    others: list[dict[str, str]] = [{k: c[k] for k in ("type", "status", "reason", "message") if k in c}
               for c in previous if c.get("type") != condition["type"]]
     merged = merge_conditions(previous, [condition, *others], now=now or now_iso(), generation=generation)
     order = {t: i for i, t in enumerate(("Ready", "Progressing", "NatsReady", "Degraded"))}
