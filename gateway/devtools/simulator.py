@@ -94,8 +94,10 @@ class Simulator:
         self.pace = pace
         self.published = 0
 
-    async def _emit(self, scope: str, type_: str, data: dict[str, object], **kw: object) -> None:
-        await self.pub.publish(tenant=TENANT, scope=scope, type=type_, data=data, **kw)  # type: ignore[arg-type]
+    async def _emit(
+        self, scope: str, type_: str, data: dict[str, object], *, actor: str | None = None, run_id: str | None = None
+    ) -> None:
+        await self.pub.publish(tenant=TENANT, scope=scope, type=type_, data=data, actor=actor, run_id=run_id)
         self.published += 1
 
     async def _sleep(self, s: float) -> None:

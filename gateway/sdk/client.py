@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 
 import websockets
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 FINAL_CLOSE_CODES = frozenset({4400, 4401})
 
@@ -96,7 +97,7 @@ class GatewayClient:
             try:
                 token = await self._get_token()
                 async with websockets.connect(
-                    self._connect_url(), subprotocols=["wsgateway.v1", f"bearer.{token}"],  # type: ignore[list-item]
+                    self._connect_url(), subprotocols=[Subprotocol("wsgateway.v1"), Subprotocol(f"bearer.{token}")],
                     max_size=None, open_timeout=10,
                 ) as ws:
                     self._ws = ws
