@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.events import KINDS  # the `kind` label's values (gateway.metrics.KIND_LABELS)
 from wsgateway_operator.generated import write_or_check
 
 OUT = Path(__file__).resolve().parent / "grafana"
@@ -244,7 +245,6 @@ def quantiles(metric: str, sel: str, by: str = "") -> list[dict[str, Any]]:
 # --- the gateway overview -------------------------------------------------------------------------
 
 GW = 'namespace=~"$namespace", job=~"$gateway"'
-KINDS = ("conversation", "process", "agent")
 
 
 def overview() -> dict[str, Any]:
