@@ -14,7 +14,6 @@ running operator in tests/operator/test_operator_metrics.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import httpx
@@ -133,7 +132,7 @@ async def make_traffic(g: RunningGateway, idp: TestIdP, platform: Platform) -> N
 
     for ws in [*clients, admin, resumed]:
         await ws.close()
-    await asyncio.sleep(0.2)
+    await g.metric_reaches("wsgateway_connections", 0)  # every client is counted out
 
 
 @pytest.mark.timeout(120)
@@ -143,7 +142,7 @@ async def test_dashboards_and_alerts_query_exported_metrics_with_bounded_labels(
     async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=20,
                            socket_send_buffer=4096, connections_target=TARGET, max_connections=LIMIT) as g:
         await make_traffic(g, idp, platform)
-        await asyncio.sleep(1.2)  # one consumer watchdog tick: the lag is refreshed without new events
+        await g.metric_reaches("wsgateway_consumer_lag", 0)  # the consumer watchdog's refresh, without events
         text = await g.metrics_text()
     scraped = samples(text)
     names = {name for name, _ in scraped}
@@ -207,11 +206,7 @@ async def test_connections_and_subscriptions_gauges_follow_clients(
         assert await gw.metric("wsgateway_connections") == 2
         assert await gw.metric("wsgateway_subscriptions") == 3
     await ws.close()
-    for _ in range(100):
-        if await gw.metric("wsgateway_connections") == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert await gw.metric("wsgateway_connections") == 0
+    await gw.metric_reaches("wsgateway_connections", 0)
     assert await gw.metric("wsgateway_subscriptions") == 0
     assert await gw.metric("wsgateway_connections_target") == 0  # not set: exported as 0
     assert await gw.metric("wsgateway_connections_limit") == gw.settings.max_connections
@@ -222,8 +217,4 @@ async def test_consumer_lag_is_refreshed_without_events(gw: RunningGateway) -> N
     consumer info, every second): a stale value would hide a stalled consumer, or keep an alert firing."""
     gw.gateway.metrics.consumer_lag.set(12345)  # as if the last event had seen a backlog
     assert await gw.metric("wsgateway_consumer_lag") == 12345
-    for _ in range(60):
-        if await gw.metric("wsgateway_consumer_lag") == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert await gw.metric("wsgateway_consumer_lag") == 0
+    await gw.metric_reaches("wsgateway_consumer_lag", 0)

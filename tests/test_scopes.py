@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
@@ -12,6 +11,7 @@ from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
+from tests.support.wait import eventually
 
 DOCS: dict[str, dict[str, Any]] = {
     "acme.org": {"admins": ["user:olga"]},
@@ -40,13 +40,6 @@ async def _grant_all(platform: Platform) -> None:
         await platform.grant(key, doc)
 
 
-async def _until(cond: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize(
     ("sub", "groups", "expected"),
     [
@@ -64,7 +57,7 @@ async def test_each_user_lists_exactly_the_scopes_they_may_see(
 ) -> None:
     await _grant_all(platform)
     token = idp.mint(sub, groups=groups)
-    await _until(lambda: _has_docs(gw, idp))
+    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
     r = await _scopes(gw, token)
     assert _names(r) == expected
     body = r.json()
@@ -78,7 +71,7 @@ async def _has_docs(gw: RunningGateway, idp: TestIdP) -> bool:
 
 async def test_each_scope_says_why_it_is_visible(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await _grant_all(platform)
-    await _until(lambda: _has_docs(gw, idp))
+    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
     via = {s["scope"]: s["via"] for s in (await _scopes(gw, idp.mint("ann", groups=("auditors",)))).json()["scopes"]}
     assert via == {"conversation:c1": "viewer of project p1 (group:auditors)",
                    "process:pr1": "viewer of project p1 (group:auditors)"}
@@ -91,7 +84,7 @@ async def test_each_scope_says_why_it_is_visible(gw: RunningGateway, idp: TestId
 
 async def test_the_list_follows_acl_changes_live(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await _grant_all(platform)
-    await _until(lambda: _has_docs(gw, idp))
+    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
     token = idp.mint("mia")
     assert _names(await _scopes(gw, token)) == ["conversation:c1", "conversation:c2"]
     await platform.grant("acme.conversation.c2", {"members": []})
@@ -101,19 +94,19 @@ async def test_the_list_follows_acl_changes_live(gw: RunningGateway, idp: TestId
     async def changed() -> bool:
         return _names(await _scopes(gw, token)) == ["agent:ag9"]
 
-    await _until(changed)
+    await eventually(changed, what="the scope list to follow the ACL changes", interval=0.05)
 
 
 async def test_tenants_never_mix(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await _grant_all(platform)
-    await _until(lambda: _has_docs(gw, idp))
+    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
     assert _names(await _scopes(gw, idp.mint("mia", tenant="beta"))) == ["conversation:c1"]
     assert _names(await _scopes(gw, idp.mint("olga", tenant="beta"))) == []  # admin of acme only
 
 
 async def test_pages_with_after_and_limit(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await _grant_all(platform)
-    await _until(lambda: _has_docs(gw, idp))
+    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
     token = idp.mint("olga")
     pages, after = [], ""
     while True:
