@@ -32,10 +32,11 @@ from starlette.background import BackgroundTask
 from gateway.config import Settings
 from gateway.devtools.natsproc import NatsProcess
 from gateway.tracing import build_provider, traces_url
-from tests.support.gateway import RunningGateway, run_gateway, wait_ready
+from tests.support.gateway import RunningGateway, run_gateway, scrape_metric, wait_ready
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
+from tests.support.wait import eventually
 from tests.support.wsclient import closed, connect, connect_stalled, events, recv_type, subscribe, welcome
 
 ADMIN = {"admins": ["user:alice"]}
@@ -76,25 +77,20 @@ def _named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name == name]
 
 
-async def _wait_for(exporter: InMemorySpanExporter, name: str, n: int = 1, timeout: float = 5.0) -> list[ReadableSpan]:
-    """Spans end when their work does, which may be just after the client saw the result."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(found := _named(exporter, name)) < n:
-        assert loop.time() < deadline, f"{n} span(s) {name!r} expected, got {len(found)}"
-        await asyncio.sleep(0.02)
-    return found
+async def _wait_for(exporter: InMemorySpanExporter, name: str, n: int = 1) -> list[ReadableSpan]:
+    """All spans `name` once there are at least n (spans end when their work does, which may be just
+    after the client saw the result)."""
+    await eventually(lambda: len(_named(exporter, name)) >= n, what=f"{n} span(s) {name!r}")
+    return _named(exporter, name)
 
 
-async def _deliver_span(exporter: InMemorySpanExporter, seq: int, timeout: float = 5.0) -> ReadableSpan:
+async def _deliver_span(exporter: InMemorySpanExporter, seq: int) -> ReadableSpan:
     """The deliver span of event `seq`, once the gateway has processed it; there must be exactly one."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        found = [s for s in _named(exporter, "deliver") if (s.attributes or {})["wsgateway.stream.seq"] == seq]
-        if found or loop.time() > deadline:
-            break
-        await asyncio.sleep(0.02)
+    def of_seq() -> list[ReadableSpan]:
+        return [s for s in _named(exporter, "deliver") if (s.attributes or {})["wsgateway.stream.seq"] == seq]
+
+    await eventually(of_seq, what=f"the deliver span of seq {seq}")
+    found = of_seq()
     assert len(found) == 1, f"one deliver span per event and instance, got {len(found)}"
     return found[0]
 
@@ -164,12 +160,15 @@ async def test_deliver_spans_account_for_every_coalesced_frame(
         queue_max_messages=50, socket_send_buffer=4096,
     ) as g:
         slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
+        published = 0
         for i in range(600):
             await platform.publish("acme", "conversation:c1", type="run.message.delta", run_id="r1",
                                    data={"message_id": "m1", "delta": f"{i} ", "pad": "p" * 1000})
+            published += 1
             if i % 50 == 49 and await g.metric("wsgateway_events_coalesced_total") > 0:
                 break
-        await asyncio.sleep(0.2)
+        # every published event has been handled (its deliver span ended) before the totals are compared
+        await eventually(lambda: len(_named(spans, "deliver")) == published, what=f"{published} deliver spans")
         coalesced = await g.metric("wsgateway_events_coalesced_total")
         closed_slow = await g.metric("wsgateway_slow_client_disconnects_total")
         delivered = _named(spans, "deliver")
@@ -467,18 +466,19 @@ async def test_every_serve_worker_exports_its_own_deliver_span(
         proc = subprocess.Popen([WSGATEWAY, "serve", "--workers", "2"], env=env)  # noqa: ASYNC220
         try:
             await wait_ready(f"http://127.0.0.1:{port}", timeout=40)
-            for _ in range(200):  # both workers consume
-                if (await platform.js.stream_info("EVENTS")).state.consumer_count == 2:
-                    break
-                await asyncio.sleep(0.1)
+
+            async def both_workers_consume() -> bool:
+                return (await platform.js.stream_info("EVENTS")).state.consumer_count == 2
+
+            await eventually(both_workers_consume, what="one consumer per worker", interval=0.1)
             with upstream.start_as_current_span("publish") as publish:
                 seq = await platform.publish("acme", "agent:a1")
-            for _ in range(200):  # both workers' consumers have been handed the event
-                consumers = await platform.js.consumers_info("EVENTS")
-                if len(consumers) == 2 and all(c.delivered.stream_seq >= seq for c in consumers if c.delivered):
-                    break
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)
+            # both workers have handled the event (counted before its deliver span ends, in the same step,
+            # which a SIGTERM cannot interrupt): /metrics sums the workers' counters
+            async def both_workers_handled_it() -> bool:
+                return await scrape_metric(f"http://127.0.0.1:{port}", "wsgateway_events_received_total") == 2
+
+            await eventually(both_workers_handled_it, what="both workers to receive the event", interval=0.05)
         finally:
             proc.send_signal(signal.SIGTERM)
             await asyncio.to_thread(proc.wait, 30)
