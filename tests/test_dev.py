@@ -9,13 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.gateway import wait_ready
 from tests.support.ports import free_port
+from tests.support.wait import eventually_sync
 from tests.support.wsclient import connect, recv, welcome
 
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
@@ -33,22 +34,22 @@ def _start(port: int, nats_port: int) -> subprocess.Popen[str]:
     )
 
 
-def _wait_banner(proc: subprocess.Popen[str], timeout: float = 30) -> str:
-    out = []
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line:
+def _wait_banner(proc: subprocess.Popen[str]) -> str:
+    """Dev mode's output up to the end of its banner (read without blocking, as it arrives)."""
+    out: list[str] = []
+    stdout = proc.stdout
+    assert stdout is not None
+    os.set_blocking(stdout.fileno(), False)
+
+    def banner() -> str | None:
+        while line := stdout.readline():
             out.append(line)
             if "Ctrl-C stops everything" in line:
                 return "".join(out)
-        elif proc.poll() is not None:
-            break
-        else:
-            time.sleep(0.05)
-    raise AssertionError("dev mode did not come up:\n" + "".join(out))
+        assert proc.poll() is None, "dev mode exited:\n" + "".join(out)
+        return None
+
+    return eventually_sync(banner, what="dev mode's banner", info=lambda: "output so far:\n" + "".join(out))
 
 
 @pytest.mark.timeout(90)
@@ -63,10 +64,7 @@ async def test_dev_mode_streams_simulated_events_and_stops_cleanly() -> None:
         async with httpx.AsyncClient() as c:
             r = await c.get(f"http://127.0.0.1:{port}/dev/idp/token", params={"sub": "carol", "groups": "support"})
             token = r.json()["access_token"]
-            for _ in range(100):
-                if (await c.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.1)
+        await wait_ready(f"http://127.0.0.1:{port}")
         ws = await connect(f"ws://127.0.0.1:{port}/v1/ws", token, via="subprotocol")
         await welcome(ws)
         await ws.send('{"op":"subscribe","id":1,"scope":"*"}')
@@ -97,10 +95,8 @@ def test_no_orphan_nats_server_even_after_sigkill() -> None:
         assert _listening(nats_port)
         proc.kill()
         proc.wait()
-        deadline = time.monotonic() + 10
-        while _listening(nats_port) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _listening(nats_port), "nats-server orphaned by a SIGKILLed `wsgateway dev`"
+        eventually_sync(lambda: not _listening(nats_port),
+                        what="nats-server to go with the SIGKILLed `wsgateway dev` (not be orphaned)")
     finally:
         if proc.poll() is None:
             proc.kill()
