@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import pytest
 from tests.support.gateway import RunningGateway
 from tests.support.oidc_provider import ensure_npm_packages
 from tests.support.ports import free_port
+from tests.support.wait import eventually_sync
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "browser" / "viewer.mjs"
@@ -70,17 +70,13 @@ def _ensure_browser() -> None:
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 40) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"`wsgateway dev` exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("`wsgateway dev` did not become ready")
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+
+    eventually_sync(ready, what="`wsgateway dev` to answer /readyz 200", timeout=timeout, interval=0.1,
+                    ignore=(httpx.HTTPError,))
 
 
 def _history_seqs(base: str, token: str, scopes: list[str], after: int, upto: int) -> list[int]:

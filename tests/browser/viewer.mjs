@@ -60,6 +60,27 @@ async function waitEvents(page, scope, n) {
   await page.waitForFunction(([s, k]) => (window.viewer.scopes[s]?.events ?? 0) >= k, [scope, n], { timeout: T });
 }
 
+// A positive marker instead of a quiet window: the first conversation:welcome event after `afterSeq` (read
+// through the history API as alice, an org admin), once the page has received a later event of another
+// scope. The gateway handles events in stream order, so by then it has decided about the marker and every
+// welcome event before it: had one been delivered to the page, it would have arrived first.
+async function afterWelcomeMarker(page, afterSeq) {
+  const base = new URL(config.url);
+  const { access_token: token } = await (await fetch(new URL('/dev/idp/token?sub=alice', base))).json();
+  const url = new URL(`/v1/history?scope=conversation:welcome&after=${afterSeq}&limit=1`, base);
+  const deadline = Date.now() + T;
+  let marker = null;
+  while (marker === null) { // until the simulator has published one (it does all the time)
+    const body = await (await fetch(url, { headers: { Authorization: `Bearer ${token}` } })).json();
+    if (body.events.length) marker = body.events[0].seq;
+    else if (Date.now() > deadline) throw new Error(`no conversation:welcome event after seq ${afterSeq}`);
+    else await new Promise((done) => setTimeout(done, 50));
+  }
+  await page.waitForFunction((m) => window.viewer.lastSeq !== null && window.viewer.lastSeq > m, marker,
+    { timeout: T });
+  return marker;
+}
+
 async function dropAndResume(page, liveAfter = 3) {
   await page.click('#drop');
   await page.waitForFunction(() => window.viewer.state === 'dropped', null, { timeout: T });
@@ -82,7 +103,8 @@ async function check(page) {
   await page.click('#follow-form button');
   await page.waitForFunction(() => window.viewer.scopes['conversation:welcome']?.status === 'forbidden',
     null, { timeout: T });
-  await page.waitForTimeout(1500); // welcome traffic flows all the time: none of it may reach carol
+  // welcome traffic flows all the time: none of it may reach carol
+  await afterWelcomeMarker(page, (await state(page)).lastSeq ?? 0);
   const carol = await state(page);
   out.carol = {
     scopes: carol.scopes,
@@ -100,7 +122,7 @@ async function check(page) {
   out.bob_answer = await page.evaluate(() => [...document.querySelectorAll('[data-scope="conversation:welcome"] .answer')]
     .map((a) => a.textContent).filter((t) => t.length > 20)[0]);
   const before = await state(page);
-  await page.waitForTimeout(300);
+  await page.waitForFunction((n) => window.viewer.seqs.length > n, before.seqs.length, { timeout: T });
   await dropAndResume(page);
   const bob = await state(page);
   out.bob = {
@@ -115,8 +137,10 @@ async function check(page) {
   await page.click(revokeButton);
   await page.waitForFunction(() => window.viewer.scopes['conversation:welcome'].status === 'revoked',
     null, { timeout: T });
-  const atRevoke = (await state(page)).scopes['conversation:welcome'].events;
-  await page.waitForTimeout(1500);
+  const revokedAt = await state(page);
+  const atRevoke = revokedAt.scopes['conversation:welcome'].events;
+  // the revoked frame came after every frame sent before it: a welcome event after this seq came later
+  await afterWelcomeMarker(page, revokedAt.lastSeq);
   const afterWait = await state(page);
   out.revoke = {
     banner: await page.textContent('[data-scope="conversation:welcome"] .banner'),
