@@ -18,6 +18,7 @@ import yaml
 
 from tests.support.gateway import RunningGateway
 from tests.support.prometheus import PrometheusServer, run_prometheus
+from tests.support.wait import eventually
 from tests.support.wsclient import closed, connect
 
 RULES = Path(__file__).resolve().parent.parent / "dashboards" / "prometheus" / "wsgateway-alerts.yaml"
@@ -36,16 +37,9 @@ def rules_without_for(tmp: Path) -> Path:
     return path
 
 
-async def eventually(prom: PrometheusServer, check: Any, what: str, timeout: float = 20.0) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\nprometheus log:\n{prom.log_tail()}")
-        await asyncio.sleep(0.25)
+async def in_prometheus(prom: PrometheusServer, check: Any, what: str) -> Any:
+    """`eventually(check)`, polled at Prometheus' pace; a failure shows its log."""
+    return await eventually(check, what=what, interval=0.25, info=lambda: f"prometheus log:\n{prom.log_tail()}")
 
 
 async def bad_token_burst(gw: RunningGateway, n: int) -> int:
@@ -81,13 +75,13 @@ async def test_bad_token_burst_fires_the_auth_failure_alert(gw: RunningGateway, 
         async def baseline() -> bool:
             return any(s["metric"].get("namespace") == NAMESPACE for s in await prom.query(rate))
 
-        await eventually(prom, baseline, "the gateway's auth failure series in Prometheus")
+        await in_prometheus(prom, baseline, "the gateway's auth failure series in Prometheus")
         since = await prom.time()
 
         async def evaluated_since() -> bool:  # evaluation every second: two seconds later it has run
             return await prom.time() > since + 2
 
-        await eventually(prom, evaluated_since, "a rule evaluation after the baseline")
+        await in_prometheus(prom, evaluated_since, "a rule evaluation after the baseline")
         rules = await prom.alert_rules()
         assert {r["name"] for r in rules} == {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"]
                                               for r in g["rules"]}
@@ -99,7 +93,7 @@ async def test_bad_token_burst_fires_the_auth_failure_alert(gw: RunningGateway, 
         refused = await bad_token_burst(gw, BAD_CONNECTIONS)
         assert refused == BAD_CONNECTIONS
 
-        alerts = await eventually(prom, firing, f"{ALERT} firing")
+        alerts = await in_prometheus(prom, firing, f"{ALERT} firing")
         (alert,) = alerts
         labels = alert["labels"]
         assert labels == {"alertname": ALERT, "severity": "warning", "namespace": NAMESPACE, "job": "wsgateway",
