@@ -88,7 +88,7 @@ async def test_publish_lands_in_the_stream_as_a_valid_event(bus: Nats) -> None:
 async def test_ids_are_fresh_and_sortable() -> None:
     ids = [new_event_id() for _ in range(200)]
     assert len(set(ids)) == 200
-    await asyncio.sleep(0.002)
+    await asyncio.sleep(0.002)  # the clock is the subject: a later millisecond sorts later
     later = new_event_id()
     assert all(later > i for i in ids)
 

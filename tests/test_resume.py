@@ -161,7 +161,7 @@ async def test_client_helper_reconnects_with_its_cursor(
     async def publish() -> None:
         for i in range(300):
             published.append(await platform.publish("acme", ["conversation:c1", "process:p1"][i % 2]))
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # pacing: the drops happen while publishing goes on
 
     async def consume() -> None:
         async for frame in client.frames():
