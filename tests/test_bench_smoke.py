@@ -40,3 +40,21 @@ def test_quick_benchmark_with_the_compiled_load_client(tmp_path: Path) -> None:
     (row,) = json.loads(out.read_text())["summary"]["rows"]
     assert row["server"] == "gateway"
     assert row["achieved"] > 0 and row["p99_ms"] > 0 and row["rss_kib_per_conn"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_quick_resilience_benchmark_reports_every_figure(tmp_path: Path) -> None:
+    """bench/resilience.py (the delays the tests no longer assert) runs end to end and reports them."""
+    out = tmp_path / "resilience.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "resilience.py"), "--quick", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {"fast", "replay", "restart"}
+    assert figures["fast"]["n"] > 0 and figures["fast"]["complete_in_order"] is True
+    assert figures["replay"]["n"] > 0 and figures["replay"]["replayed"] > 0
+    assert figures["restart"]["stall"]["n"] > 0 and figures["restart"]["complete_in_order"] is True
+    assert figures["restart"]["revocation_s"] > 0 and figures["restart"]["ready_after_start_s"] > 0
+    assert "fast client beside a stalled one" in proc.stdout and "revocation" in proc.stdout
