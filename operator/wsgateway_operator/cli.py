@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 NAMESPACES_ENV = "WSGATEWAY_OPERATOR_NAMESPACES"
+_NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a name, not a kopf glob or negation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +40,12 @@ def watched_namespaces(args: argparse.Namespace) -> list[str]:
     return [n.strip() for n in os.environ.get(NAMESPACES_ENV, "").split(",") if n.strip()]
 
 
+def needs_cluster_scanning(args: argparse.Namespace, namespaces: list[str]) -> bool:
+    """Whether kopf must list and watch namespaces: only for globs and negations ('team-*', '!kube-*').
+    Named namespaces are served as they are, which needs no cluster-wide permission."""
+    return bool(args.all_namespaces) or not all(_NAMESPACE_NAME.fullmatch(n) for n in namespaces)
+
+
 def run(args: argparse.Namespace) -> int:
     namespaces = watched_namespaces(args)
     if args.all_namespaces and namespaces:
@@ -61,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = OperatorConfig.from_env()
+        overrides: dict[str, object] = {"cluster_scanning": needs_cluster_scanning(args, namespaces)}
         if args.metrics_port is not None:
-            config = OperatorConfig.model_validate({**config.model_dump(), "metrics_port": args.metrics_port})
+            overrides["metrics_port"] = args.metrics_port
+        config = OperatorConfig.model_validate({**config.model_dump(), **overrides})
     except ValidationError as exc:
         print(f"wsgateway operator: bad configuration:\n{exc}", file=sys.stderr)
         return 2

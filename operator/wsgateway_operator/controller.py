@@ -78,6 +78,10 @@ class OperatorConfig(BaseModel):
     api_cache_seconds: float = 60.0  # how long API discovery (Prometheus Operator, KEDA) is trusted
     metrics_port: int = Field(DEFAULT_PORT, ge=0, le=65535)  # the operator's /metrics; 0: not served
     metrics_host: str = "0.0.0.0"
+    # kopf's cluster scanning (listing and watching namespaces and CRDs). `wsgateway operator` turns it
+    # off when it serves named namespaces only: the chart's namespaced Roles grant no cluster-wide
+    # namespace listing, and kopf retried that 403 for about a minute before serving anything.
+    cluster_scanning: bool = True
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -319,10 +323,16 @@ class Controller:
             hpa = await self.api.get(CHILD_REFS["HorizontalPodAutoscaler"], namespace, name)
             obs.autoscaler = hpa if hpa and owned_by(hpa, uid) else None
         try:
-            obs.scrape = await scrape_connections(await self.gateway_pods(owner), timeout=self.config.scrape_timeout)
+            pods = await self.gateway_pods(owner)
         except ApiError as exc:
             log.warning("%s/%s: cannot list pods: %s", namespace, name, exc)
             obs.scrape = ScrapeResult()
+        else:
+            pending = [p for p in pods if (p.get("status") or {}).get("phase") == "Pending"
+                       and not (p.get("metadata") or {}).get("deletionTimestamp")]
+            obs.pods_pending = len(pending)
+            obs.pods_unscheduled = sum(1 for p in pending if not (p.get("spec") or {}).get("nodeName"))
+            obs.scrape = await scrape_connections(pods, timeout=self.config.scrape_timeout)
         desired = ((obs.deployment or {}).get("spec") or {}).get("replicas")
         return ReconcileResult(
             status=build_status(obs, status), nats_problem=problem, applied=applied, jetstream=report,

@@ -60,9 +60,13 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
         # Only warnings and errors become Events by themselves (kopf's routine "Timer succeeded" lines
         # would post an Event every resync); changes the operator made are posted explicitly below.
         settings.posting.level = logging.WARNING
+        settings.posting.loggers = True  # kopf 1.45 posts only explicit kopf.event() calls by default
         # On deletion kopf waits for a running refresh to return before the finalizer may finish; look
         # again every second rather than kopf's default minute.
         settings.background.cancellation_polling = 1.0
+        # Named namespaces only: take them as they are instead of listing all namespaces (a 403 under
+        # the chart's namespaced RBAC, retried by kopf for about a minute before it falls back).
+        settings.scanning.disabled = not config.cluster_scanning
 
     metrics_server: list[Any] = []  # the aiohttp runner while it serves
 

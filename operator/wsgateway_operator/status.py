@@ -7,7 +7,8 @@ refresh that finds nothing new writes nothing).
   Ready        True when the gateway serves: NATS ready and at least replicas.min pods (or all wanted,
                if fewer) pass /readyz
   Progressing  True while a rollout runs (the Deployment controller has not caught up with the
-               template, or pods on an old template remain)
+               template, pods on an old template remain, or the new pods are not available yet, e.g.
+               Pending because no node has room for them)
   NatsReady    True when the stream and the ACL bucket are in place and NATS answered
   Degraded     True when something is not as specified even if the gateway serves (pods not ready,
                children not applied, a stuck rollout, inactive autoscaling, unreachable /metrics)
@@ -38,6 +39,8 @@ class Observation(BaseModel):
     nats_message: str = ""
     nats_warnings: list[str] = []
     scrape: ScrapeResult | None = None
+    pods_pending: int = 0  # gateway pods in phase Pending (not started on a node yet)
+    pods_unscheduled: int = 0  # ... of which no node was assigned (no scheduler, or no node has room)
     scrape_timeout: float = 2.0
     stream: str | None = None
     acl_bucket: str | None = None
@@ -55,7 +58,7 @@ def _cond(type_: str, ok: bool, reason: str, message: str) -> dict[str, str]:
 def _deployment_numbers(d: dict[str, Any] | None, fallback: int) -> dict[str, Any]:
     if d is None:
         return {"desired": fallback, "replicas": 0, "ready": 0, "updated": 0, "available": 0, "rolled": False,
-                "stuck": None}
+                "template_rolled": False, "stuck": None}
     st = d.get("status") or {}
     desired = int((d.get("spec") or {}).get("replicas", fallback) or 0)
     nums: dict[str, Any] = {
@@ -67,13 +70,30 @@ def _deployment_numbers(d: dict[str, Any] | None, fallback: int) -> dict[str, An
     }
     observed = int(st.get("observedGeneration") or 0)
     generation = int((d.get("metadata") or {}).get("generation") or 0)
-    # The template rollout is done when the controller saw the latest spec and no old pods remain;
-    # pods that are (or became) unready afterwards are Degraded, not Progressing.
-    nums["rolled"] = observed >= generation and nums["updated"] >= desired and nums["replicas"] == nums["updated"]
-    stuck = next((c for c in st.get("conditions") or []
-                  if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"), None)
+    progressing: dict[str, Any] = next(
+        (c for c in st.get("conditions") or [] if c.get("type") == "Progressing"), {}
+    )
+    # The rollout is done (as `kubectl rollout status` sees it) when the controller saw the latest
+    # spec, no old pods remain and the new ones are available; or when the Deployment controller said
+    # so (NewReplicaSetAvailable): pods that became unready after that are Degraded, not Progressing.
+    nums["template_rolled"] = (observed >= generation and nums["updated"] >= desired
+                               and nums["replicas"] == nums["updated"])
+    nums["rolled"] = nums["template_rolled"] and (
+        nums["available"] >= nums["updated"] or progressing.get("reason") == "NewReplicaSetAvailable")
+    stuck = progressing if progressing.get("reason") == "ProgressDeadlineExceeded" else None
     nums["stuck"] = stuck.get("message", "") if stuck else None
     return nums
+
+
+def _pending_note(obs: Observation) -> str:
+    """Why pods are not running yet, when they are Pending: said, not guessed away."""
+    if not obs.pods_pending:
+        return ""
+    note = f"; {obs.pods_pending} Pending"
+    if obs.pods_unscheduled:
+        note += (f" ({obs.pods_unscheduled} not scheduled to a node: no node has room for them, "
+                 "or no scheduler runs)")
+    return note
 
 
 def desired_conditions(obs: Observation) -> list[dict[str, str]]:
@@ -97,9 +117,14 @@ def desired_conditions(obs: Observation) -> list[dict[str, str]]:
                             "creating the gateway's objects" if not obs.spec_error else "nothing to roll out")
     elif n["stuck"] is not None:
         progressing = _cond("Progressing", False, "ProgressDeadlineExceeded", n["stuck"])
-    elif not n["rolled"]:
+    elif not n["template_rolled"]:
         progressing = _cond("Progressing", True, "RollingOut",
-                            f"{n['updated']}/{desired} pods run the current template, {n['available']} available")
+                            f"{n['updated']}/{desired} pods run the current template, {n['available']} available"
+                            + _pending_note(obs))
+    elif not n["rolled"]:
+        progressing = _cond("Progressing", True, "WaitingForPods",
+                            f"all {desired} pods run the current template, {n['available']} available"
+                            + _pending_note(obs))
     else:
         progressing = _cond("Progressing", False, "RolloutComplete", f"all {desired} pods run the current template")
 
@@ -113,7 +138,8 @@ def desired_conditions(obs: Observation) -> list[dict[str, str]]:
     elif obs.nats_reason:
         ready_c = _cond("Ready", False, "NatsNotReady", f"pods cannot serve until NATS is ready: {obs.nats_message}")
     elif ready == 0:
-        ready_c = _cond("Ready", False, "NoReadyPods", f"0 of {desired} pods are ready: check {pods_hint}")
+        ready_c = _cond("Ready", False, "NoReadyPods",
+                        f"0 of {desired} pods are ready{_pending_note(obs)}: check {pods_hint}")
     elif ready < min(desired, obs.min_replicas):
         ready_c = _cond("Ready", False, "MinimumPodsUnavailable",
                         f"{ready} of {desired} pods are ready (replicas.min is {obs.min_replicas}): check {pods_hint}")

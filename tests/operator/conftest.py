@@ -1,6 +1,15 @@
-"""Fixtures for the operator tests: the emulated API server, a kubeconfig pointing at it, the operator
-running under kopf.testing.KopfRunner, and polling helpers. NATS is a real nats-server (the shared
-`nats_server` fixture of tests/conftest.py, or a NatsProcess the test controls)."""
+"""Fixtures for the operator tests.
+
+A real control plane (tests/operator/kube.py), one per session: `api_server` (etcd, kube-apiserver),
+`helm_cli` (the helm built with them), `control_plane` (the chart installed once, which installs its
+CRDs, then kube-controller-manager), `admin` (an async cluster-admin client), `namespace`
+(a fresh namespace per test) and `operator_rbac` (the chart installed into that namespace: the
+operator's ServiceAccount, its Role and a kubeconfig holding a TokenRequest token of that account).
+
+The emulated API server (kmock, tests/operator/emulator.py) for the fault-injection tests that remain:
+`api`, a kubeconfig pointing at it, the operator running under kopf.testing.KopfRunner, and polling
+helpers. NATS is a real nats-server (the shared `nats_server` fixture of tests/conftest.py, or a
+NatsProcess the test controls)."""
 
 from __future__ import annotations
 
@@ -8,7 +17,9 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +31,7 @@ from kmock._internal import parsing
 from kopf.testing import KopfRunner
 
 from tests.operator.emulator import GATEWAYS, ApiServer, parse_path_with_namespaces
+from tests.operator.kube import CHART, ControlPlane, Helm, Kube, k8s_bin_dir, path
 from wsgateway_operator.controller import OperatorConfig
 from wsgateway_operator.handlers import register
 
@@ -159,3 +171,95 @@ async def kubectl(api: ApiServer) -> AsyncIterator[Client]:
         yield c
     finally:
         await c.aclose()
+
+
+# ---------------------------------------------------------------------- the real control plane
+
+OPERATOR_RELEASE, OPERATOR_RELEASE_NS = "wsgateway-operator", "wsgateway-system"
+CRD_NAMES = ("websocketgateways.wsgateway.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
+
+
+@pytest.fixture(scope="session")
+def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """etcd and kube-apiserver for the whole session (binaries built on first use); `control_plane`
+    adds the CRDs and the controller-manager."""
+    cp = ControlPlane(k8s_bin_dir(), tmp_path_factory.mktemp("k8s")).start(controller_manager=False)
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def helm_cli(api_server: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    """helm (built with the control plane) as cluster admin."""
+    return Helm(api_server.bin_dir / "helm", tmp_path_factory.mktemp("helm"), api_server.admin_kubeconfig)
+
+
+def _crds_established(cp: ControlPlane) -> dict[str, bool]:
+    with cp.sync_client() as http:
+        out = {}
+        for name in CRD_NAMES:
+            r = http.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            conditions = r.json().get("status", {}).get("conditions", []) if r.status_code == 200 else []
+            out[name] = any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+        return out
+
+
+@pytest.fixture(scope="session")
+def control_plane(api_server: ControlPlane, helm_cli: Helm) -> ControlPlane:
+    """The whole control plane with the chart's CRDs: the chart installed once with its defaults (`helm
+    install` creates the CRDs from crds/, which the API server must accept -- structural schema, CEL
+    rules within the cost limits -- and establish), then kube-controller-manager."""
+    assert not any(_crds_established(api_server).values()), "a fresh API server has no CRDs"
+    helm_cli.run("install", OPERATOR_RELEASE, str(CHART), "-n", OPERATOR_RELEASE_NS, "--create-namespace",
+                 check=True)
+    deadline = time.monotonic() + 30
+    while not all((state := _crds_established(api_server)).values()):
+        assert time.monotonic() < deadline, f"CRDs not established: {state}"
+        time.sleep(0.1)
+    api_server.start_controller_manager()
+    return api_server
+
+
+@pytest.fixture
+async def admin(control_plane: ControlPlane) -> AsyncIterator[Kube]:
+    async with control_plane.admin() as client:
+        yield client
+
+
+@pytest.fixture
+async def namespace(admin: Kube) -> AsyncIterator[str]:
+    """A fresh namespace; deleted afterwards (the namespace controller removes what is left in it)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    await admin.create(path("v1", "namespaces"), {"apiVersion": "v1", "kind": "Namespace",
+                                                  "metadata": {"name": name}})
+    yield name
+    await admin.delete(path("v1", "namespaces", name=name))
+
+
+@dataclass
+class OperatorRbac:
+    """The chart installed into one namespace, which the operator serves with the chart's RBAC."""
+
+    namespace: str
+    release: str
+    service_account: str
+    role: str
+    kubeconfig: Path
+    token: str
+
+
+@pytest.fixture
+async def operator_rbac(helm_cli: Helm, control_plane: ControlPlane, admin: Kube,
+                        namespace: str, tmp_path: Path) -> AsyncIterator[OperatorRbac]:
+    """`helm install` into `namespace` (default values: the operator serves its release namespace), then a
+    TokenRequest token of the chart's ServiceAccount in a kubeconfig."""
+    release = f"op-{namespace}"
+    fullname = f"{release}-wsgateway-operator"
+    await asyncio.to_thread(helm_cli.run, "install", release, str(CHART), "-n", namespace,
+                            check=True)
+    token = await admin.token(namespace, fullname)
+    config = control_plane.token_kubeconfig(token, tmp_path / "operator.kubeconfig")
+    yield OperatorRbac(namespace, release, fullname, fullname, config, token)
+    await asyncio.to_thread(helm_cli.run, "uninstall", release, "-n", namespace)

@@ -449,7 +449,21 @@ def test_conditions() -> None:
     assert "kubectl -n realtime describe pods -l app.kubernetes.io/instance=gw" in desired_conditions(no_pods)[0][
         "message"]
     assert conds(obs(deployment=deployment(3, 1)))["Ready"] == ("False", "MinimumPodsUnavailable")
-    assert conds(obs(deployment=deployment(3, 2)))["Degraded"] == ("True", "PodsNotReady")
+    # A pod became unready after the Deployment controller declared the rollout complete: Degraded.
+    unready = deployment(3, 2)
+    unready["status"]["conditions"] = [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]
+    assert conds(obs(deployment=unready))["Degraded"] == ("True", "PodsNotReady")
+    assert conds(obs(deployment=unready))["Progressing"] == ("False", "RolloutComplete")
+
+    # The new pods exist but never became available (no node runs them): still progressing, and the
+    # conditions say they are Pending and unscheduled instead of calling the rollout complete.
+    pending = obs(deployment=deployment(2, 0), pods_pending=2, pods_unscheduled=2)
+    c = conds(pending)
+    assert c["Progressing"] == ("True", "WaitingForPods") and c["Ready"] == ("False", "NoReadyPods")
+    assert c["Degraded"] == ("False", "AsExpected")  # until the Deployment's progress deadline
+    ready_msg, progressing_msg = (m["message"] for m in desired_conditions(pending)[:2])
+    assert "2 Pending (2 not scheduled to a node" in ready_msg
+    assert progressing_msg.startswith("all 2 pods run the current template, 0 available; 2 Pending")
 
     scrape_failed = obs(deployment=deployment(2, 2), scrape=ScrapeResult(connections=5, scraped=1, failed=["gw-b"]))
     c = conds(scrape_failed)
