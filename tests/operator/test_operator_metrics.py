@@ -1,6 +1,10 @@
 """The operator's own metrics, scraped over HTTP from the real operator (kopf.testing.KopfRunner with our
 registry) running against the emulated API server and a real nats-server.
 
+On the emulator (kmock), not the real control plane, because it needs what the real one cannot give:
+ready gateway pods whose /metrics answer (no kubelet runs pods there) and an invalid spec reaching the
+operator (the real API server refuses it). See test_operator_kmock.py.
+
 Reconciles that succeed, one with an invalid spec and one whose NATS is unreachable; a gateway whose pods
 report connections; then deletion. The scrape must show each of them, label values only from fixed sets
 or the gateways' own names, and every wsgateway_operator_* metric that a dashboard or an alert rule
