@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 run: deps
 	$(VENV)/bin/wsgateway dev
 
-test: deps
+test: deps k8s
 	$(VENV)/bin/ruff check gateway operator tests bench dashboards
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -31,6 +31,13 @@ system-deps:
 
 npm-deps: system-deps
 	@scripts/ensure-npm.sh
+
+# The operator tests' control plane (etcd, kube-apiserver, kube-controller-manager) and helm, built from
+# Go modules (tools/k8s) once per version into a cache outside the clone; checks for the Go toolchain
+# (on PATH or /usr/local/go/bin). A no-op when cached.
+.PHONY: k8s
+k8s:
+	@scripts/build-k8s.sh >/dev/null
 
 lint: venv
 	$(VENV)/bin/ruff check gateway operator tests bench dashboards

@@ -47,7 +47,7 @@ if ! mkdir -p "$cache" 2>/dev/null || [[ ! -w "$cache" ]]; then
 fi
 # RECIPE names the build flags below: change it when they change, so the cache key does.
 RECIPE="trimpath-s-w-cgo0-stamped-2"
-key="$(cd "$src" && { cat go.mod go.sum $(find cmd -type f | sort); echo "$RECIPE"; } | sha256sum | cut -c1-12)"
+key="$(cd "$src" && { cat go.mod go.sum $(find cmd -type f | LC_ALL=C sort); echo "$RECIPE"; } | sha256sum | cut -c1-12)"
 dest="$cache/k8s-$K8S_VERSION-$key"
 BINARIES=(etcd kube-apiserver kube-controller-manager helm)
 
