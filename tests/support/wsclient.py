@@ -1,4 +1,7 @@
-"""A thin test client over the real WebSocket protocol (the `websockets` library)."""
+"""A thin test client over the real WebSocket protocol (the `websockets` library).
+
+Every timeout here is a hang guard (generous: a frame that is due arrives long before it), never a
+speed assertion; "nothing arrives" is `nothing_before`, which waits for a marker, not for a timeout."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from typing import Any
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+
+from tests.support.wait import HANG_S
 
 
 async def connect(url: str, token: str | None = None, *, via: str = "header", **kw: Any) -> ClientConnection:
@@ -49,12 +54,12 @@ async def connect_stalled(url: str, token: str) -> ClientConnection:
     return ws
 
 
-async def recv(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
+async def recv(ws: ClientConnection, timeout: float = HANG_S) -> dict[str, Any]:
     raw = await asyncio.wait_for(ws.recv(), timeout)
     return json.loads(raw)  # type: ignore[no-any-return]
 
 
-async def recv_type(ws: ClientConnection, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+async def recv_type(ws: ClientConnection, kind: str, timeout: float = HANG_S) -> dict[str, Any]:
     """Next frame, which must be of type `kind`."""
     frame = await recv(ws, timeout)
     assert frame["type"] == kind, f"expected {kind}, got {frame}"
@@ -70,7 +75,7 @@ async def subscribe(ws: ClientConnection, scope: str, rid: str = "s1", **extra: 
     return await recv(ws)
 
 
-async def events(ws: ClientConnection, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+async def events(ws: ClientConnection, n: int, timeout: float = HANG_S) -> list[dict[str, Any]]:
     """The next n event frames (other frames are not expected in between)."""
     out: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
@@ -82,7 +87,7 @@ async def events(ws: ClientConnection, n: int, timeout: float = 10.0) -> list[di
     return out
 
 
-async def nothing_before(ws: ClientConnection, marker: int, timeout: float = 10.0) -> dict[str, Any]:
+async def nothing_before(ws: ClientConnection, marker: int, timeout: float = HANG_S) -> dict[str, Any]:
     """Assert that nothing arrived before the marker event `marker`: the next frame must be that event.
 
     The marker is an event published AFTER whatever must not arrive, to a scope the client does see.
@@ -94,7 +99,7 @@ async def nothing_before(ws: ClientConnection, marker: int, timeout: float = 10.
     return frame
 
 
-async def closed(ws: ClientConnection, timeout: float = 5.0) -> tuple[int, str]:
+async def closed(ws: ClientConnection, timeout: float = HANG_S) -> tuple[int, str]:
     """Wait for the server to close; returns (code, reason). Frames before the close are skipped."""
     try:
         async with asyncio.timeout(timeout):
