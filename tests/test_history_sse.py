@@ -13,6 +13,7 @@ import pytest
 from tests.support.gateway import RunningGateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
+from tests.support.wait import HANG_S
 from tests.support.wsclient import connect, events, recv_type, welcome
 
 ADMIN = {"admins": ["user:alice"]}
@@ -110,16 +111,16 @@ async def test_sse_streams_live_events_with_ids_and_resumes_with_last_event_id(
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             lines = r.aiter_lines()
-            head = await asyncio.wait_for(_sse_events(lines, 2), 5)
+            head = await asyncio.wait_for(_sse_events(lines, 2), HANG_S)
             assert head[0]["event"] == "welcome" and head[1]["event"] == "subscribed"
             seqs = [await platform.publish("acme", "process:p1", data={"i": i}) for i in range(5)]
-            got = await asyncio.wait_for(_sse_events(lines, 5), 5)
+            got = await asyncio.wait_for(_sse_events(lines, 5), HANG_S)
         assert [int(e["id"]) for e in got] == seqs
         assert [e["data"]["event"]["data"]["i"] for e in got] == list(range(5))
         more = [await platform.publish("acme", "process:p1") for _ in range(3)]
         headers = {**_auth(token), "Last-Event-ID": str(seqs[2])}
         async with c.stream("GET", "/v1/sse", params={"scope": "process:p1"}, headers=headers) as r:
-            frames = await asyncio.wait_for(_sse_events(r.aiter_lines(), 2 + 5), 5)
+            frames = await asyncio.wait_for(_sse_events(r.aiter_lines(), 2 + 5), HANG_S)
     assert frames[1]["event"] == "subscribed" and frames[1]["data"]["recovered"] is True
     assert [int(e["id"]) for e in frames[2:]] == seqs[3:] + more
 
@@ -137,5 +138,5 @@ async def test_sse_stream_ends_after_the_close_event(gw: RunningGateway, idp: Te
     async with httpx.AsyncClient(base_url=gw.http, timeout=10) as c:
         params = {"scope": "process:p1", "access_token": idp.mint("alice", exp_in=1)}
         async with c.stream("GET", "/v1/sse", params=params) as r:
-            frames = await asyncio.wait_for(_sse_events(r.aiter_lines(), 100), 8)
+            frames = await asyncio.wait_for(_sse_events(r.aiter_lines(), 100), HANG_S)
     assert frames[-1]["event"] == "close" and frames[-1]["data"]["code"] == 4408
