@@ -238,7 +238,7 @@ def create_app(
 def app_from_env() -> FastAPI:
     """uvicorn factory for `wsgateway serve` worker processes: settings from WSGATEWAY_* variables."""
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)
 
 

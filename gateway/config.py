@@ -6,9 +6,15 @@ operator's ConfigMap and the process agree on names, types and defaults.
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.events import check_prefix
@@ -48,7 +54,15 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Listen address.")
     port: int = Field(8080, ge=0, le=65535, description="Listen port.")
     workers: int = Field(0, ge=0, description="Worker processes (0: one per core).")
-    log_level: str = Field("info", description="Log level.")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="Log level of the gateway's and uvicorn's loggers (other libraries: warning)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines: `text` (time level logger: message) or `json` (one object per line)."
+    )
+    strict_env: bool = Field(
+        False, description="Refuse to start when an unknown WSGATEWAY_* variable is set (default: a warning)."
+    )
 
     # Limits
     max_connections: int = Field(50_000, ge=1, description="Connections per process; beyond: close 4429.")
@@ -98,6 +112,18 @@ class Settings(BaseSettings):
     def _prefix_ok(cls, v: str) -> str:
         return check_prefix(v)  # the Publisher's rule: what one accepts, the other does too
 
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("nats_credentials")
+    @classmethod
+    def _credentials_readable(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            check_credentials_file(v)
+        return v
+
     @model_validator(mode="after")
     def _idp_given(self) -> Settings:
         if not self.dev_mode and not (self.oidc_issuer or self.jwks_url):
@@ -107,3 +133,157 @@ class Settings(BaseSettings):
     @property
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+# --- reading the environment: human errors, unknown variables -----------------------------------
+
+ENV_PREFIX = "WSGATEWAY_"
+#: WSGATEWAY_* variables that are not the gateway's: the operator's own settings, the test suite's
+#: and scripts/build-k8s.sh's.
+FOREIGN_PREFIXES = ("WSGATEWAY_OPERATOR_", "WSGATEWAY_TEST_")
+FOREIGN_VARIABLES = frozenset({"WSGATEWAY_CACHE", "WSGATEWAY_GO_PARALLEL"})
+_MAX_CREDENTIALS_BYTES = 64 * 1024
+_CREDS_JWT_RE = re.compile(r"-{3,}BEGIN NATS USER JWT-{3,}\s*\n\s*(\S+)\s*\n\s*-{3,}END NATS USER JWT-{3,}")
+_CREDS_SEED_RE = re.compile(r"-{3,}BEGIN USER NKEY SEED-{3,}\s*\n\s*(\S+)\s*\n\s*-{3,}END USER NKEY SEED-{3,}")
+
+
+def check_credentials_file(path: Path) -> None:
+    """A NATS `.creds` file must exist, be readable and hold a user JWT and a valid user NKEY seed
+    (nats-py would otherwise fail on every connection attempt, retrying forever)."""
+    try:
+        if not path.is_file():
+            raise ValueError(f"{path} does not exist or is not a file")
+        if path.stat().st_size > _MAX_CREDENTIALS_BYTES:
+            raise ValueError(f"{path} is larger than {_MAX_CREDENTIALS_BYTES} bytes: not a .creds file")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file: not a .creds file") from None
+    jwt_match, seed_match = _CREDS_JWT_RE.search(text), _CREDS_SEED_RE.search(text)
+    if jwt_match is None or seed_match is None:
+        missing = " and ".join(n for n, m in (("NATS USER JWT", jwt_match), ("USER NKEY SEED", seed_match)) if not m)
+        raise ValueError(f"{path} is not a NATS .creds file (no {missing} block)")
+    if jwt_match.group(1).count(".") != 2:
+        raise ValueError(f"{path}: the NATS USER JWT block does not hold a JWT")
+    import nkeys  # type: ignore[import-untyped]  # nats-py's [nkeys] extra; needed only with credentials
+
+    try:
+        nkeys.from_seed(bytearray(seed_match.group(1).encode()))
+    except Exception:  # nkeys raises its own error types (and binascii/ValueError) for bad seeds
+        raise ValueError(f"{path}: the USER NKEY SEED block does not hold a valid nkey seed") from None
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` are one human line each, naming the variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _bounds(field: str) -> tuple[object, object, bool, bool]:
+    """(lower, upper, lower inclusive, upper inclusive) of a numeric field (None: unbounded)."""
+    lo: object = None
+    hi: object = None
+    lo_incl = hi_incl = True
+    for meta in Settings.model_fields[field].metadata:
+        if isinstance(meta, Ge):
+            lo, lo_incl = meta.ge, True
+        elif isinstance(meta, Gt):
+            lo, lo_incl = meta.gt, False
+        elif isinstance(meta, Le):
+            hi, hi_incl = meta.le, True
+        elif isinstance(meta, Lt):
+            hi, hi_incl = meta.lt, False
+    return lo, hi, lo_incl, hi_incl
+
+
+def _range_text(field: str) -> str:
+    lo, hi, lo_incl, hi_incl = _bounds(field)
+    if lo is not None and hi is not None:
+        if lo_incl and hi_incl:
+            return f"must be between {lo} and {hi}"
+        return f"must be {'at least' if lo_incl else 'more than'} {lo} and {'at most' if hi_incl else 'less than'} {hi}"
+    if lo is not None:
+        return f"must be {'at least' if lo_incl else 'more than'} {lo}"
+    if hi is not None:
+        return f"must be {'at most' if hi_incl else 'less than'} {hi}"
+    return "is out of range"
+
+
+_TYPE_MESSAGES = {
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+    "finite_number": "must be a finite number",
+}
+
+
+def _problem(error: Mapping[str, Any]) -> str:
+    """One line for one pydantic error: `WSGATEWAY_X: what is wrong (got 'value')`."""
+    loc = error.get("loc") or ()
+    kind = str(error.get("type", ""))
+    field = str(loc[0]) if loc and str(loc[0]) in Settings.model_fields else None
+    got = error.get("input")
+    shown = f" (got {got!r})" if isinstance(got, str | int | float) and not isinstance(got, bool) else ""
+    if field is None:  # a rule over several settings: its message names the variables
+        return str(error.get("msg", "invalid configuration")).removeprefix("Value error, ")
+    name = env_name(field)
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        what = _range_text(field)
+    elif kind in _TYPE_MESSAGES:
+        what = _TYPE_MESSAGES[kind]
+        if name == "WSGATEWAY_PORT" and isinstance(got, str) and got.startswith("tcp://"):
+            what += (" (this looks like a Kubernetes service link of a Service named `wsgateway`: set "
+                     "`enableServiceLinks: false` in the pod spec)")
+    elif kind == "literal_error":
+        expected = (error.get("ctx") or {}).get("expected", "")
+        what = f"must be one of {expected}"
+    elif kind == "string_too_short":
+        what = "must not be empty"
+    elif kind == "value_error":
+        what = str(error.get("msg", "")).removeprefix("Value error, ")
+        shown = ""  # the validators' messages say what they saw
+    else:
+        what = str(error.get("msg", "invalid value")).lower()
+    return f"{name}: {what}{shown}"
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per WSGATEWAY_* variable that is no setting, with a did-you-mean suggestion."""
+    environ = os.environ if environ is None else environ
+    known = {env_name(f) for f in Settings.model_fields}
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in FOREIGN_VARIABLES:
+            continue
+        if upper.startswith(FOREIGN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else " (README.md#configuration lists the settings)"
+        lines.append(f"{name}: unknown variable, ignored{hint}")
+    return lines
+
+
+def load_settings(**overrides: Any) -> tuple[Settings, list[str]]:
+    """Settings from the process environment (and `overrides`), and the warnings about unknown variables.
+
+    Raises :class:`ConfigError` with one line per problem (bad values, and unknown variables when
+    WSGATEWAY_STRICT_ENV is true) instead of pydantic's dump.
+    """
+    unknown = unknown_variables()
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = [_problem(e) for e in exc.errors(include_url=False)]
+        raise ConfigError(problems + [f"warning: {u}" for u in unknown]) from None
+    if unknown and settings.strict_env:
+        raise ConfigError([*unknown, "WSGATEWAY_STRICT_ENV is true: unknown WSGATEWAY_* variables are errors"])
+    return settings, unknown

@@ -100,3 +100,36 @@ def test_no_orphan_nats_server_even_after_sigkill() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _entries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+@pytest.mark.timeout(90)
+async def test_sigterm_ends_dev_mode_without_leftovers_after_a_quiet_start(tmp_path: Path) -> None:
+    """SIGTERM (docker stop, systemd, CI) ends dev mode as Ctrl-C does: exit 0, nats-server stopped and its
+    temporary store removed. Start-up logs no JWKS fetch failure: the gateway's socket listens before it
+    fetches the keys of its own development IdP."""
+    port, nats_port = free_port(), free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220
+        [WSGATEWAY, "dev", "--port", str(port), "--nats-port", str(nats_port), "--no-simulator"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    try:
+        banner = await asyncio.to_thread(_wait_banner, proc)
+        assert f'Publisher.connect("nats://127.0.0.1:{nats_port}")' in banner  # what the README tells publishers
+        await wait_ready(f"http://127.0.0.1:{port}")  # JWKS loaded, among others
+        assert [name.startswith("wsgateway-dev-") for name in _entries(tmp_path)] == [True]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert proc.stdout is not None
+        output = banner + (proc.stdout.read() or "")
+        for alarm in ("JWKS not loaded yet", "ConnectError", "Traceback", "NATS disconnected"):
+            assert alarm not in output, output
+        assert not _listening(nats_port), "nats-server outlived `wsgateway dev`"
+        assert _entries(tmp_path) == [], "the temporary store was left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

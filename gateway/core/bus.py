@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -26,6 +25,7 @@ from gateway import provisioning, tracing
 from gateway.config import Settings
 from gateway.core.hub import Hub
 from gateway.events import InvalidEvent, parse_event
+from gateway.logs import BackoffLog, safe_urls
 from gateway.metrics import Metrics
 from gateway.permissions import AclStore, watch_acl
 
@@ -129,27 +129,53 @@ class Bus:
 
     async def _connect(self) -> None:
         s = self.settings
+        # nats-py retries a failed connection forever and tells only error_cb; these lines are what an
+        # operator sees meanwhile: the server (no credentials) and the cause, backing off (logs.BackoffLog).
+        nc = NATS()
+        failures = BackoffLog()
+        errors = BackoffLog(first_interval_s=10.0)
+
+        def server_url(connected: bool) -> str:
+            """The server of the current (or, not connected, the last attempted) connection, without credentials."""
+            uri = nc.connected_url if connected else None
+            if uri is None:  # the server pool records when each server was last tried
+                tried = [srv for srv in getattr(nc, "_server_pool", []) if getattr(srv, "last_attempt", None)]
+                uri = max(tried, key=lambda srv: srv.last_attempt).uri if tried else None
+            return safe_urls(uri.geturl()) if uri is not None else safe_urls(s.nats_url)
 
         async def disconnected() -> None:
             self.metrics.nats_connected.set(0)
-            log.warning("NATS disconnected")
+            if not self._stopping:  # stop() drains the connection: that disconnect is no news
+                log.warning("NATS disconnected from %s; reconnecting", server_url(False))
 
         async def reconnected() -> None:
             self.metrics.nats_connected.set(1)
             self.check_consumer("reconnected")  # a restarted server has lost our in-memory consumer
             if self._kv is not None:
                 self._start_acl_watch(self._kv)  # ... and the ACL watch's: revocations must not wait for it
-            url = self.nc.connected_url if self.nc else None
-            log.info("NATS reconnected to %s", url.netloc if url else "?")
+            failed = failures.reset()
+            log.info("NATS reconnected to %s%s", server_url(True),
+                     f" after {failed} failed attempt{'s' if failed != 1 else ''}" if failed else "")
 
         async def error(exc: Exception) -> None:
-            log.debug("NATS error: %s", exc)
+            cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if not nc.is_connected:
+                report = failures.failed()
+                if report is not None:
+                    count, next_s = report
+                    log.warning("NATS connection to %s failed: %s; retrying every %.1fs (%d failed attempt%s since "
+                                "the last report, next report in %.0fs at most)", server_url(False), cause,
+                                nc.options.get("reconnect_time_wait", 0.5), count, "s" if count != 1 else "", next_s)
+            else:
+                report = errors.failed()
+                if report is not None:
+                    log.warning("NATS error on %s: %s (%d since the last report)", server_url(True), cause, report[0])
 
-        self.nc = await nats.connect(
+        await nc.connect(
             servers=s.nats_servers,
             name="wsgateway",
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int; a float is slept as given
             connect_timeout=2,
             allow_reconnect=True,
             disconnected_cb=disconnected,
@@ -157,6 +183,10 @@ class Bus:
             error_cb=error,
             user_credentials=str(s.nats_credentials) if s.nats_credentials else None,
         )
+        self.nc = nc
+        failed = failures.reset()
+        log.info("NATS connected to %s%s", server_url(True),
+                 f" after {failed} failed attempt{'s' if failed != 1 else ''}" if failed else "")
         self.metrics.nats_connected.set(1)
         self.js = self.nc.jetstream()
         last = await ensure_stream(self.js, s)

@@ -10,9 +10,12 @@ import asyncio
 import contextlib
 import logging
 import shlex
+import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 
 import nats
 import orjson
@@ -23,7 +26,7 @@ from nats.js.kv import KeyValue
 
 from gateway import provisioning
 from gateway.app import create_app, uvicorn_options
-from gateway.config import Settings
+from gateway.config import ConfigError, load_settings
 from gateway.devtools.devidp import DevIdentityProvider
 from gateway.devtools.natsproc import NatsProcess
 from gateway.devtools.simulator import DEMO_ACLS, DEMO_USERS, TENANT, Simulator, seed_acls
@@ -102,15 +105,37 @@ def _bad(message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": "bad_request", "message": message}}, status_code=400)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket, bound before anything starts.
+
+    The gateway's lifespan starts loading the JWKS from the development IdP, which is this very
+    server; with the socket already listening, that request waits in the backlog for the few
+    milliseconds until uvicorn accepts, instead of failing with "connection refused" first.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def _main(host: str, port: int, nats_port: int | None, simulate: bool, pace: float) -> None:
+    sock = _listen(host, port)
     store = tempfile.TemporaryDirectory(prefix="wsgateway-dev-")
     natsd = NatsProcess(port=nats_port, store_dir=Path(store.name))
-    natsd.start()
     try:
+        natsd.start()
         public_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         base = f"http://{public_host}:{port}"
-        settings = Settings(dev_mode=True, nats_url=natsd.url, host=host, port=port, audience="wsgateway",
-                            log_level="warning")
+        settings, unknown = load_settings(dev_mode=True, nats_url=natsd.url, host=host, port=port,
+                                          audience="wsgateway", log_level="warning")
+        for line in unknown:
+            log.warning("%s", line)
         idp = DevIdentityProvider(f"{base}/dev/idp", audience="wsgateway")
         app = create_app(settings, dev_idp=idp)
         # seed demo permissions before the gateway starts watching them
@@ -122,7 +147,7 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool, pac
         await seed_acls(kv)
         app.include_router(demo_router(kv), prefix="/dev/demo")
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options(settings)))  # type: ignore[arg-type]
-        serve = asyncio.create_task(server.serve())
+        serve = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started:
             if serve.done():
                 serve.result()
@@ -137,7 +162,8 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool, pac
         print(BANNER, flush=True)
         print(f"  live viewer    {base}/   <- open in a browser: pick a demo user, watch, drop and resume", flush=True)
         print(f"  gateway        {base}   (WebSocket {ws_url})", flush=True)
-        print(f"  nats-server    {natsd.url}   (embedded, JetStream, temporary store)", flush=True)
+        print(f"  nats-server    {natsd.url}   (embedded, JetStream, temporary store; publishers: "
+              f"Publisher.connect(\"{natsd.url}\"), --nats-port fixes the port)", flush=True)
         print(f"  metrics        {base}/metrics      readiness {base}/readyz", flush=True)
         print(f"  identity       {base}/dev/idp/.well-known/openid-configuration", flush=True)
         print(f"\n  demo users of tenant {TENANT!r}:", flush=True)
@@ -160,8 +186,18 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool, pac
             with contextlib.suppress(Exception):
                 await nc.close()
     finally:
+        sock.close()
         natsd.stop()
         store.cleanup()
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM does what Ctrl-C does: unwind, so nats-server is stopped and the temporary store removed.
+
+    uvicorn handles the signal itself while it serves (graceful shutdown) and re-raises it afterwards;
+    with the default action the process would die right there, before the clean-up below ran.
+    """
+    raise KeyboardInterrupt
 
 
 def run_dev(
@@ -169,11 +205,18 @@ def run_dev(
 ) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         asyncio.run(_main(host, port, nats_port, simulate, pace))
     except KeyboardInterrupt:
         pass
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"wsgateway dev: {problem}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"wsgateway dev: {exc}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
