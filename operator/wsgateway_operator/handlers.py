@@ -60,7 +60,6 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
         # Only warnings and errors become Events by themselves (kopf's routine "Timer succeeded" lines
         # would post an Event every resync); changes the operator made are posted explicitly below.
         settings.posting.level = logging.WARNING
-        settings.posting.loggers = True  # kopf 1.45 posts only explicit kopf.event() calls by default
         # On deletion kopf waits for a running refresh to return before the finalizer may finish; look
         # again every second rather than kopf's default minute.
         settings.background.cancellation_polling = 1.0
@@ -137,9 +136,16 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
                 + [f"deleted {c}" for c in result.applied.deleted])
             logger.info("applied: %s", summary)
             kopf.event(body, type="Normal", reason="Applied", message=summary)
+        # Failures become Warning Events with the condition's reason (kopf 1.45 posts nothing from its
+        # log by default, and would post handler failures as type "Error", which Kubernetes does not
+        # know); then the retry with backoff.
         if result.spec_error:
+            kopf.warn(body, reason="InvalidSpec", message=result.spec_error)
             raise kopf.PermanentError(result.spec_error)
+        if result.applied.errors:
+            kopf.warn(body, reason="ChildrenNotApplied", message="; ".join(result.applied.errors))
         if result.nats_problem is not None:
+            kopf.warn(body, reason=result.nats_problem.reason, message=result.nats_problem.message)
             raise kopf.TemporaryError(
                 f"NatsReady=False ({result.nats_problem.reason}): {result.nats_problem.message}",
                 delay=config.backoff(retry),
@@ -154,9 +160,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
     async def refresh(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
         result = await reconcile(body, patch, "refresh")
         if result is not None and result.applied.changed:
-            logger.warning("corrected drift: %s", ", ".join(
+            summary = ", ".join(
                 [f"re-created {c}" for c in result.applied.created] + [f"restored {c}" for c in result.applied.updated]
-                + [f"deleted {c}" for c in result.applied.deleted]))
+                + [f"deleted {c}" for c in result.applied.deleted])
+            logger.warning("corrected drift: %s", summary)
+            kopf.warn(body, reason="DriftCorrected", message=summary)
 
     @kopf.on.delete(*RESOURCE, registry=registry, id="finalize")
     async def finalize(

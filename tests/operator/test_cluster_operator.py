@@ -212,6 +212,9 @@ async def test_reconcile_rollout_drift_restart_and_deletion(
         assert restored["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.2.0")
         await eventually(lambda: _data_is(admin, ns, "gw-config", "WSGATEWAY_MAX_CONNECTIONS", "1000"),
                          what="the ConfigMap restored")
+        for fix in ("re-created Deployment/gw", "restored ConfigMap/gw-config"):
+            await eventually(functools.partial(warned, admin, ns, uid, "DriftCorrected", fix),
+                             what=f"a DriftCorrected Event: {fix}")
         # The garbage collector removed the old Deployment's ReplicaSets (their owner is gone).
         await eventually(lambda: _none(owned(admin, "apps/v1", "replicasets", ns, old_uid)),
                          what="the old ReplicaSets gone")
@@ -258,6 +261,12 @@ async def test_reconcile_rollout_drift_restart_and_deletion(
             "kept stream EVENTS and ACL bucket wsgateway-acl (deletionPolicy Retain)"}), what="the Deleting events")
     assert await consumer_count(nats_server.url) == 0
     assert await stream_names(nats_server.url) == ["EVENTS", "KV_wsgateway-acl"]  # Retain
+
+
+async def warned(admin: Kube, namespace: str, uid: str, reason: str, text: str) -> bool:
+    """Whether the gateway got a Warning Event with this reason whose message mentions `text`."""
+    return any(e["type"] == "Warning" and e["reason"] == reason and text in e["message"]
+               for e in await events_of(admin, namespace, uid))
 
 
 async def deletion_events(admin: Kube, namespace: str, uid: str, expected: set[str]) -> bool:
@@ -373,9 +382,10 @@ async def test_forbidden_calls_and_other_problems_are_reported(
 
         async def forbidden_event() -> list[dict[str, Any]]:
             return [e for e in await events_of(admin, ns, created["metadata"]["uid"])
-                    if "forbidden" in e["message"].lower() and e["type"] != "Normal"]
+                    if e["type"] == "Warning" and e["reason"] == "ChildrenNotApplied"]
 
-        await eventually(forbidden_event, what="an Event about the refused call")
+        (event, *_) = await eventually(forbidden_event, what="a Warning Event about the refused call")
+        assert f'User "{user}" cannot get resource "poddisruptionbudgets"' in event["message"]
 
         await admin.create(gw_path(ns), gateway(ns, "gw2", nats_server.url))
         await admin.create(gw_path(ns), gateway(ns, "gw3", nats_server.url, autoscaling={
@@ -406,6 +416,8 @@ async def test_nats_unreachable_then_back(admin: Kube, operator_rbac: OperatorRb
             await admin.create(gw_path(ns), gateway(ns, "gw", server.url))
             gw = await when_condition(admin, ns, "gw", "NatsReady", "False", "NatsUnreachable")
             assert server.url in condition(gw, "NatsReady")["message"]
+            await eventually(functools.partial(warned, admin, ns, gw["metadata"]["uid"], "NatsUnreachable", server.url),
+                             what="a NatsUnreachable Warning Event")
             assert condition(gw, "Ready")["reason"] == "NatsNotReady"
             assert await admin.get(child_path(ns, "apps/v1", "deployments", "gw")) is not None
             await eventually(lambda: _async(op.output().count("failed temporarily") >= 2), what="two retries")
@@ -512,6 +524,7 @@ async def test_conflict_is_retried(admin: Kube, operator_rbac: OperatorRbac, nat
                     if "AlreadyExists" in e["message"]]
 
         (event, *_) = await eventually(conflict_event, what="an Event about the 409")
+        assert (event["type"], event["reason"]) == ("Warning", "ChildrenNotApplied")
         assert 'configmaps "gw-config" already exists' in event["message"]
         gw = await when_condition(admin, ns, "gw", "Degraded", "False")
         assert condition(gw, "NatsReady")["status"] == "True"
