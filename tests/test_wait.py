@@ -50,8 +50,11 @@ async def test_ignored_errors_count_as_not_yet_others_propagate() -> None:
 
     with pytest.raises(AssertionError, match=r"last error: ConnectionRefusedError\('down'\)"):
         await eventually(down, what="x", timeout=0.05, ignore=(OSError,))
+    def broken() -> bool:
+        raise KeyError("missing")
+
     with pytest.raises(KeyError):
-        await eventually(lambda: {}["missing"], what="x", ignore=(OSError,))
+        await eventually(broken, what="x", ignore=(OSError,))
 
 
 async def test_a_watched_task_that_ends_fails_the_wait_at_once() -> None:
