@@ -3,15 +3,18 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-APT_DEPS := nats-server=nats-server node=nodejs npm=npm promtool=prometheus chromium=chromium gcc=gcc
+# `make run` needs only nats-server; the test tools come with `make test` (buildah and debootstrap: the image)
+RUN_APT_DEPS := nats-server=nats-server
+APT_DEPS := $(RUN_APT_DEPS) node=nodejs npm=npm promtool=prometheus chromium=chromium gcc=gcc \
+	buildah=buildah debootstrap=debootstrap
 PYTEST_ARGS ?=
 
-.PHONY: run test deps venv system-deps npm-deps lint bench clean dashboards
+.PHONY: run test deps venv run-deps system-deps npm-deps lint bench clean dashboards image
 
-run: deps
+run: venv run-deps
 	$(VENV)/bin/wsgateway dev
 
-test: deps k8s
+test: deps k8s image
 	$(VENV)/bin/ruff check gateway operator tests bench dashboards
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -26,8 +29,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
 
+run-deps:
+	@scripts/ensure-apt.sh $(RUN_APT_DEPS)
+
 system-deps:
 	@scripts/ensure-apt.sh $(APT_DEPS)
+
+# The container image wsgateway/wsgateway:<version> (Containerfile, buildah; docs/operations.md#container-image).
+# Skipped when an image built from the same inputs exists; tests/test_image.py runs it.
+image: venv
+	@PYTHON=$(PY) scripts/build-image.sh >/dev/null
 
 npm-deps: system-deps
 	@scripts/ensure-npm.sh
