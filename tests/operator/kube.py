@@ -35,8 +35,9 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -520,7 +521,7 @@ class OperatorProcess:
             "WSGATEWAY_OPERATOR_RETRY_MAX_S": "1", "WSGATEWAY_OPERATOR_METRICS_HOST": "127.0.0.1",
             "WSGATEWAY_OPERATOR_METRICS_PORT": str(self.metrics_port),
         })
-        self.command = [str(REPO / ".venv" / "bin" / "wsgateway"), "operator", "--namespace", namespace,
+        self.command = [str(Path(sys.executable).parent / "wsgateway"), "operator", "--namespace", namespace,
                         "--standalone", "--verbose"]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -560,9 +561,3 @@ async def operator_running(kubeconfig_file: Path, namespace: str, log: Path,
         yield op
     finally:
         await asyncio.to_thread(op.stop)
-
-
-@contextlib.contextmanager
-def control_plane(workdir: Path) -> Iterator[ControlPlane]:
-    with ControlPlane(k8s_bin_dir(), workdir) as cp:
-        yield cp

@@ -149,3 +149,14 @@ async def test_install_refuses_contradicting_values(helm_cli: Helm, control_plan
     assert "watch.namespaces must be empty when watch.allNamespaces is true" in result.stderr
     listed = await asyncio.to_thread(helm_cli.run, "list", "-n", namespace, "-q", check=True)
     assert listed.stdout.strip() == ""
+
+
+def test_the_server_is_the_pinned_release(control_plane: ControlPlane) -> None:
+    """What docs/operations.md says the operator is tested against is what runs: the release pinned in
+    tools/k8s/go.mod, which reports itself at /version (helm checks the chart's kubeVersion against it)."""
+    go_mod = (CHART.parents[1] / "tools" / "k8s" / "go.mod").read_text()
+    pinned = next(line.split()[1] for line in go_mod.splitlines() if line.split()[:1] == ["k8s.io/kubernetes"])
+    assert control_plane.version["gitVersion"] == pinned
+    assert (control_plane.version["major"], control_plane.version["minor"]) == ("1", pinned.split(".")[1])
+    docs = (CHART.parents[1] / "docs" / "operations.md").read_text()
+    assert f"**Kubernetes {pinned.removeprefix('v')}**" in docs
