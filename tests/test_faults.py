@@ -179,10 +179,14 @@ async def readiness(http: str, status: int) -> dict[str, Any]:
         async def answered() -> dict[str, Any] | None:
             r = await c.get(f"{http}/readyz")
             last[0] = (r.status_code, r.text)
-            return dict(r.json()) if r.status_code == status else None
+            body: dict[str, Any] = r.json()
+            return body if r.status_code == status else None
 
-        return await eventually(answered, what=f"/readyz to answer {status}", interval=0.05,
-                                ignore=(httpx.HTTPError,), info=lambda: f"last /readyz answer: {last[0]}")
+        body: dict[str, Any] | None = await eventually(
+            answered, what=f"/readyz to answer {status}", interval=0.05, ignore=(httpx.HTTPError,),
+            info=lambda: f"last /readyz answer: {last[0]}")
+    assert body is not None
+    return body
 
 
 async def caught_up(recorders: Sequence[Recorder], expected: Callable[[Recorder], list[int]],
@@ -360,12 +364,12 @@ async def test_nats_restart_same_store_gateway_recovers_by_itself_and_clients_lo
 
 async def _stream_leader(js: JetStreamContext, other_than: str | None = None) -> str:
     """The stream's leader, once it has one (not `other_than`) and every replica is current."""
-    async def leader() -> str | None:
+    async def leader() -> str:  # "" until there is one
         c = (await js.stream_info("EVENTS")).cluster
         if c is not None and c.leader and c.leader != other_than and c.replicas and len(c.replicas) == 2 \
                 and all(r.current for r in c.replicas):
             return str(c.leader)
-        return None
+        return ""
 
     what = "stream EVENTS to have a leader with current replicas" + (f" (not {other_than})" if other_than else "")
     return await eventually(leader, what=what, interval=0.1, ignore=RETRYABLE)

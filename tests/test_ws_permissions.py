@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,7 @@ from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wsclient import connect, events, nothing_before, recv, recv_type, subscribe, welcome
 
-ACLS = {
+ACLS: dict[str, dict[str, Any]] = {
     "acme.org": {"admins": ["user:olga"]},
     "acme.project.p1": {"admins": ["user:paul"], "viewers": ["user:vera", "group:auditors"]},
     "acme.conversation.c1": {"project": "p1", "members": ["user:mia", "group:support"]},
@@ -22,7 +23,9 @@ ACLS = {
 # A scope every principal of the matrix may read, for the marker event that proves a denied one never came.
 MARKER = "agent:marker"
 SUBS = ["olga", "paul", "vera", "mia", "owen", "sam", "ann", "nick", "zed", "nobody"]
-MARKERS = {f"{tenant}.agent.marker": {"members": [f"user:{s}" for s in SUBS]} for tenant in ("acme", "beta")}
+MARKERS: dict[str, dict[str, Any]] = {
+    f"{tenant}.agent.marker": {"members": [f"user:{s}" for s in SUBS]} for tenant in ("acme", "beta")
+}
 
 
 @pytest.mark.parametrize(
