@@ -58,6 +58,7 @@ is_built() {
 }
 
 if is_built; then
+  touch "$dest/last-used" 2>/dev/null || true   # for the clean-up of unused versions below
   echo "$dest/bin"
   exit 0
 fi
@@ -109,11 +110,20 @@ build helm helm.sh/helm/v4/cmd/helm "-X helm.sh/helm/v4/internal/version.version
   echo "etcd $ETCD_VERSION"
   echo "helm $HELM_VERSION"
   echo "go $have"
-  echo "cold build seconds $((SECONDS - start))"
+  echo "build seconds $((SECONDS - start))"
 } >"$work/versions"
 chmod 755 "$work"            # mktemp made it private; other users and CI may run the binaries
+touch "$work/last-used"
 rm -rf "$dest"
 mv "$work" "$dest"
 trap - EXIT
 say "done in $((SECONDS - start)) s: $dest/bin"
+# Other pins (older clones, branches) keep their builds until they were unused for 30 days.
+for old in "$cache"/k8s-*/; do
+  old="${old%/}"
+  if [[ "$old" != "$dest" && -f "$old/last-used" && -n "$(find "$old/last-used" -mtime +30)" ]]; then
+    say "removing $old (unused for 30 days)"
+    rm -rf "$old"
+  fi
+done
 echo "$dest/bin"

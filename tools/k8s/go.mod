@@ -1,3 +1,10 @@
+// The test control plane and helm, built from Go modules by scripts/build-k8s.sh (make k8s):
+//   kube-apiserver, kube-controller-manager  the upstream main packages of k8s.io/kubernetes (`tool` below)
+//   helm                                     the upstream main package of helm.sh/helm/v4 (`tool` below)
+//   etcd                                     ./cmd/etcd, a main calling go.etcd.io/etcd/server/v3/etcdmain
+// No upstream code is copied. k8s.io/kubernetes is not meant to be required: each k8s.io/<staging>
+// module is replaced by its release matching the pinned Kubernetes (v1.37.2 -> v0.37.2). To move to
+// another release, change k8s.io/kubernetes and every replace line, then `go mod tidy`.
 module wsgateway.dev/tools/k8s
 
 go 1.26.0
