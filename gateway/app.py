@@ -85,7 +85,7 @@ class Gateway:
         event (1001). WebSockets get theirs from uvicorn's protocol shutdown (transport.py); an SSE
         response would otherwise run until the graceful-shutdown timeout."""
         for conn in list(self.hub.connections.values()):
-            if conn.sse:
+            if conn.channel.kind == "sse":
                 self.hub.go_away(conn)
 
     async def stop(self) -> None:

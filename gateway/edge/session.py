@@ -1,21 +1,23 @@
 """One client's WebSocket session: authenticate, then answer frames until the socket closes.
 
 The session runs in the connection's ASGI task and only ever *receives*; everything it sends goes
-through the hub's queue (so control frames stay ordered with events) and the raw channel.
+through the hub (so control frames stay ordered with events), which alone changes connection state.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from gateway import tracing
 from gateway.auth import AuthError, extract_token
-from gateway.core.hub import Connection, control
+from gateway.core.channel import Channel
+from gateway.core.connection import Connection
+from gateway.core.queue import control
 from gateway.edge.transport import EXTENSION, RawChannel
 from gateway.gc_tuning import after_handshake
 from gateway.principal import Principal
@@ -34,6 +36,7 @@ from gateway.protocol import (
     Subscribe,
     Unsubscribe,
     parse_client_frame,
+    parse_seq,
 )
 
 if TYPE_CHECKING:
@@ -87,26 +90,27 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
         await _until_disconnect(receive)
         return
     hub = gw.hub
+    bad_frames = 0
     try:
         while True:
             msg = await receive()
             if msg["type"] == "websocket.disconnect":
                 break
             text = msg.get("text")
-            if text is None:
-                _bad(gw, conn, FrameError(ERR_BAD_REQUEST, "binary frames are not accepted: send JSON text"))
-                continue
             try:
+                if text is None:
+                    raise FrameError(ERR_BAD_REQUEST, "binary frames are not accepted: send JSON text")
                 frame = parse_client_frame(text)
             except FrameError as exc:
-                _bad(gw, conn, exc)
+                bad_frames += 1
+                _bad(gw, conn, exc, bad_frames)
                 continue
             if isinstance(frame, Subscribe):
                 start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since)
             elif isinstance(frame, Unsubscribe):
                 hub.unsubscribe(conn, frame.id, frame.scope)
             elif isinstance(frame, Ping):
-                conn.send(control("pong", id=frame.id))
+                hub.send(conn, control("pong", id=frame.id))
             elif isinstance(frame, Refresh):
                 await _refresh(gw, conn, frame)
     finally:
@@ -123,7 +127,7 @@ async def _handshake(
         ws.headers, ws.scope.get("subprotocols") or [], ws.query_params, allow_query=settings.allow_query_token
     )
     await ws.accept(subprotocol=src.subprotocol)
-    if len(hub.connections) >= settings.max_connections:
+    if hub.full:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")
         return Refused("rejected", CLOSE_TOO_SLOW)
@@ -146,21 +150,18 @@ async def _handshake(
     return open_connection(gw, channel, principal, initial)
 
 
-def open_connection(
-    gw: Gateway, channel: RawChannel | Any, principal: Principal, initial: Initial, *, sse: bool = False
-) -> Connection:
+def open_connection(gw: Gateway, channel: Channel, principal: Principal, initial: Initial) -> Connection:
     """An authenticated client joins the hub: counted, welcomed, its expiry armed, its URL subscriptions
     started. Shared by the WebSocket session and the SSE endpoint."""
-    conn = Connection(gw.hub, channel, principal, uuid.uuid4().hex, sse=sse)
-    gw.hub.add(conn)
+    conn = gw.hub.open(channel, principal, uuid.uuid4().hex, cursor=initial.since)
     after_handshake()
     gw.metrics.connection_attempts.labels("accepted").inc()
-    conn.send(control(
+    heartbeat = gw.settings.heartbeat_s if channel.kind == "websocket" else None  # SSE: comment lines
+    gw.hub.send(conn, control(
         "welcome", connection_id=conn.id, principal=principal_info(principal),
-        expires_at=int(principal.expires_at), heartbeat_s=None if sse else gw.settings.heartbeat_s,
+        expires_at=int(principal.expires_at), heartbeat_s=heartbeat,
     ))
-    arm_expiry(gw, conn)
-    start_subscriptions(gw, conn, None, initial.scopes, initial.since, from_url=True)
+    start_subscriptions(gw, conn, None, initial.scopes, initial.since)
     return conn
 
 
@@ -177,25 +178,19 @@ def parse_initial(scopes: list[str], since: str | None) -> Initial:
     wanted: list[str] = []
     for item in scopes:
         for scope in filter(None, item.split(",")):
-            if not SCOPE_RE.match(scope):
+            if not SCOPE_RE.fullmatch(scope):
                 raise FrameError(ERR_BAD_REQUEST, f"bad scope in URL: {scope[:40]!r}")
             if scope not in wanted:
                 wanted.append(scope)
-    cursor: int | None = None
-    if since is not None:
-        if not since.isdigit() or len(since) > 19:
-            raise FrameError(ERR_BAD_REQUEST, "since must be a stream sequence (a non-negative integer)")
-        cursor = int(since)
-    return Initial(wanted, cursor)
+    return Initial(wanted, None if since is None else parse_seq(since, "since"))
 
 
 def start_subscriptions(
-    gw: Gateway, conn: Connection, request_id: str | int | None, scopes: list[str], since: int | None,
-    *, from_url: bool = False,
+    gw: Gateway, conn: Connection, request_id: str | int | None, scopes: list[str], since: int | None
 ) -> None:
-    """Live subscriptions, or (with a cursor) one replay for all of them followed by live delivery."""
-    if from_url and since is not None:
-        conn.cursor = since  # ?since= on the URL: the connection resumes from this cursor
+    """Live subscriptions, or (with a cursor) one replay for all of them followed by live delivery.
+
+    A connection opened with `?since=N` has a cursor: all its later subscriptions resume from it too."""
     if not scopes:
         return
     if since is None and conn.cursor is not None:
@@ -207,24 +202,18 @@ def start_subscriptions(
     try:
         replayer = gw.replayer
     except RuntimeError:
-        conn.send(control("error", id=request_id, code=ERR_UNAVAILABLE,
-                          message="history is unavailable right now (NATS); retry shortly"))
+        gw.hub.send(conn, control("error", id=request_id, code=ERR_UNAVAILABLE,
+                                  message="history is unavailable right now (NATS); retry shortly"))
         return
     replayer.start(conn, request_id, scopes, since)
 
 
-def _bad(gw: Gateway, conn: Connection, exc: FrameError) -> None:
+def _bad(gw: Gateway, conn: Connection, exc: FrameError, count: int) -> None:
     gw.metrics.client_frames_rejected.labels(exc.code).inc()
-    conn.bad_frames += 1
-    if conn.bad_frames > gw.settings.max_bad_frames:
-        gw.hub.close(conn, CLOSE_POLICY, f"too many bad frames ({conn.bad_frames})")
+    if count > gw.settings.max_bad_frames:
+        gw.hub.close(conn, CLOSE_POLICY, f"too many bad frames ({count})")
         return
-    conn.send(control("error", id=exc.request_id, code=exc.code, message=exc.message))
-
-
-def arm_expiry(gw: Gateway, conn: Connection) -> None:
-    """The verifier accepts a token until exp + leeway; the session lives exactly as long (4408 then)."""
-    gw.hub.expire_at(conn, conn.principal.expires_at + gw.settings.jwt_leeway_s)
+    gw.hub.send(conn, control("error", id=exc.request_id, code=exc.code, message=exc.message))
 
 
 async def _refresh(gw: Gateway, conn: Connection, frame: Refresh) -> None:
@@ -232,16 +221,14 @@ async def _refresh(gw: Gateway, conn: Connection, frame: Refresh) -> None:
         new = await gw.verifier.verify(frame.token)
     except AuthError as exc:
         gw.metrics.auth_failures.labels(exc.reason).inc()
-        conn.send(control("error", id=frame.id, code=ERR_UNAUTHORIZED, message=f"{exc.reason}: {exc.message}"))
+        gw.hub.send(conn, control("error", id=frame.id, code=ERR_UNAUTHORIZED, message=f"{exc.reason}: {exc.message}"))
         return
     old = conn.principal
     if conn.closed:
         return
     if (new.subject, new.tenant) != (old.subject, old.tenant):
-        conn.send(control("error", id=frame.id, code=ERR_UNAUTHORIZED,
-                          message="refresh token must be for the same subject and tenant"))
+        gw.hub.send(conn, control("error", id=frame.id, code=ERR_UNAUTHORIZED,
+                                  message="refresh token must be for the same subject and tenant"))
         return
-    conn.principal = new
-    arm_expiry(gw, conn)
-    gw.hub.recheck(conns=[conn])
-    conn.send(control("refreshed", id=frame.id, expires_at=int(new.expires_at)))
+    gw.hub.refresh(conn, new)
+    gw.hub.send(conn, control("refreshed", id=frame.id, expires_at=int(new.expires_at)))

@@ -13,20 +13,25 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import wsproto.events
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState
 
+from gateway.core.channel import websocket_encode
+
 EXTENSION = "wsgateway.raw"
 
 
 class RawChannel:
-    """Direct, synchronous access to one WebSocket connection's byte stream."""
+    """Direct, synchronous access to one WebSocket connection's byte stream (a `gateway.core.channel.Channel`)."""
 
     __slots__ = ("_proto", "on_lost", "on_shutdown", "on_writable")
+
+    kind = "websocket"
+    encode = staticmethod(websocket_encode)
 
     def __init__(self, proto: GatewayWSProtocol) -> None:
         self._proto = proto
@@ -34,12 +39,12 @@ class RawChannel:
         self.on_shutdown: Callable[[], None] | None = None
         self.on_lost: Callable[[], None] | None = None
 
-    def fast_path(self) -> tuple[Callable[[bytes], None], _Flag]:
-        """The transport's write and the writable flag, for the hub's flush loop (its hottest code).
+    def fast_path(self) -> tuple[Callable[[bytes], object], _Flag]:
+        """The transport's write and the writable flag, for the writer's flush loop (its hottest code).
 
         Valid until `on_lost` fires or the channel is closed; the hub stops using them at either.
         """
-        return self._proto.transport.write, self._proto.writable  # type: ignore[return-value]
+        return self._proto.transport.write, self._proto.flag
 
     @property
     def open(self) -> bool:
@@ -49,7 +54,7 @@ class RawChannel:
     @property
     def writable(self) -> bool:
         """False while the transport's buffer is above its high-water mark (the peer reads slowly)."""
-        return self._proto.writable.is_set()
+        return self._proto.flag.on
 
     def write(self, data: bytes) -> bool:
         """Write complete WebSocket frames; False if the connection is no longer open."""
@@ -64,9 +69,6 @@ class RawChannel:
         if size and sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-
-    def buffered(self) -> int:
-        return int(self._proto.transport.get_write_buffer_size())
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake now, even when the transport is paused (a slow client)."""
@@ -174,12 +176,15 @@ class GatewayWSProtocol(WSProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = _Inbox()  # type: ignore[assignment]
-        self.writable = _Flag()  # type: ignore[assignment]
+        self.flag = _Flag()
+        self.writable = self.flag  # type: ignore[assignment]  # duck-typed asyncio.Event (see _Flag)
 
     def handle_connect(self, event: wsproto.events.Request) -> None:
         super().handle_connect(event)
         self.channel = RawChannel(self)
-        self.scope["extensions"][EXTENSION] = self.channel  # type: ignore[index]
+        # uvicorn types extension values as dicts; ours is an object the session reads back (session.py)
+        extensions = cast("dict[str, object]", self.scope["extensions"])
+        extensions[EXTENSION] = self.channel
 
     async def send(self, message: Any) -> None:
         await super().send(message)

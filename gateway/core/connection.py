@@ -1,0 +1,99 @@
+"""One client connection's state, and the states it moves through.
+
+Only the hub and its parts (index, writer, expiry) write a `Connection`; sessions, the SSE endpoint and
+the replayer read it and ask the hub for changes. The state is explicit, with checked transitions (in
+the manner of Starlette's `WebSocketState`):
+
+    HANDSHAKING --> LIVE <--> REPLAYING
+        |            |            |
+        |            +--> DRAINING <+
+        v            v        |
+      CLOSED <-------+--------+
+
+- HANDSHAKING: authenticated, not yet in the hub.
+- LIVE: frames are written as they are queued.
+- REPLAYING: a resume is reading the stream back; live frames are *held* in `queue` while the replay's
+  own frames go out through `replay_queue`; `end_replay` releases the held frames (an exact seam).
+- DRAINING: closing gracefully: what may be written is written, then the close frame.
+- CLOSED: gone from the hub; nothing is queued or written any more.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from gateway.core.channel import Channel, WritableFlag
+from gateway.core.queue import SendQueue
+from gateway.principal import Principal
+
+if TYPE_CHECKING:
+    from gateway.core.index import Subscription, WildSubscription
+    from gateway.core.queue import OutFrame
+
+
+class ConnState(enum.Enum):
+    HANDSHAKING = 0
+    LIVE = 1
+    REPLAYING = 2
+    DRAINING = 3
+    CLOSED = 4
+
+
+_TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
+    ConnState.HANDSHAKING: frozenset({ConnState.LIVE, ConnState.CLOSED}),
+    ConnState.LIVE: frozenset({ConnState.REPLAYING, ConnState.DRAINING, ConnState.CLOSED}),
+    ConnState.REPLAYING: frozenset({ConnState.LIVE, ConnState.DRAINING, ConnState.CLOSED}),
+    ConnState.DRAINING: frozenset({ConnState.CLOSED}),
+    ConnState.CLOSED: frozenset(),
+}
+
+
+class StateError(RuntimeError):
+    """A transition the state machine does not allow: a bug in the hub, never a client's doing."""
+
+
+class Connection:
+    """Gateway-side state of one authenticated WebSocket or SSE stream."""
+
+    __slots__ = (
+        "channel", "cursor", "dirty", "encode", "expires", "flag", "id", "last_seq", "principal", "queue",
+        "replay_queue", "state", "subs", "waiter", "wild", "write", "written",
+    )
+
+    def __init__(
+        self, channel: Channel, principal: Principal, conn_id: str, *, cursor: int | None = None
+    ) -> None:
+        self.channel = channel
+        self.principal = principal
+        self.id = conn_id
+        self.state = ConnState.HANDSHAKING
+        self.queue = SendQueue()  # live frames (held while REPLAYING)
+        self.replay_queue: SendQueue | None = None  # the replay's frames, only while REPLAYING
+        self.waiter: Callable[[], None] | None = None  # a replay waiting for its frames to be written
+        self.last_seq = 0  # highest event sequence queued for this client: never send one twice
+        self.written = 0  # highest event sequence handed to the channel (the client's cursor at a close)
+        self.cursor = cursor  # connected with ?since=N: every subscription resumes from a cursor
+        self.subs: dict[str, Subscription] = {}
+        self.wild: WildSubscription | None = None
+        self.dirty = False  # in the writer's list for the next flush
+        self.expires = 0.0  # wall-clock time at which the session ends with 4408 (0: not armed)
+        self.encode: Callable[[list[OutFrame]], bytes] = channel.encode  # the channel's wire encoding, bound once
+        # the channel's fast path (write without checks, writable flag), used by the writer only
+        self.write: Callable[[bytes], object]
+        self.flag: WritableFlag
+        self.write, self.flag = channel.fast_path()
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnState.CLOSED or self.state is ConnState.DRAINING
+
+    def move(self, to: ConnState) -> None:
+        """Change state; raises StateError for a transition the diagram above does not have."""
+        if to not in _TRANSITIONS[self.state]:
+            raise StateError(f"connection {self.id}: {self.state.name} -> {to.name} is not allowed")
+        self.state = to
+
+
+__all__ = ["ConnState", "Connection", "StateError"]
