@@ -17,7 +17,7 @@ from gateway.core.history import StreamBounds
 from gateway.edge.httpauth import authenticate, error_response
 from gateway.edge.sse import sse_stream
 from gateway.events import InvalidEvent, parse_event, subject_for
-from gateway.protocol import SCOPE_RE, WILDCARD, FrameError, parse_int, parse_seq
+from gateway.protocol import WILDCARD, FrameError, is_scope, parse_int, parse_seq
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -57,7 +57,7 @@ def build_router(gw: Gateway) -> APIRouter:
         principal = await authenticate(gw, request)
         if isinstance(principal, JSONResponse):
             return principal
-        if not SCOPE_RE.fullmatch(scope) or scope == WILDCARD:
+        if not is_scope(scope) or scope == WILDCARD:
             return error_response(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
         try:
             after_seq = parse_seq(after, "after")
@@ -88,7 +88,7 @@ def build_router(gw: Gateway) -> APIRouter:
         principal = await authenticate(gw, request)
         if isinstance(principal, JSONResponse):
             return principal
-        if after and not SCOPE_RE.fullmatch(after):
+        if after and not is_scope(after):
             return error_response(400, "bad_request", "after must be a scope <conversation|process|agent>:<id>")
         try:
             count = parse_int(limit, "limit", 1, SCOPES_MAX_LIMIT)

@@ -29,12 +29,12 @@ from gateway.protocol import (
     ERR_BAD_REQUEST,
     ERR_UNAUTHORIZED,
     ERR_UNAVAILABLE,
-    SCOPE_RE,
     FrameError,
     Ping,
     Refresh,
     Subscribe,
     Unsubscribe,
+    is_scope,
     parse_client_frame,
     parse_seq,
 )
@@ -178,7 +178,7 @@ def parse_initial(scopes: list[str], since: str | None) -> Initial:
     wanted: list[str] = []
     for item in scopes:
         for scope in filter(None, item.split(",")):
-            if not SCOPE_RE.fullmatch(scope):
+            if not is_scope(scope):
                 raise FrameError(ERR_BAD_REQUEST, f"bad scope in URL: {scope[:40]!r}")
             if scope not in wanted:
                 wanted.append(scope)
