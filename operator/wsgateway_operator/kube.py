@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from wsgateway_operator import FIELD_MANAGER, GROUP, PLURAL, VERSION
+from wsgateway_operator import FIELD_MANAGER
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,8 @@ class ResourceRef:
         return p
 
 
-GATEWAYS = ResourceRef(GROUP, VERSION, PLURAL, "WebSocketGateway")
 PODS = ResourceRef("", "v1", "pods", "Pod")
 SECRETS = ResourceRef("", "v1", "secrets", "Secret")
-EVENTS = ResourceRef("", "v1", "events", "Event")
 CHILD_REFS: dict[str, ResourceRef] = {
     r.kind: r
     for r in (
