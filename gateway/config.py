@@ -117,13 +117,6 @@ class Settings(BaseSettings):
     def _lower(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v
 
-    @field_validator("nats_credentials")
-    @classmethod
-    def _credentials_readable(cls, v: Path | None) -> Path | None:
-        if v is not None:
-            check_credentials_file(v)
-        return v
-
     @model_validator(mode="after")
     def _idp_given(self) -> Settings:
         if not self.dev_mode and not (self.oidc_issuer or self.jwks_url):
@@ -272,6 +265,21 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     return lines
 
 
+def _credentials_problems(overrides: Mapping[str, Any]) -> list[str]:
+    """The credentials file is checked where the gateway starts, not by the model: the operator
+    validates a pod's settings with Settings too, and the file exists only inside the pod."""
+    raw = overrides.get("nats_credentials")
+    if raw is None:
+        raw = next((v for k, v in os.environ.items() if k.upper() == env_name("nats_credentials")), None)
+    if not raw:
+        return []
+    try:
+        check_credentials_file(Path(raw))
+    except ValueError as exc:
+        return [f"{env_name('nats_credentials')}: {exc}"]
+    return []
+
+
 def load_settings(**overrides: Any) -> tuple[Settings, list[str]]:
     """Settings from the process environment (and `overrides`), and the warnings about unknown variables.
 
@@ -279,11 +287,14 @@ def load_settings(**overrides: Any) -> tuple[Settings, list[str]]:
     WSGATEWAY_STRICT_ENV is true) instead of pydantic's dump.
     """
     unknown = unknown_variables()
+    problems = _credentials_problems(overrides)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = [_problem(e) for e in exc.errors(include_url=False)]
+        problems += [_problem(e) for e in exc.errors(include_url=False)]
         raise ConfigError(problems + [f"warning: {u}" for u in unknown]) from None
+    if problems:
+        raise ConfigError(problems + [f"warning: {u}" for u in unknown])
     if unknown and settings.strict_env:
         raise ConfigError([*unknown, "WSGATEWAY_STRICT_ENV is true: unknown WSGATEWAY_* variables are errors"])
     return settings, unknown
