@@ -3,12 +3,15 @@
     .venv/bin/python bench/fanout.py                 # default: 1,000 and 5,000 connections, 3 runs
     .venv/bin/python bench/fanout.py --quick         # small and fast (smoke test)
     .venv/bin/python bench/fanout.py --json out.json --profile bench/results/profile
+    .venv/bin/python bench/fanout.py --baseline b2dc77e --servers gateway,baseline   # before/after, alternating
 
 Everything runs on this machine, on 127.0.0.1: a private nats-server (JetStream, temp store), a
 JWKS HTTP server with the benchmark's own ES256 key, the server under test as a separate process
 (`wsgateway serve --workers 1`, or uvicorn running bench/naive_app.py), load-client processes
-(bench/wsload.py) and a publisher process (bench/pubload.py). See bench/README.md for what the
-figures mean; speed targets are read from them, nothing here asserts.
+(bench/wsload.py) and a publisher process (bench/pubload.py). With `--baseline REV`, server kind
+`baseline` is the gateway of git revision REV, run exactly like `gateway` (only the code snapshot on
+PYTHONPATH differs), so a change is measured before and after in the same sitting. See bench/README.md
+for what the figures mean; speed targets are read from them, nothing here asserts.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ ACL_BUCKET = "wsgateway-acl"
 # (offered deliveries/s, p99 target in ms) per connection count: the targets of docs/performance.md.
 TARGETS = {1000: (50_000, 20.0), 5000: (100_000, 50.0)}
 SERVERS = ("gateway", "naive")
+# Server kinds that run `wsgateway serve`: the working tree's gateway/ and, with --baseline REV, REV's.
+GATEWAY_KINDS = ("gateway", "baseline")
+KINDS = ("gateway", "baseline", "naive")  # report order
 NCPU = os.cpu_count() or 1
 
 
@@ -159,7 +165,7 @@ class Server:
         self.port = free_port()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("WSGATEWAY_", "BENCH_")) and k != "PROMETHEUS_MULTIPROC_DIR"}
-        if kind == "gateway":
+        if kind in GATEWAY_KINDS:
             cmd = [str(Path(sys.executable).parent / "wsgateway"), "serve", "--workers", str(workers),
                    "--host", "127.0.0.1"]
             env.update({
@@ -406,6 +412,16 @@ class Bench:
             f"run from {self.code['path']})")
         paths = [a.user_env.get("PYTHONPATH"), self.code["path"], os.environ.get("PYTHONPATH")]
         a.server_env = {**a.user_env, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+        self.baseline_code: dict[str, str] | None = None
+        self.baseline_env: dict[str, str] = {}
+        if a.baseline:
+            self.baseline_code = snapshot_revision(a.baseline, self.tmp / "baseline")
+            log(f"baseline: the gateway as of {self.baseline_code['describe']} ({a.baseline}; code snapshot "
+                f"{self.baseline_code['sha256'][:12]}, run from {self.baseline_code['path']})")
+            paths = [a.user_env.get("PYTHONPATH"), self.baseline_code["path"], os.environ.get("PYTHONPATH")]
+            self.baseline_env = {**a.user_env, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+            for code, env in ((self.code, a.server_env), (self.baseline_code, self.baseline_env)):
+                check_snapshot_imports(Path(code["path"]), env["PYTHONPATH"])
         self.nats = NatsProcess(store_dir=self.tmp / "nats")
         self.nats.start()
         self.stack.callback(self.nats.stop)
@@ -435,7 +451,8 @@ class Bench:
         nscopes = max(1, n // a.fanout)
         per_proc = -(-n // a.clients)
         pt = Point(kind, n, run)
-        server = Server(kind, self.nats.url, self.jwks, self.tmp, a.server_env, a.workers if kind == "gateway" else 1)
+        env = self.baseline_env if kind == "baseline" else a.server_env
+        server = Server(kind, self.nats.url, self.jwks, self.tmp, env, a.workers if kind in GATEWAY_KINDS else 1)
         try:
             server.wait_ready()
             # Warm-up connections first (imports, first-use allocations are not per-connection cost),
@@ -463,7 +480,7 @@ class Bench:
             if pt.connected < n * 0.9:
                 log(f"{kind}: only {pt.connected}/{n} connections; skipping load steps\n{server.log_tail()}")
                 return pt
-            fractions = a.gateway_steps if kind == "gateway" else a.naive_steps
+            fractions = a.gateway_steps if kind in GATEWAY_KINDS else a.naive_steps
             if profile_dir is not None:
                 fractions = [1.0]
             def run_step(f: float) -> Step:
@@ -553,7 +570,7 @@ class Bench:
         ch.all(("measure", w0, w1), "measuring", 10)
         pids = {"server": server.pid, "nats": self.nats_pid, "publisher": ch.publisher_pid}
         time.sleep(max(0.0, w0 - time.time()))
-        m0 = scrape_gateway(server.port) if server.kind == "gateway" else {}
+        m0 = scrape_gateway(server.port) if server.kind in GATEWAY_KINDS else {}
         cpu0 = {k: (tree_cpu_seconds if k == "server" else cpu_seconds)(p) for k, p in pids.items()}
         cl0 = sum(cpu_seconds(p) for p in ch.client_pids)
         h0 = host_cpu()
@@ -692,6 +709,8 @@ def shorten(frame: str) -> str:
     where = where.rstrip(")")
     if "/src/gateway/" in where:  # the run's code snapshot
         where = "gateway/" + where.split("/src/gateway/", 1)[1]
+    elif "/baseline/gateway/" in where:  # --baseline's snapshot
+        where = "baseline:gateway/" + where.split("/baseline/gateway/", 1)[1]
     for marker in ("site-packages/", str(BENCH_DIR.parent) + "/", "lib/python3.11/"):
         if marker in where:
             where = where.split(marker, 1)[1]
@@ -744,7 +763,7 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     caps: dict[tuple[str, int], dict[str, Any]] = {}
     for n in args.connections:
-        for kind in SERVERS:
+        for kind in KINDS:
             pts = [p for p in points if p.server == kind and p.connections == n]
             if not pts:
                 continue
@@ -776,7 +795,7 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
             continue
         ratio = g["capacity"] / nv["capacity"] if nv["capacity"] else float("inf")
         at_target = {}
-        for kind in SERVERS:
+        for kind in SERVERS:  # gateway, naive
             r = next((r for r in rows if r["server"] == kind and r["connections"] == n and r["fraction"] == 1.0), None)
             at_target[kind] = r["achieved"] if r else float("nan")
         summary["capacity"].append({
@@ -787,7 +806,89 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
             "gateway_per_run": g["per_run"], "naive_per_run": nv["per_run"],
             "ratio_at_target_rate": (at_target["gateway"] / at_target["naive"]) if at_target["naive"] else float("inf"),
         })
+    if any(p.server == "baseline" for p in points):
+        summary["ab"], summary["ab_steps"] = compare_baseline(points, args)
     return summary
+
+
+# A step whose busy CPU outside the benchmark's processes (other%, % of one core) reaches this is marked
+# in the side-by-side table: it was measured on a disturbed machine.
+DISTURBED_OTHER_PCT = 30.0
+# The headline figures of --baseline: (key, label, higher is better).
+HEADLINE = (
+    ("capacity", "deliveries/s within the p99 target", True),
+    ("p99_at_target_ms", "p99 ms at the target rate", False),
+    ("cpu_s_per_1m", "server CPU s per 1M deliveries, target rate", False),
+    ("rss_kib_per_conn", "RSS KiB per idle connection", False),
+)
+
+
+def headline_per_run(pts: list[Point]) -> dict[str, list[float]]:
+    """The headline figures of one server at one connection count, one value per run (in run order)."""
+    out: dict[str, list[float]] = {key: [] for key, _, _ in HEADLINE}
+    for p in sorted(pts, key=lambda p: p.run):
+        target = next((s for s in p.steps if s.fraction == 1.0), None)
+        out["capacity"].append(max((s.achieved for s in p.steps if s.passed), default=0.0))
+        out["p99_at_target_ms"].append(target.p99 if target else float("nan"))
+        # µs of server CPU per delivery = s per 1,000,000 deliveries.
+        out["cpu_s_per_1m"].append(target.cpu_us_per_delivery if target else float("nan"))
+        out["rss_kib_per_conn"].append(p.rss_per_conn_kib)
+    return out
+
+
+def step_brief(s: Step | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    return {"offered": s.offered, "achieved": s.achieved, "p50_ms": s.p50, "p99_ms": s.p99, "passed": s.passed,
+            "server_cpu": s.server_cpu, "cpu_us_per_delivery": s.cpu_us_per_delivery, "host_busy": s.host_busy,
+            "other_cpu": s.other_cpu, "steal": s.steal,
+            "disturbed": s.other_cpu >= DISTURBED_OTHER_PCT}
+
+
+def compare_baseline(
+    points: list[Point], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """gateway vs baseline per connection count: the headline figures (medians over runs, ratio
+    gateway/baseline, the values per run) and every step of every run side by side."""
+    ab: list[dict[str, Any]] = []
+    ab_steps: list[dict[str, Any]] = []
+    for n in args.connections:
+        g = [p for p in points if p.server == "gateway" and p.connections == n]
+        b = [p for p in points if p.server == "baseline" and p.connections == n]
+        if not g or not b:
+            continue
+        rate, slo = target_for(n, args.rate)
+        runs = sorted({p.run for p in g + b})
+        gv, bv = headline_per_run(g), headline_per_run(b)
+        figures: dict[str, Any] = {}
+        for key, _, higher_better in HEADLINE:
+            gm, bm = med(gv[key]), med(bv[key])
+            figures[key] = {"gateway": gm, "baseline": bm, "ratio": gm / bm if bm else float("nan"),
+                            "higher_is_better": higher_better,
+                            "gateway_per_run": gv[key], "baseline_per_run": bv[key]}
+        lowest = {kind: min((s.offered for p in pts for s in p.steps), default=0.0)
+                  for kind, pts in (("gateway", g), ("baseline", b))}
+        load = {}
+        for kind, pts in (("gateway", g), ("baseline", b)):
+            steps = [s for p in pts for s in p.steps]
+            load[kind] = {"host_busy_median": med([s.host_busy for s in steps]),
+                          "host_busy_max": max((s.host_busy for s in steps), default=float("nan")),
+                          "other_cpu_median": med([s.other_cpu for s in steps]),
+                          "other_cpu_max": max((s.other_cpu for s in steps), default=float("nan")),
+                          "disturbed_steps": sum(s.other_cpu >= DISTURBED_OTHER_PCT for s in steps)}
+        order = {run: [p.server for p in points if p.connections == n and p.run == run] for run in runs}
+        ab.append({"connections": n, "target_rate": rate, "slo_ms": slo, "runs": runs, "order": order,
+                   "figures": figures, "lowest_offered": lowest, "load": load})
+        fractions = sorted({s.fraction for p in g + b for s in p.steps})
+        for f in fractions:
+            for run in runs:
+                pair = {}
+                for kind, pts in (("gateway", g), ("baseline", b)):
+                    pair[kind] = step_brief(next((s for p in pts if p.run == run for s in p.steps
+                                                  if s.fraction == f), None))
+                if pair["gateway"] or pair["baseline"]:
+                    ab_steps.append({"connections": n, "fraction": f, "run": run, **pair})
+    return ab, ab_steps
 
 
 def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
@@ -797,6 +898,7 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
           f"~{pubload.ENVELOPE_BYTES}-byte envelopes; {args.clients} load processes; naive = uvicorn's default "
           f"WebSocket implementation + the same JWT check (PyJWT, JWKS), no ACL. Gateway at {args.code}; "
           f"{NCPU} CPUs."
+          + (f" Baseline at {args.baseline_code}." if getattr(args, "baseline_code", "") else "")
           + (f" Server env: {args.user_env}." if args.user_env else ""), file=out)
     head = (f"{'server':8} {'conns':>6} {'step':>6} {'offered/s':>10} {'achieved/s':>11} {'p50 ms':>7} {'p99 ms':>8} "
             f"{'srv CPU%':>8} {'us/deliv':>8} {'host%':>6} {'other%':>6} {'RSS KiB/conn':>12} {'p99 ok':>7}")
@@ -817,6 +919,8 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
     if others:
         print(f"Machine noise: median other% over all steps {statistics.median(others):.0f} (of {NCPU * 100}).",
               file=out)
+    if summary.get("ab"):
+        print_ab(summary, args)
     if not summary["capacity"]:
         return
     head = (f"\n{'conns':>6} {'p99 target':>10} {'gateway/s':>10} {'naive/s':>10} {'gw/naive':>9} "
@@ -837,6 +941,66 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
     print("gateway/s, naive/s = achieved deliveries/s at the highest step that met the p99 target (median over "
           "runs; a lower bound: steps are discrete); 'at target rate' = achieved(gateway) / achieved(naive) at "
           "the target offered rate, whatever the latency.", file=out)
+
+
+def print_ab(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    """gateway vs baseline: the headline figures, then every step of every run side by side."""
+    out = sys.stdout
+    print(f"\nSide by side: gateway = {args.code}; baseline = {args.baseline_code}. Medians over runs; "
+          "ratio = gateway / baseline (above 1 is better for deliveries/s, below 1 for the others).", file=out)
+    head = f"{'conns':>6}  {'figure':44} {'gateway':>10} {'baseline':>10} {'gw/base':>8}   per run: gateway | baseline"
+    print(head, file=out)
+    print("-" * len(head), file=out)
+
+    def fmt(key: str, v: float, c: dict[str, Any], kind: str) -> str:
+        if v != v:
+            return "n/a"
+        if key == "capacity":
+            return f"{v:,.0f}" if v else f"<{c['lowest_offered'][kind]:,.0f}"
+        return f"{v:.1f}"
+
+    for c in summary["ab"]:
+        for key, label, _ in HEADLINE:
+            fig = c["figures"][key]
+            if key == "capacity":
+                label = f"{label} ({c['slo_ms']:g} ms)"
+            elif key == "p99_at_target_ms":
+                label = f"{label} ({c['target_rate']:,}/s)"
+            ratio = f"{fig['ratio']:.2f}x" if fig["ratio"] == fig["ratio"] else "n/a"
+            runs = " ".join(fmt(key, v, c, "gateway") for v in fig["gateway_per_run"]) + " | " + " ".join(
+                fmt(key, v, c, "baseline") for v in fig["baseline_per_run"])
+            print(f"{c['connections']:>6}  {label:44} {fmt(key, fig['gateway'], c, 'gateway'):>10} "
+                  f"{fmt(key, fig['baseline'], c, 'baseline'):>10} {ratio:>8}   {runs}", file=out)
+    for c in summary["ab"]:
+        order = "; ".join(f"run {r}: {' then '.join(k for k in kinds if k in GATEWAY_KINDS)}"
+                          for r, kinds in c["order"].items())
+        load = "; ".join(f"{k} steps host% median {v['host_busy_median']:.0f} (max {v['host_busy_max']:.0f}), "
+                         f"other% median {v['other_cpu_median']:.0f} (max {v['other_cpu_max']:.0f}), "
+                         f"{v['disturbed_steps']} disturbed" for k, v in c["load"].items())
+        print(f"n={c['connections']}: {order}. {load}.", file=out)
+
+    print(f"\nEvery step of every run: achieved/s, p99 ms, p99 ok, host% (busy share of all cores), other% (% of "
+          f"one core outside the benchmark's processes); * = other% >= {DISTURBED_OTHER_PCT:g}, a disturbed step.",
+          file=out)
+    side = f"{'p99':>7} {'ok':>2} {'host%':>5} {'other%':>7}"
+    head = (f"{'conns':>6} {'step':>6} {'run':>3} | {'gateway/s':>10} {side} | {'baseline/s':>10} {side} | "
+            f"{'p99 gw/base':>11}")
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in summary["ab_steps"]:
+        cells = []
+        for kind in GATEWAY_KINDS:
+            s = r[kind]
+            if s is None:
+                cells.append(f"{'-':>10} {'':>7} {'':>2} {'':>5} {'':>7}")
+                continue
+            mark = "*" if s["disturbed"] else " "
+            cells.append(f"{s['achieved']:>10,.0f} {s['p99_ms']:>7.1f} {'y' if s['passed'] else 'n':>2} "
+                         f"{s['host_busy']:>5.0f} {s['other_cpu']:>6.0f}{mark}")
+        ratio = (f"{r['gateway']['p99_ms'] / r['baseline']['p99_ms']:.2f}x"
+                 if r["gateway"] and r["baseline"] and r["baseline"]["p99_ms"] else "")
+        print(f"{r['connections']:>6} {r['fraction']:>5g}x {r['run']:>3} | {cells[0]} | {cells[1]} | {ratio:>11}",
+              file=out)
 
 
 def print_profiles(profiles: dict[str, Any]) -> None:
@@ -878,7 +1042,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="offered rates as fractions of the target, ascending while p99 holds (1 always runs)")
     p.add_argument("--naive-steps", default="0.125,0.25,0.375,0.5,0.625,0.75,1",
                    help="as --gateway-steps, for the naive app")
-    p.add_argument("--servers", default="gateway,naive", help="which servers to measure")
+    p.add_argument("--servers", default=None,
+                   help="which servers to measure, alternating their order between runs: gateway, naive, baseline "
+                        "(needs --baseline); default gateway,naive, or gateway,baseline with --baseline")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also measure the gateway of git revision REV as server 'baseline': gateway/ of REV "
+                        "(git archive) first on its PYTHONPATH, everything else as for 'gateway'")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the server processes (experiments, e.g. "
                         "WSGATEWAY_FLUSH_INTERVAL_MS=2); printed with the results")
@@ -898,7 +1067,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rate = {int(k): int(v) for k, v in (kv.split("=") for kv in args.rate.split(",") if kv.strip())}
     args.gateway_steps = sorted({float(x) for x in args.gateway_steps.split(",")} | {1.0})
     args.naive_steps = sorted({float(x) for x in args.naive_steps.split(",")} | {1.0})
-    args.servers = [s for s in args.servers.split(",") if s in SERVERS]
+    if args.servers is None:
+        args.servers = "gateway,baseline" if args.baseline else "gateway,naive"
+    requested = args.servers.split(",")
+    if "baseline" in requested and not args.baseline:
+        p.error("--servers baseline needs --baseline REV")
+    args.servers = [s for s in requested if s in KINDS]
     args.user_env = dict(kv.split("=", 1) for kv in args.server_env)
     args.server_env = dict(args.user_env)
     return args
@@ -935,6 +1109,9 @@ def main(argv: list[str] | None = None) -> int:
             memprobe = bench.memprobe(max(args.connections), Path(args.memprobe))
         args.code = f"{bench.code['describe']} (snapshot {bench.code['sha256'][:12]})"
         code = bench.code
+        baseline_code = bench.baseline_code
+        if baseline_code:
+            args.baseline_code = f"{baseline_code['describe']} (snapshot {baseline_code['sha256'][:12]})"
     summary = summarize(points, args)
     print_table(summary, args)
     print_profiles(profiles)
@@ -946,6 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             "machine": {"cpus": os.cpu_count(), "uname": " ".join(os.uname()), "python": sys.version.split()[0]},
             "gateway_code": code,
+            **({"baseline_code": baseline_code} if baseline_code else {}),
             "args": {k: v for k, v in vars(args).items()},
             "summary": summary,
             "points": [point_dict(p) for p in points],
@@ -961,15 +1139,66 @@ def main(argv: list[str] | None = None) -> int:
 def snapshot_gateway(dest: Path) -> dict[str, str]:
     """Copy gateway/ once, so that every server of this run executes the same code even while the
     working tree changes; the servers get the copy first on PYTHONPATH (before the editable install)."""
-    import hashlib
-
     src = BENCH_DIR.parent / "gateway"
     shutil.copytree(src, dest / "gateway", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return {"path": str(dest), "sha256": tree_digest(dest), "describe": git_describe()}
+
+
+def tree_digest(dest: Path) -> str:
+    """sha256 over the relative paths and contents of the files of dest/gateway."""
+    import hashlib
+
     digest = hashlib.sha256()
     for f in sorted((dest / "gateway").rglob("*")):
         if f.is_file():
             digest.update(str(f.relative_to(dest)).encode() + b"\0" + f.read_bytes())
-    return {"path": str(dest), "sha256": digest.hexdigest(), "describe": git_describe()}
+    return digest.hexdigest()
+
+
+def snapshot_revision(rev: str, dest: Path) -> dict[str, str]:
+    """gateway/ of git revision `rev` (`git archive`) into dest/gateway, for --baseline. The snapshot is
+    self-contained: a revision older than a restructuring of gateway/ brings its own module layout."""
+    import io
+    import tarfile
+
+    root = str(BENCH_DIR.parent)
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, check=True,
+                              timeout=60).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        archive = subprocess.run(["git", "-C", root, "archive", "--format=tar", commit, "gateway"],
+                                 capture_output=True, check=True, timeout=120).stdout
+    except subprocess.CalledProcessError as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise SystemExit(f"--baseline {rev}: no gateway/ at that revision ({err.strip() or 'not a commit'})") from e
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return {"rev": rev, "commit": commit, "describe": git("rev-parse", "--short", commit),
+            "subject": git("log", "-1", "--format=%s", commit), "date": git("log", "-1", "--format=%cI", commit),
+            "path": str(dest), "sha256": tree_digest(dest)}
+
+
+def check_snapshot_imports(snapshot: Path, pythonpath: str) -> None:
+    """With this PYTHONPATH, `gateway.cli` (what `wsgateway serve` imports) and everything it imports of
+    gateway must come from the snapshot: the editable install's finder would silently fill in a module
+    the snapshot lacks from the working tree."""
+    code = ("import json, sys, gateway.cli; print(json.dumps({n: getattr(m, '__file__', None) "
+            "for n, m in sys.modules.items() if n == 'gateway' or n.startswith('gateway.')}))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WSGATEWAY_", "BENCH_"))}
+    env["PYTHONPATH"] = pythonpath
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=snapshot.parent, capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"importing gateway.cli from {snapshot} failed:\n{proc.stderr[-2000:]}")
+    modules: dict[str, str | None] = json.loads(proc.stdout.strip().splitlines()[-1])
+    root = snapshot.resolve()
+    outside = {n: f for n, f in modules.items() if f and not Path(f).resolve().is_relative_to(root)}
+    if outside:
+        raise RuntimeError(f"modules not from the snapshot {snapshot}: {outside}")
 
 
 def git_describe() -> str:

@@ -43,6 +43,29 @@ def test_quick_benchmark_with_the_compiled_load_client(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
+def test_quick_benchmark_against_a_baseline_revision(tmp_path: Path) -> None:
+    """`--baseline REV` measures gateway/ of REV as server 'baseline' beside the working tree's gateway."""
+    out = tmp_path / "quick-ab.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "fanout.py"), "--quick", "--baseline", "HEAD", "--servers",
+         "gateway,baseline", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = doc["summary"]["rows"]
+    assert {r["server"] for r in rows} == {"gateway", "baseline"}
+    for r in rows:
+        assert r["achieved"] > 0 and r["p99_ms"] > 0 and r["rss_kib_per_conn"] > 0
+    assert doc["baseline_code"]["rev"] == "HEAD" and len(doc["baseline_code"]["commit"]) == 40
+    (ab,) = doc["summary"]["ab"]
+    for key in ("p99_at_target_ms", "cpu_s_per_1m", "rss_kib_per_conn"):
+        assert ab["figures"][key]["ratio"] > 0, key
+    assert all(s["gateway"] and s["baseline"] for s in doc["summary"]["ab_steps"])
+    assert "Side by side: gateway = " in proc.stdout and "baseline = " in proc.stdout
+
+
+@pytest.mark.timeout(180)
 def test_quick_resilience_benchmark_reports_every_figure(tmp_path: Path) -> None:
     """bench/resilience.py (the delays the tests no longer assert) runs end to end and reports them."""
     out = tmp_path / "resilience.json"
