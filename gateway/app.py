@@ -24,6 +24,7 @@ from gateway.core.bus import Bus
 from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
 from gateway.core.replay import Replayer
+from gateway.edge.cors import CorsMiddleware
 from gateway.edge.http_api import build_router
 from gateway.edge.session import serve_socket
 from gateway.gc_tuning import tune_gc
@@ -200,6 +201,8 @@ def create_app(
 
     app = GatewayApp(title="wsgateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
+    if settings.cors_origin_list:  # WSGATEWAY_CORS_ORIGINS: browser pages of other origins (edge/cors.py)
+        app.add_middleware(CorsMiddleware, origins=settings.cors_origin_list)
     if provider is not None:
         tracing.instrument_fastapi(app, provider)
 

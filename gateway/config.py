@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         30, ge=0, description="Least time between two JWKS fetches triggered by unknown key ids."
     )
     allow_query_token: bool = Field(True, description="Accept `access_token` in the query string.")
+    cors_origins: str | None = Field(
+        None,
+        description="Comma-separated browser origins (`https://app.example.com`) that may call GET /v1/history, "
+                    "/v1/scopes and /v1/sse from their pages (CORS); unset: none. `*` is refused: list them.",
+    )
 
     # Server
     host: str = Field("0.0.0.0", description="Listen address.")
@@ -117,6 +122,11 @@ class Settings(BaseSettings):
     def _lower(cls, v: object) -> object:
         return v.strip().lower() if isinstance(v, str) else v
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_ok(cls, v: str | None) -> str | None:
+        return normalize_origins(v)
+
     @model_validator(mode="after")
     def _idp_given(self) -> Settings:
         if not self.dev_mode and not (self.oidc_issuer or self.jwks_url):
@@ -126,6 +136,48 @@ class Settings(BaseSettings):
     @property
     def nats_servers(self) -> list[str]:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """The origins of WSGATEWAY_CORS_ORIGINS (normalized by the validator); empty: CORS off."""
+        return tuple(self.cors_origins.split(",")) if self.cors_origins else ()
+
+
+_ORIGIN_RE = re.compile(r"(https?)://([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::([1-9][0-9]{0,4}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origins(value: str | None) -> str | None:
+    """WSGATEWAY_CORS_ORIGINS as the exact origins browsers send (`scheme://host[:port]`, lower case,
+    comma-joined), or None when empty.
+
+    A browser's `Origin` header never has a path, a trailing slash or a default port, so such entries
+    could never match: they are refused rather than silently ignored. `*` is refused too: the read APIs
+    carry a user's token, and an allow-list keeps other sites' pages from using it (docs/protocol.md, CORS).
+    """
+    if value is None:
+        return None
+    origins: list[str] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        if entry == "*" or entry.lower() == "null":
+            raise ValueError(f"{entry!r} is not allowed: list the exact origins, e.g. https://app.example.com")
+        m = _ORIGIN_RE.fullmatch(entry.lower())
+        if m is None:
+            raise ValueError(
+                f"{entry!r} is not an origin: scheme://host[:port] with http or https, no path and no "
+                "trailing slash, e.g. https://app.example.com"
+            )
+        scheme, _, port = m.groups()
+        if port is not None and int(port) > 65535:
+            raise ValueError(f"{entry!r}: the port must be between 1 and 65535")
+        if port is not None and int(port) == _DEFAULT_PORTS[scheme]:
+            raise ValueError(f"{entry!r}: drop the default port {port} (browsers never send it in Origin)")
+        if entry.lower() not in origins:
+            origins.append(entry.lower())
+    return ",".join(origins) or None
 
 
 # --- reading the environment: human errors, unknown variables -----------------------------------
