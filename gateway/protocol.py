@@ -34,6 +34,8 @@ def is_scope(text: str) -> bool:
 
 # Close codes (documented in docs/protocol.md).
 CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002  # a client frame broke RFC 6455 (sent by edge/transport.py from wsproto's verdict)
+CLOSE_INVALID_DATA = 1007  # a text frame (or close reason) that is not UTF-8 (ditto)
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_BAD_REQUEST = 4400

@@ -20,9 +20,10 @@ from typing import Any
 
 import uvicorn
 import websockets
+import wsproto.events
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
-from wsproto.connection import Connection
+from wsproto.connection import Connection, ConnectionState, ConnectionType
 
 from tests.support.ports import free_port
 from tests.support.wait import eventually
@@ -51,7 +52,11 @@ METHODS: dict[str, tuple[str, ...]] = {
     "pause_writing": (),
     "shutdown": (),
     "stop_keepalive": (),
+    "data_received": ("data",),
+    "handle_close": ("event",),
 }
+# What GatewayWSProtocol adds: names uvicorn's class must not have (or an override would be silent).
+ADDED = ("channel", "flag", "close_now", "fail", "failed")
 # What uvicorn may call on the objects transport.py replaces with lighter ones.
 QUEUE_USES = {"put_nowait", "get", "empty"}  # _Inbox
 WRITABLE_USES = {"set", "clear", "is_set", "wait"}  # _Flag
@@ -76,6 +81,11 @@ MIRRORED: dict[str, list[str]] = {
     "shutdown": ["output = self.conn.send(wsproto.events.CloseConnection(code=1012))"],
     # RawChannel.close relies on the receive path resuming reading when its queue drains
     "receive": ["message = await self.queue.get()", "self.transport.resume_reading()"],
+    # GatewayWSProtocol.handle_close answers protocol violations: wsproto's close events reach it, and
+    # uvicorn's own version answers only a peer's close frame (REMOTE_CLOSING), then drops the connection
+    "handle_events": ["self.handle_close(event)"],
+    "handle_close": ["self.transport.write(self.conn.send(event.response()))", "self.transport.close()"],
+    "data_received": ["self.conn.receive_data(data)", "self.handle_events()"],
 }
 
 
@@ -118,6 +128,27 @@ def test_the_private_methods_exist_with_their_signatures() -> None:
     assert not problems, "uvicorn changed what gateway/edge/transport.py overrides:\n" + "\n".join(problems)
 
 
+def test_what_transport_adds_is_not_uvicorns() -> None:
+    clash = [name for name in ADDED if hasattr(WSProtocol, name)]
+    assert not clash, f"uvicorn's WSProtocol now has {clash}, which GatewayWSProtocol adds for itself"
+
+
+def test_wsproto_reports_a_violation_as_a_close_event_while_open() -> None:
+    """GatewayWSProtocol.handle_close tells wsproto's verdict on a bad frame (ParseFailed) from a peer's
+    close frame by the connection's state: still OPEN, and the code to send (1002, 1007 for bad UTF-8)."""
+    for data, code in ((b"\x81\x01x", 1002), (b"\x81\x81abcd" + bytes([0xFF ^ ord("a")]), 1007)):
+        conn = Connection(ConnectionType.SERVER)
+        conn.receive_data(data)  # unmasked text frame / masked text frame of one invalid UTF-8 byte
+        events = list(conn.events())
+        assert len(events) == 1 and isinstance(events[0], wsproto.events.CloseConnection), events
+        assert events[0].code == code, events[0]
+        assert conn.state is ConnectionState.OPEN, conn.state
+    conn = Connection(ConnectionType.SERVER)  # the peer's own close frame moves it to REMOTE_CLOSING
+    conn.receive_data(b"\x88\x82abcd" + bytes(a ^ b for a, b in zip(b"\x03\xe8", b"ab", strict=True)))
+    assert [getattr(e, "code", None) for e in conn.events()] == [1000]
+    assert conn.state is ConnectionState.REMOTE_CLOSING
+
+
 def test_replaced_objects_serve_every_use_uvicorn_makes() -> None:
     problems = []
     for attr, allowed, by in (("queue", QUEUE_USES, "_Inbox"), ("writable", WRITABLE_USES, "_Flag"),
@@ -137,7 +168,7 @@ def test_the_code_transport_mirrors_is_unchanged() -> None:
             continue
         problems += [f"WSProtocol.{method} no longer does `{s}`" for s in wanted
                      if ast.unparse(ast.parse(s)) not in have]
-    assert not problems, "uvicorn changed code that GatewayWSProtocol.close_now/shutdown mirror:\n" + "\n".join(
+    assert not problems, "uvicorn changed code that GatewayWSProtocol mirrors or relies on:\n" + "\n".join(
         problems)
 
 

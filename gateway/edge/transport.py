@@ -5,6 +5,8 @@ wsproto implementation plus one ASGI scope extension, `wsgateway.raw`: a `RawCha
 the gateway writes pre-encoded WebSocket frames straight to the connection's transport. The
 handshake, client frames, pings, size limits and the close handshake all stay uvicorn's; only the
 hot path (one `transport.write` of many frames, no await per client) bypasses the ASGI send queue.
+One rule is added: a frame that breaks RFC 6455 gets its close frame (1002, 1007 for bad UTF-8)
+before the connection ends, where uvicorn would drop it without one (`handle_close`).
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ class GatewayWSProtocol(WSProtocol):
     """uvicorn's wsproto protocol, exposing a RawChannel in the scope's extensions."""
 
     channel: RawChannel | None = None
+    failed = False  # the peer broke the protocol and was answered with a close frame (`fail`)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -191,6 +194,46 @@ class GatewayWSProtocol(WSProtocol):
         conn = self.conn
         if message["type"] == "websocket.accept" and isinstance(conn, WSConnection) and conn.connection is not None:
             self.conn = _Established(conn.connection)  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return  # answered with a close frame (fail): nothing more from this peer is parsed, or buffered
+        super().data_received(data)
+
+    def handle_close(self, event: wsproto.events.CloseConnection) -> None:
+        """A close event while wsproto's connection is still OPEN was not sent by the peer: it is
+        wsproto's verdict on a frame that breaks RFC 6455 (its ParseFailed: 1002, or 1007 for invalid
+        UTF-8). uvicorn answers only a peer's close frame (REMOTE_CLOSING) and would drop the TCP
+        connection without one, so the client saw 1006; the peer gets the close frame here."""
+        if not self.close_sent and self.conn.state is ConnectionState.OPEN:
+            self.fail(event.code, event.reason or "")
+            return
+        super().handle_close(event)
+
+    def fail(self, code: int, reason: str) -> None:
+        """_Fail the WebSocket Connection_ (RFC 6455 7.1.7): send a close frame with `code`, then end
+        the connection without waiting for the peer's (it may never parse again).
+
+        The TCP connection is half-closed (FIN after the close frame) and what the peer still sends is
+        discarded, so the close frame is not lost to a reset; the peer's EOF, or the close timer,
+        closes the socket."""
+        self.failed = True
+        self.stop_keepalive()
+        self.close_sent = True
+        disconnect: Any = {"type": "websocket.disconnect", "code": code, "reason": reason}
+        self.queue.put_nowait(disconnect)
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(self.conn.send(wsproto.events.CloseConnection(code=code, reason=reason)))
+        if not transport.can_write_eof():  # TLS: no half-close
+            transport.close()
+            return
+        transport.write_eof()
+        if self.read_paused:  # to see the peer's EOF
+            self.read_paused = False
+            transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
