@@ -7,6 +7,9 @@ user (alice: every scope), lets traffic flow, presses "Drop connection & resume"
 resume and writes the PNG. Installs chromium/node/npm and the npm tools first when missing.
 
 Usage: .venv/bin/python scripts/viewer_screenshot.py [OUT.png] [--user alice|bob|carol]
+           [--width 1440] [--height 900] [--full-page]
+
+Phone width, the whole page: `scripts/viewer_screenshot.py /tmp/phone.png --width 390 --height 844 --full-page`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def main() -> int:
     parser.add_argument("out", nargs="?", default=str(REPO / "docs" / "images" / "viewer.png"))
     parser.add_argument("--user", default="alice")
     parser.add_argument("--wait-ms", type=int, default=6000, help="traffic to watch before the drop")
+    parser.add_argument("--width", type=int, default=1440, help="viewport width, CSS pixels (phone: 390)")
+    parser.add_argument("--height", type=int, default=900, help="viewport height, CSS pixels")
+    parser.add_argument("--full-page", action="store_true", help="the whole scrolled page, not just the viewport")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +72,8 @@ def main() -> int:
                     print(f"`wsgateway dev` did not come up:\n{log.read_text()}", file=sys.stderr)
                     return 1
                 time.sleep(0.1)
-            config = {"url": f"{base}/", "mode": "shot", "out": str(out), "user": args.user, "waitMs": args.wait_ms}
+            config = {"url": f"{base}/", "mode": "shot", "out": str(out), "user": args.user, "waitMs": args.wait_ms,
+                      "width": args.width, "height": args.height, "fullPage": args.full_page}
             run = subprocess.run(["node", str(REPO / "tests" / "browser" / "viewer.mjs"), json.dumps(config)],
                                  capture_output=True, text=True, timeout=120, check=False,
                                  env={**os.environ, "TMPDIR": tmp})

@@ -4,31 +4,27 @@ The browser test is the newcomer's path: `wsgateway dev` (here on free ports, wi
 traffic), the page, a demo user. It checks what a person would see: events render for an allowed
 user and never for a denied one, the drop button loses nothing (the page's seqs equal what
 GET /v1/history holds for the same range), a live revocation shows `revoked` and a grant restarts
-the scope. Chromium is Debian's `chromium`, driven by npm `playwright-core` from tools/; both are
+the scope, the demo switch is never offered on a forbidden panel, banners show protocol names as code
+(no literal backticks), and at phone width (390 px) nothing is wider than the screen. Chromium is
+Debian's `chromium`, driven by npm `playwright-core` from tools/ (tests/support/browser.py); both are
 installed here when missing.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
+from tests.support.browser import ensure_browser, run_driver
 from tests.support.gateway import RunningGateway
-from tests.support.oidc_provider import ensure_npm_packages
 from tests.support.ports import free_port
 from tests.support.wait import eventually_sync
 
-REPO = Path(__file__).resolve().parent.parent
-DRIVER = REPO / "tests" / "browser" / "viewer.mjs"
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
 PACE = "0.3"  # simulator pauses x0.3: plenty of traffic within seconds
 
@@ -58,17 +54,6 @@ async def test_viewer_page_and_assets_are_served_self_contained(gw: RunningGatew
 # --- headless Chromium against `wsgateway dev` -----------------------------------------------------
 
 
-def _ensure_browser() -> None:
-    """Debian chromium and node (apt), playwright-core (npm, tools/): installed when missing."""
-    result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "ensure-apt.sh"), "chromium=chromium", "node=nodejs", "npm=npm"],
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert result.returncode == 0, f"scripts/ensure-apt.sh failed:\n{result.stdout}\n{result.stderr}"
-    ensure_npm_packages()
-    assert shutil.which("chromium") or Path("/usr/bin/chromium").exists()
-
-
 def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 40) -> None:
     def ready() -> bool:
         if proc.poll() is not None:
@@ -96,7 +81,7 @@ def _history_seqs(base: str, token: str, scopes: list[str], after: int, upto: in
 
 @pytest.mark.timeout(120)
 def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
-    _ensure_browser()
+    ensure_browser()
     port, nats_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "dev.log"
@@ -109,13 +94,10 @@ def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
         _wait_ready(proc, base, log)
         assert f"live viewer    {base}/" in log.read_text()  # the banner names the page
         shot = tmp_path / "viewer.png"
-        config = {"url": f"{base}/", "mode": "check", "out": str(shot), "revokedOut": str(tmp_path / "revoked.png")}
-        run = subprocess.run(["node", str(DRIVER), json.dumps(config)], capture_output=True, text=True,
-                             timeout=90, check=False, env={**os.environ, "TMPDIR": str(tmp_path)})
-        lines = run.stdout.strip().splitlines()
-        assert lines, f"driver printed nothing:\n{run.stderr}"
-        out: dict[str, Any] = json.loads(lines[-1])
-        assert run.returncode == 0 and "error" not in out, f"{out.get('error')}\n{run.stderr[-2000:]}"
+        phone = tmp_path / "phone.png"
+        config = {"url": f"{base}/", "mode": "check", "out": str(shot), "revokedOut": str(tmp_path / "revoked.png"),
+                  "phoneOut": str(phone)}
+        out = run_driver("viewer.mjs", config, tmp_path)
         assert out["problems"] == [], out["problems"]  # no script errors, no failed requests
 
         # carol (group support): her conversation streams; conversation:welcome is forbidden and stays empty
@@ -124,6 +106,10 @@ def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
         assert carol["conversation:support"]["status"] == "live" and carol["conversation:support"]["events"] >= 5
         assert carol["conversation:welcome"] == {"status": "forbidden", "events": 0, "via": "followed"}
         assert "forbidden" in out["carol"]["banner"] and out["carol"]["welcome_panel_events"] == "0"
+        # no demo switch on the forbidden panel (it would restrict the scope for everyone else) ...
+        assert out["carol"]["welcome_panel"]["buttons"] == []
+        assert out["carol"]["support_panel"]["buttons"] == ["revoke access"]  # ... but on hers, live
+        assert out["carol"]["welcome_panel"]["banner_code"] == ["forbidden"]  # a <code> element
 
         # bob (group apollo-team): answers assemble chunk by chunk in his conversation
         bob = out["bob"]
@@ -146,10 +132,22 @@ def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
 
         # live revocation, then the grant back
         revoke = out["revoke"]
-        assert "`revoked` frame" in revoke["banner"]
+        assert revoke["banner"].startswith("revoked frame: access to conversation:welcome was removed")
+        assert revoke["panel"]["banner_code"] == ["revoked"] and revoke["panel"]["buttons"] == ["grant back"]
         assert "revoked conversation:welcome" in revoke["log"]
         assert revoke["events_after_wait"] == revoke["events_at_revoke"]  # nothing more for the revoked scope
-        assert "`subscribed` frame" in out["grant"]["banner"] and out["grant"]["events"] > revoke["events_after_wait"]
+        assert "subscribed frame" in out["grant"]["banner"] and out["grant"]["events"] > revoke["events_after_wait"]
+        assert out["grant"]["panel"]["banner_code"] == ["subscribed"]
+        assert out["grant"]["panel"]["buttons"] == ["revoke access"]
+        for banner in (out["carol"]["banner"], revoke["banner"], out["grant"]["banner"]):
+            assert "`" not in banner, banner  # protocol names are <code>, not markdown
+
+        # phone width: one column, nothing wider than the screen (the page, a panel, a panel's feed)
+        layout = out["phone"]
+        assert layout["innerWidth"] == 390
+        assert layout["scrollWidth"] <= layout["innerWidth"], layout
+        assert layout["panelsRight"] <= layout["innerWidth"] and layout["wideFeeds"] == [], layout
+        assert phone.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

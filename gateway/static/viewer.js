@@ -306,8 +306,8 @@
           const was = s.status;
           setScopeStatus(f.scope, "live");
           if (was === "revoked" || was === "forbidden") {
-            banner(f.scope, "good", "Access granted: `subscribed` frame, live again from seq " + f.seq +
-              " (events published meanwhile are not replayed).");
+            banner(f.scope, "good", ["Access granted: ", code("subscribed"), " frame, live again from seq " + f.seq +
+              " (events published meanwhile are not replayed)."]);
           }
         }
         logLine("subscribed", "subscribed " + f.scope + " at seq " + f.seq + (f.since !== undefined ? " since " + f.since : ""));
@@ -318,8 +318,8 @@
         if (f.scope !== "*") {
           ensureScope(f.scope, null, "revoked");
           setScopeStatus(f.scope, "revoked");
-          banner(f.scope, "", "`revoked` frame: access to " + f.scope + " was removed. Nothing more is delivered; " +
-            "the subscription stays pending and restarts if access comes back.");
+          banner(f.scope, "", [code("revoked"), " frame: access to " + f.scope + " was removed. Nothing more is delivered; " +
+            "the subscription stays pending and restarts if access comes back."]);
         }
         logLine("revoked", "revoked " + f.scope);
         break;
@@ -327,7 +327,7 @@
         if (f.code === "forbidden" && f.scope) {
           ensureScope(f.scope, null, "forbidden");
           setScopeStatus(f.scope, "forbidden");
-          banner(f.scope, "", "No access (`forbidden`): the subscription is pending and starts if access is granted.");
+          banner(f.scope, "", ["No access (", code("forbidden"), "): the subscription is pending and starts if access is granted."]);
         }
         logLine("error", "error " + f.code + (f.scope ? " " + f.scope : "") + ": " + f.message);
         break;
@@ -393,15 +393,22 @@
       p.root.classList.toggle("forbidden", status === "forbidden");
       p.badge.dataset.status = status;
       p.badge.textContent = status;
+      syncAction(scope);
     }
     renderScopeList();
   }
 
-  function banner(scope, kind, text) {
+  /** A protocol name (frame type, error code) shown as code: an element, never markup in a string. */
+  function code(text) {
+    return el("code", "", text);
+  }
+
+  /** The panel's banner: `parts` are strings (text) and nodes (from `code`). */
+  function banner(scope, kind, parts) {
     const p = panels.get(scope);
     if (!p) return;
     p.banner.className = "banner" + (kind ? " " + kind : "");
-    p.banner.textContent = text;
+    p.banner.replaceChildren(...parts.map((x) => (typeof x === "string" ? document.createTextNode(x) : x)));
     p.banner.hidden = false;
   }
 
@@ -427,13 +434,11 @@
     badge.dataset.status = viewer.scopes[scope].status;
     const count = el("span", "count", "0 events");
     head.append(el("span", "scope-name", scope), badge, count);
+    let action = null;
     if (viewer.mode === "dev" && isDemoScope(scope) && !viewer.orgAdmin) {
-      const b = el("button", "small danger", "revoke access");
-      b.type = "button";
-      b.title = "Restrict this demo scope to org admins (rewrites its ACL document): watch the `revoked` frame";
-      b.addEventListener("click", () => toggleAccess(scope, b));
-      b.dataset.action = "revoke";
-      head.append(b);
+      action = el("button", "small danger", "revoke access");
+      action.type = "button";
+      action.addEventListener("click", () => toggleAccess(scope, action));
     }
     const ban = el("div", "banner");
     ban.hidden = true;
@@ -444,10 +449,47 @@
     const empty = container.querySelector(".empty");
     if (empty) empty.remove();
     container.append(root);
+    const s = viewer.scopes[scope];
     panels.set(scope, {
-      root, feed, badge, count, banner: ban, runs: new Map(), msgs: new Map(), tools: new Map(),
+      root, head, feed, badge, count, action, banner: ban, runs: new Map(), msgs: new Map(), tools: new Map(),
       streams: new Map(), proc: null, requests: new Map(),
+      visible: s.status === "live" || (!!s.via && s.via !== "followed"), // listed by /v1/scopes or seen live
     });
+    syncAction(scope);
+  }
+
+  /**
+   * The demo switch on a panel (dev mode, demo scopes, users who are not org admins), only for a scope
+   * this user may see (listed by /v1/scopes, or live in this session): "revoke access" while it is live,
+   * "grant back" while the switch restricts it. A panel the user is forbidden from gets neither: revoking
+   * would restrict the scope for everyone else and take nothing from this user.
+   */
+  function syncAction(scope) {
+    const p = panels.get(scope);
+    if (!p || !p.action) return;
+    const restricted = !!demo && demo.restricted.indexOf(scope) >= 0;
+    const status = viewer.scopes[scope] ? viewer.scopes[scope].status : null;
+    if (status === "live") p.visible = true;
+    const b = p.action;
+    if (!p.visible) {
+      b.remove();
+      return;
+    }
+    if (restricted) {
+      b.dataset.action = "grant";
+      b.textContent = "grant back";
+      b.className = "small";
+      b.title = "Give this demo scope back to its members (rewrites its ACL document): a subscribed frame follows";
+    } else if (status === "live") {
+      b.dataset.action = "revoke";
+      b.textContent = "revoke access";
+      b.className = "small danger";
+      b.title = "Restrict this demo scope to org admins (rewrites its ACL document): a revoked frame follows";
+    } else {
+      b.remove();
+      return;
+    }
+    if (!b.isConnected) p.head.append(b);
   }
 
   function renderScopeList() {
@@ -476,10 +518,9 @@
       const body = await r.json();
       if (!r.ok) throw new Error(body.error ? body.error.message : "HTTP " + r.status);
       logLine("info", (grant ? "demo: granted back " : "demo: restricted to org admins ") + scope);
-      if (button) {
-        button.dataset.action = grant ? "revoke" : "grant";
-        button.textContent = grant ? "revoke access" : "grant back";
-        button.className = grant ? "small danger" : "small";
+      if (demo) {
+        demo.restricted = demo.restricted.filter((x) => x !== scope).concat(grant ? [] : [scope]);
+        syncAction(scope);
       }
     } catch (e) {
       logLine("error", "demo access: " + (e.message || e));
@@ -506,15 +547,7 @@
       li.append(el("span", "scope-name", scope), el("span", "via", restricted ? "restricted" : "as seeded"), b);
       ul.append(li);
     }
-    for (const [scope, p] of panels) {
-      const pb = p.root.querySelector(".panel-head button");
-      if (pb) {
-        const restricted = demo.restricted.indexOf(scope) >= 0;
-        pb.dataset.action = restricted ? "grant" : "revoke";
-        pb.textContent = restricted ? "grant back" : "revoke access";
-        pb.className = restricted ? "small" : "small danger";
-      }
-    }
+    for (const scope of panels.keys()) syncAction(scope);
   }
 
   // ----------------------------------------------------------------------------------------------
@@ -846,6 +879,7 @@
         b.type = "button";
         b.dataset.user = u.name;
         b.setAttribute("aria-pressed", "false");
+        b.title = u.sees; // the line itself is hidden at phone width
         b.append(el("span", "name", u.name), el("span", "groups", u.groups.length ? u.groups.join(", ") : "no groups"),
           el("span", "sees", u.sees));
         b.addEventListener("click", () => {

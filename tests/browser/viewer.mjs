@@ -2,53 +2,56 @@
 //
 // Usage: node tests/browser/viewer.mjs '<json config>'
 //   {"url": "http://127.0.0.1:8080/", "mode": "check" | "shot", "out": "<png path>",
-//    "chromium": "/usr/bin/chromium", "user": "alice", "waitMs": 6000}
+//    "chromium": "/usr/bin/chromium", "user": "alice", "waitMs": 6000, "width": 390, "height": 844,
+//    "fullPage": true}
 //
 // mode "check" (tests/test_viewer.py): carol sees her scope and not conversation:welcome (not even when
 //   she asks for it: forbidden); bob sees answers assemble, drops the connection, resumes; bob's access
-//   to conversation:welcome is revoked and granted back live. Prints one JSON line with what the page
-//   held (seqs, resumes, per-scope state) for pytest to check against GET /v1/history.
-// mode "shot" (scripts/viewer-screenshot.sh): one user watches, drops and resumes; screenshot to `out`.
+//   to conversation:welcome is revoked and granted back live (the demo switch is offered on panels the
+//   user may see, never on a forbidden one); finally the layout at phone width (390 px). Prints one JSON
+//   line with what the page held (seqs, resumes, per-scope state, panels, layout) for pytest to check
+//   against GET /v1/history. `phoneOut`: also a full-page PNG at phone width.
+// mode "shot" (scripts/viewer_screenshot.py): one user watches, drops and resumes; screenshot to `out`
+//   (`width`/`height`: the viewport, 1440x900 unless given; `fullPage`: the whole page, not just the viewport).
 //
-// The npm dependencies live in <repo>/tools/node_modules (scripts/ensure-npm.sh), not next to this
-// file, and ESM ignores NODE_PATH: resolve playwright-core from the tools directory explicitly.
+// Chromium is launched by ./chromium.mjs (shared with cors.mjs).
 
-import { mkdtempSync, rmSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import process from 'node:process';
-import { pathToFileURL } from 'node:url';
+
+import { main } from './chromium.mjs';
 
 const config = JSON.parse(process.argv[2] ?? '{}');
-const toolsDir = new URL('../../tools/', import.meta.url).pathname;
-const resolved = createRequire(`${toolsDir}package.json`).resolve('playwright-core');
-const playwright = await import(pathToFileURL(resolved).href);
-const { chromium } = playwright.chromium ? playwright : playwright.default; // CommonJS entry point
 
 const T = 15000; // per wait; the whole check takes a few seconds at --pace 0.3
 
-
-async function launch() {
-  // A fresh profile per run, nothing from the network: the page is served by the local gateway.
-  const profile = mkdtempSync(join(tmpdir(), 'wsgateway-chromium-'));
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: config.chromium ?? '/usr/bin/chromium',
-    headless: true,
-    viewport: { width: config.width ?? 1440, height: config.height ?? 900 },
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage',
-    ],
-  });
-  const close = async () => {
-    await context.close().catch(() => {});
-    rmSync(profile, { recursive: true, force: true });
-  };
-  return { context, close };
-}
-
 const state = (page) => page.evaluate(() => JSON.parse(JSON.stringify(window.viewer)));
+
+// What a panel shows in its head and banner: button labels, the banner's text and its <code> parts.
+const panelView = (page, scope) => page.evaluate((s) => {
+  const panel = document.querySelector(`[data-scope="${s}"]`);
+  const banner = panel.querySelector('.banner');
+  return {
+    buttons: [...panel.querySelectorAll('button')].map((b) => b.textContent),
+    banner: banner.hidden ? null : banner.textContent,
+    banner_code: [...banner.querySelectorAll('code')].map((c) => c.textContent),
+  };
+}, scope);
+
+// At phone width (390 CSS px): nothing wider than the screen, neither the page nor a panel's feed.
+async function phoneLayout(page) {
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForFunction(() => window.innerWidth === 390, null, { timeout: T });
+  await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
+  const layout = await page.evaluate(() => ({
+    innerWidth: window.innerWidth,
+    scrollWidth: document.documentElement.scrollWidth,
+    wideFeeds: [...document.querySelectorAll('.feed')].filter((f) => f.scrollWidth > f.clientWidth)
+      .map((f) => f.closest('[data-scope]').dataset.scope),
+    panelsRight: Math.max(...[...document.querySelectorAll('.panel')].map((p) => p.getBoundingClientRect().right)),
+  }));
+  if (config.phoneOut) await page.screenshot({ path: config.phoneOut, fullPage: true });
+  return layout;
+}
 
 async function pickUser(page, name) {
   await page.click(`button.user[data-user="${name}"]`);
@@ -110,6 +113,8 @@ async function check(page) {
     scopes: carol.scopes,
     banner: await page.textContent('[data-scope="conversation:welcome"] .banner'),
     welcome_panel_events: await page.getAttribute('[data-scope="conversation:welcome"]', 'data-events'),
+    welcome_panel: await panelView(page, 'conversation:welcome'), // forbidden: no demo switch on it
+    support_panel: await panelView(page, 'conversation:support'), // hers, live: the switch is there
   };
 
   // bob: viewer of project apollo; answers assemble, tool calls, process progress
@@ -144,6 +149,7 @@ async function check(page) {
   const afterWait = await state(page);
   out.revoke = {
     banner: await page.textContent('[data-scope="conversation:welcome"] .banner'),
+    panel: await panelView(page, 'conversation:welcome'),
     events_at_revoke: atRevoke,
     events_after_wait: afterWait.scopes['conversation:welcome'].events,
     others_still_flowing: afterWait.scopes['process:onboarding'].events,
@@ -158,6 +164,10 @@ async function check(page) {
     banner: await page.textContent('[data-scope="conversation:welcome"] .banner'),
     events: (await state(page)).scopes['conversation:welcome'].events,
   };
+  await page.waitForFunction(() => document.querySelector('[data-scope="conversation:welcome"] .panel-head button')
+    ?.textContent === 'revoke access', null, { timeout: T }); // live again: the switch is back
+  out.grant.panel = await panelView(page, 'conversation:welcome');
+  out.phone = await phoneLayout(page);
   return out;
 }
 
@@ -169,28 +179,9 @@ async function shot(page) {
   await page.waitForTimeout(config.waitMs ?? 6000);
   await dropAndResume(page, 5);
   await page.waitForTimeout(config.settleMs ?? 2500);
-  await page.screenshot({ path: config.out });
+  await page.screenshot({ path: config.out, fullPage: !!config.fullPage });
   const v = await state(page);
   return { events: v.events, resumes: v.resumes, scopes: Object.keys(v.scopes) };
 }
 
-const problems = [];
-let result;
-let code = 0;
-let close = async () => {};
-try {
-  const launched = await launch();
-  close = launched.close;
-  const context = launched.context;
-  const page = context.pages()[0] ?? (await context.newPage());
-  page.on('pageerror', (e) => problems.push(`pageerror: ${e.message}`));
-  page.on('console', (m) => { if (m.type() === 'error') problems.push(`console: ${m.text()}`); });
-  result = config.mode === 'shot' ? await shot(page) : await check(page);
-} catch (e) {
-  result = { error: String(e.stack || e), ...(e.extra ?? {}) };
-  code = 1;
-} finally {
-  await close();
-}
-process.stdout.write(`${JSON.stringify({ ...result, problems })}\n`);
-process.exit(code);
+await main(config, (page) => (config.mode === 'shot' ? shot(page) : check(page)));
