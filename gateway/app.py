@@ -246,8 +246,14 @@ def app_from_env() -> FastAPI:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, object]:
-    """The uvicorn settings the data path relies on (protocol class, limits, keepalive, shutdown)."""
+    """The uvicorn settings the data path relies on (protocol classes, limits, keepalive, shutdown).
+
+    `http` is uvicorn's own HTTP protocol with a deadline for request headers (edge/http_protocol.py);
+    a fresh one per call, since it counts its server's waiting connections."""
+    from gateway.edge.http_protocol import HeaderDeadline
+
     return {
+        "http": HeaderDeadline(settings.header_timeout_s, settings.max_connections),
         "ws": "gateway.edge.transport:GatewayWSProtocol",
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": settings.heartbeat_s,

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
                     "client's backlog in the gateway's bounded queue, where it is coalesced, not in kernel memory.",
     )
     heartbeat_s: float = Field(20, gt=0, description="WebSocket ping interval; a missed pong closes.")
+    header_timeout_s: float = Field(
+        10, gt=0, le=300,
+        description="Time a connection has to send its request headers (from the connection, or the first byte "
+                    "of a later request on it); then it is closed. At most max_connections connections wait at once.",
+    )
     shutdown_timeout_s: float = Field(10, ge=0, description="Time to drain and close on shutdown.")
     max_concurrent_replays: int = Field(8, ge=1, description="Replays from JetStream running at once.")
     history_max_limit: int = Field(1000, ge=1, le=10_000, description="Largest `limit` of GET /v1/history.")

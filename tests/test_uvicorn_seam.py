@@ -1,4 +1,5 @@
-"""The uvicorn internals gateway/edge/transport.py builds on are still there and still behave as it expects.
+"""The uvicorn internals gateway/edge/transport.py (and http_protocol.py) build on are still there and
+still behave as they expect.
 
 `GatewayWSProtocol` subclasses uvicorn's wsproto `WSProtocol` and uses its private attributes and
 methods (there is no public API for a raw write path). pyproject pins uvicorn to the tested minor
@@ -6,7 +7,8 @@ version; when that pin is raised, this test names each private attribute or meth
 or changed, instead of the gateway failing somewhere in the fan-out path.
 
 The lists below are what transport.py relies on; keep them in step with it (the seam's code stays in
-transport.py, its inventory lives here).
+transport.py, its inventory lives here). The HTTP protocols' part (`HeaderDeadline`, uvicorn's `http=`:
+its httptools and h11 subclasses) is the last section.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any
 
+import h11
+import pytest
 import uvicorn
 import websockets
 import wsproto.events
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 
+from gateway.edge.http_protocol import H11HeaderDeadline, HeaderDeadline, HttpToolsHeaderDeadline, Implementation
 from tests.support.ports import free_port
 from tests.support.wait import eventually
 
@@ -212,6 +219,128 @@ async def test_a_real_connection_has_the_attributes() -> None:
             assert proto.handshake_complete and not proto.close_sent
             assert not problems, "uvicorn's WSProtocol changed under gateway/edge/transport.py:\n" + "\n".join(
                 problems)
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+# --- the HTTP protocols: gateway/edge/http_protocol.py ------------------------------------------------
+#
+# HeaderDeadline is passed as uvicorn's `http=` and subclasses both of uvicorn's HTTP protocols. What it
+# relies on, by class: the methods it overrides (with their parameters after `self`) and the statements
+# of uvicorn's code that make those overrides sufficient.
+
+HTTP_METHODS: dict[type, dict[str, tuple[str, ...]]] = {
+    HttpToolsProtocol: {
+        "__init__": ("config", "server_state", "app_state", "_loop"),
+        "connection_made": ("transport",),
+        "connection_lost": ("exc",),
+        "on_message_begin": (),  # httptools: a request's first byte
+        "on_headers_complete": (),  # httptools: its headers are complete
+    },
+    H11Protocol: {
+        "__init__": ("config", "server_state", "app_state", "_loop"),
+        "connection_made": ("transport",),
+        "connection_lost": ("exc",),
+        "data_received": ("data",),
+        "on_response_complete": (),
+    },
+}
+HTTP_MIRRORED: dict[type, dict[str, list[str]]] = {
+    HttpToolsProtocol: {
+        # the WebSocket hand-over happens after on_headers_complete (the parser raises HttpParserUpgrade
+        # once its callbacks ran), and the HTTP protocol hears of the connection no more afterwards
+        "handle_websocket_upgrade": ["self.transport.set_protocol(protocol)"],
+        "data_received": ["self.parser.feed_data(data)", "self.handle_websocket_upgrade()"],
+    },
+    H11Protocol: {
+        "handle_websocket_upgrade": ["self.transport.set_protocol(protocol)"],
+        "data_received": ["self.conn.receive_data(data)", "self.handle_events()"],
+        # pipelined bytes of the next request are parsed when a response completes, not on data_received
+        "on_response_complete": ["self.conn.start_next_cycle()", "self.handle_events()"],
+    },
+}
+HTTP_ADDED = ("deadline", "header_timer")  # what the subclasses add: uvicorn's classes must not have them
+
+
+def _method_statements(cls: type, method: str) -> set[str]:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(getattr(cls, method))))
+    return {ast.unparse(s) for s in ast.walk(tree)
+            if isinstance(s, ast.stmt) and not isinstance(s, ast.If | ast.Try | ast.For | ast.With | ast.While)}
+
+
+def test_the_http_protocols_still_have_what_the_deadline_overrides() -> None:
+    problems = []
+    for cls, methods in HTTP_METHODS.items():
+        for name, params in methods.items():
+            fn = getattr(cls, name, None)
+            if fn is None:
+                problems.append(f"{cls.__name__}.{name} is gone")
+                continue
+            got = tuple(inspect.signature(fn).parameters)[1:]
+            if got != params:
+                problems.append(f"{cls.__name__}.{name}{got} changed (http_protocol.py expects {params})")
+        problems += [f"{cls.__name__} now has `{n}`, which http_protocol.py adds"
+                     for n in HTTP_ADDED if hasattr(cls, n)]
+    for cls, by_method in HTTP_MIRRORED.items():
+        for method, wanted in by_method.items():
+            have = _method_statements(cls, method)
+            problems += [f"{cls.__name__}.{method} no longer does `{s}`" for s in wanted
+                         if ast.unparse(ast.parse(s)) not in have]
+    assert not problems, "uvicorn's HTTP protocols changed under gateway/edge/http_protocol.py:\n" + "\n".join(
+        problems)
+
+
+def test_uvicorn_still_calls_an_http_factory_like_a_class() -> None:
+    """`http=` may be any callable: Config.load keeps a non-string as the protocol class, and each
+    connection's protocol is made with these keywords (HeaderDeadline.__call__'s parameters)."""
+    assert "self.http_protocol_class = self.http" in inspect.getsource(uvicorn.Config.load)
+    startup = inspect.getsource(uvicorn.Server.startup)
+    call = startup[startup.index("config.http_protocol_class("):]
+    call = call[:call.index(")") + 1]
+    for keyword in ("config=config", "server_state=self.server_state", "app_state=self.lifespan.state",
+                    "_loop=_loop"):
+        assert keyword in call, f"uvicorn.Server.startup no longer passes {keyword}: {call}"
+    assert tuple(inspect.signature(HeaderDeadline.__call__).parameters)[1:] == (
+        "config", "server_state", "app_state", "_loop")
+
+
+def test_h11_stays_idle_until_the_request_headers_are_complete() -> None:
+    """H11HeaderDeadline arms the deadline while h11 is IDLE after receiving bytes."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    assert conn.next_event() is h11.NEED_DATA and conn.their_state is h11.IDLE
+    assert conn.trailing_data[0]
+    conn.receive_data(b"\r\n")
+    assert isinstance(conn.next_event(), h11.Request) and conn.their_state is not h11.IDLE
+
+
+@pytest.mark.parametrize("impl", ["httptools", "h11"])
+async def test_a_real_http_connection_is_the_deadlines(impl: Implementation) -> None:
+    """The protocol uvicorn makes for a connection is HeaderDeadline's, waiting, with the attributes it uses."""
+    deadline = HeaderDeadline(3600, 10, impl)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=deadline,  # type: ignore[arg-type]
+                                           lifespan="off", log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started, what="uvicorn to listen", watch=[task])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        await eventually(lambda: deadline.waiting == 1, what="the connection to wait for its headers", watch=[task])
+        (proto,) = server.server_state.connections
+        expected = HttpToolsHeaderDeadline if impl == "httptools" else H11HeaderDeadline
+        assert type(proto) is expected
+        assert isinstance(proto.transport, asyncio.Transport) and isinstance(proto.loop, asyncio.AbstractEventLoop)
+        assert isinstance(proto.header_timer, asyncio.TimerHandle)
+        if isinstance(proto, H11HeaderDeadline):
+            assert isinstance(proto.conn, h11.Connection)
+        writer.close()
+        await eventually(lambda: deadline.waiting == 0, what="the closed connection to stop waiting", watch=[task])
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)

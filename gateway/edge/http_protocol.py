@@ -1,0 +1,187 @@
+"""uvicorn's HTTP protocols with a deadline for the request headers (slow or half-open requests).
+
+uvicorn's HTTP protocols (httptools and h11) wait for a request's headers for as long as the client
+likes: `timeout_keep_alive` only covers an idle connection between two requests. A client that opens
+a connection and sends part of a request, or nothing, holds a socket and its buffers until it goes
+away, and such connections are no WebSocket or SSE stream, so WSGATEWAY_MAX_CONNECTIONS never
+counts them (a slowloris attack needs a few hundred of them per process).
+
+`HeaderDeadline` is what `gateway.app.uvicorn_options` passes as uvicorn's `http=` (uvicorn calls it
+like a protocol class): each connection it makes arms a timer when it is made, and again when the
+first byte of a later request on a keep-alive connection arrives, and disarms it when the request's
+headers are complete (httptools' `on_headers_complete`; h11 leaving its IDLE state). A WebSocket
+upgrade is handed to the WebSocket protocol only after its headers are complete, so an open
+WebSocket, an SSE stream or a slow response never meets the deadline. When the timer fires the
+connection is closed, as nginx's `client_header_timeout` does. At most `max_pending` connections per
+process wait for their headers at once (WSGATEWAY_MAX_CONNECTIONS): one more closes the one that has
+waited longest, which favours clients that finish their request quickly over ones that dribble.
+
+uvicorn's HTTP protocols are not a public API: what this module overrides and reads is pinned with
+uvicorn's minor version (pyproject.toml) and checked by tests/test_uvicorn_seam.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+if TYPE_CHECKING:
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+log = logging.getLogger(__name__)
+
+Implementation = Literal["auto", "httptools", "h11"]
+
+
+class _Waiting(Protocol):
+    """What the deadline needs of a connection (both protocol classes below)."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    header_timer: asyncio.TimerHandle | None
+
+
+class HeaderDeadline:
+    """uvicorn's `http=` protocol factory: uvicorn's own HTTP protocol, with a request-header deadline.
+
+    One per server (uvicorn.Config); it counts that server's connections still waiting for headers.
+    It pickles to its settings alone, so `wsgateway serve --workers N` hands it to each worker process,
+    which then counts its own connections.
+    """
+
+    def __init__(self, timeout_s: float, max_pending: int, implementation: Implementation = "auto") -> None:
+        if timeout_s <= 0 or max_pending < 1:
+            raise ValueError(f"a header deadline needs timeout_s > 0 and max_pending >= 1, got {timeout_s}, "
+                             f"{max_pending}")
+        self.timeout_s = timeout_s
+        self.max_pending = max_pending
+        self.implementation: Literal["httptools", "h11"] = (
+            implementation if implementation != "auto"
+            else "httptools" if importlib.util.find_spec("httptools") is not None else "h11"  # uvicorn's "auto"
+        )
+        # connections waiting for their request headers, oldest first (a dict keeps insertion order)
+        self._waiting: dict[_Waiting, None] = {}
+        self.expired_total = 0  # closed by the deadline or because too many were waiting
+
+    def __reduce__(self) -> tuple[type[HeaderDeadline], tuple[float, int, str]]:
+        return (HeaderDeadline, (self.timeout_s, self.max_pending, self.implementation))
+
+    def __repr__(self) -> str:
+        return f"HeaderDeadline({self.timeout_s!r}, {self.max_pending!r}, {self.implementation!r})"
+
+    @property
+    def waiting(self) -> int:
+        """Connections of this server whose request headers are not complete yet."""
+        return len(self._waiting)
+
+    def __call__(
+        self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> asyncio.Protocol:
+        """What uvicorn calls for each new connection (uvicorn.Server.startup's `create_protocol`)."""
+        if self.implementation == "httptools":
+            return HttpToolsHeaderDeadline(config, server_state, app_state, _loop, deadline=self)
+        return H11HeaderDeadline(config, server_state, app_state, _loop, deadline=self)
+
+    def arm(self, conn: _Waiting) -> None:
+        """`conn` waits for a request's headers from now (no-op while it already does)."""
+        if conn.header_timer is not None or conn.transport.is_closing():
+            return
+        conn.header_timer = conn.loop.call_later(self.timeout_s, self._expire, conn)
+        self._waiting[conn] = None
+        while len(self._waiting) > self.max_pending:
+            self._expire(next(iter(self._waiting)))  # never `conn` itself: max_pending >= 1
+
+    def disarm(self, conn: _Waiting) -> None:
+        """`conn`'s request headers are complete, or it is gone."""
+        timer = conn.header_timer
+        if timer is not None:
+            timer.cancel()
+            conn.header_timer = None
+        self._waiting.pop(conn, None)
+
+    def _expire(self, conn: _Waiting) -> None:
+        self.disarm(conn)
+        self.expired_total += 1
+        if not conn.transport.is_closing():
+            log.debug("closing a connection whose request headers were not complete in time (%gs or %d waiting)",
+                      self.timeout_s, self.max_pending)
+            conn.transport.close()
+
+
+class H11HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a `HeaderDeadline`."""
+
+    header_timer: asyncio.TimerHandle | None = None
+
+    def __init__(
+        self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None, *, deadline: HeaderDeadline,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.deadline = deadline
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.deadline.arm(self)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._check()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start the next cycle with pipelined bytes already received
+        if self.conn.trailing_data[0]:
+            self._check()
+
+    def _check(self) -> None:
+        # h11 stays IDLE until a request's headers are complete (then SEND_BODY, DONE, or the upgrade's
+        # hand-over to the WebSocket protocol); IDLE after receiving bytes: a request has begun
+        if self.conn.their_state is h11.IDLE and self.transport.get_protocol() is self:
+            self.deadline.arm(self)
+        else:
+            self.deadline.disarm(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.deadline.disarm(self)
+
+
+if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] brings it; h11 is the fallback
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HttpToolsHeaderDeadline(HttpToolsProtocol):
+        """uvicorn's httptools protocol with a `HeaderDeadline`."""
+
+        header_timer: asyncio.TimerHandle | None = None
+
+        def __init__(
+            self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None, *, deadline: HeaderDeadline,
+        ) -> None:
+            super().__init__(config, server_state, app_state, _loop)
+            self.deadline = deadline
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.deadline.arm(self)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.deadline.arm(self)  # a later request on a keep-alive connection: its own deadline
+
+        def on_headers_complete(self) -> None:
+            # before uvicorn's: for a WebSocket upgrade the transport moves to the WebSocket protocol
+            # right after this callback, and this object hears of the connection no more
+            self.deadline.disarm(self)
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            self.deadline.disarm(self)
