@@ -22,6 +22,16 @@ _LAZY = {
 }
 
 
+def package_version() -> str:
+    """The installed package's version (`wsgateway --version`, the OpenAPI document, the image label)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("wsgateway")
+    except metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:

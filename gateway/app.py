@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from gateway import tracing
+from gateway import package_version, tracing
 from gateway.auth import TokenVerifier
 from gateway.config import Settings
 from gateway.core.bus import Bus
@@ -25,7 +25,8 @@ from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
 from gateway.core.replay import Replayer
 from gateway.edge.cors import CorsMiddleware
-from gateway.edge.http_api import build_router
+from gateway.edge.http_api import SCOPES_MAX_LIMIT, build_router
+from gateway.edge.openapi import truthful_openapi
 from gateway.edge.session import serve_socket
 from gateway.gc_tuning import tune_gc
 from gateway.logs import configure_logging, install_redaction
@@ -157,6 +158,9 @@ class GatewayApp(FastAPI):
     session holds only what it uses (see docs/performance.md for the per-connection figures).
     """
 
+    def openapi(self) -> dict[str, Any]:
+        return truthful_openapi(self, self.state.gateway.settings.history_max_limit, SCOPES_MAX_LIMIT)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == WS_PATH:
             await serve_socket(self.state.gateway, scope, receive, send)
@@ -199,7 +203,9 @@ def create_app(
                 if provider is not None:
                     await tracing.close_provider(provider, owned=owns_provider)
 
-    app = GatewayApp(title="wsgateway", version="0.1.0", lifespan=lifespan)
+    docs = settings.api_docs  # off by default: FastAPI's pages load their scripts from a CDN
+    app = GatewayApp(title="wsgateway", version=package_version(), lifespan=lifespan,
+                     docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.gateway = gateway
     if settings.cors_origin_list:  # WSGATEWAY_CORS_ORIGINS: browser pages of other origins (edge/cors.py)
         app.add_middleware(CorsMiddleware, origins=settings.cors_origin_list)
@@ -214,14 +220,19 @@ def create_app(
         """The process is up and serving HTTP."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
+    not_ready: dict[int | str, dict[str, Any]] = {503: {"description": "Not ready: the body says which check fails"}}
+
+    @app.get("/readyz", tags=["operations"], responses=not_ready)
     async def readyz() -> JSONResponse:
         """Ready to serve: NATS connected, consumer live, ACLs and JWKS loaded."""
         checks = gateway.readiness()
         ok = all(checks.values())
         return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["operations"])
+    exposition: dict[int | str, dict[str, Any]] = {200: {"description": "Prometheus text exposition",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+    @app.get("/metrics", tags=["operations"], responses=exposition)
     async def metrics_endpoint() -> Response:
         body, ctype = gateway.metrics.exposition()
         return Response(body, media_type=ctype)

@@ -10,9 +10,10 @@ import shutil
 import signal
 import sys
 import tempfile
-from importlib import metadata
 from types import FrameType
 from typing import TYPE_CHECKING
+
+from gateway import package_version
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -23,10 +24,7 @@ DOCS = "README.md#configuration (every WSGATEWAY_* variable), docs/operations.md
 
 
 def version() -> str:
-    try:
-        return metadata.version("wsgateway")
-    except metadata.PackageNotFoundError:  # running from a checkout that was never installed
-        return "unknown"
+    return package_version()
 
 
 class _Stopped(Exception):

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         30, ge=0, description="Least time between two JWKS fetches triggered by unknown key ids."
     )
     allow_query_token: bool = Field(True, description="Accept `access_token` in the query string.")
+    api_docs: bool = Field(
+        False, description="Serve the interactive API pages /docs and /redoc (they load their scripts from a CDN); "
+                           "/openapi.json is always served.",
+    )
     cors_origins: str | None = Field(
         None,
         description="Comma-separated browser origins (`https://app.example.com`) that may call GET /v1/history, "

@@ -7,14 +7,27 @@ is byte for byte what a live subscriber saw.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway import tracing
 from gateway.core.history import StreamBounds
 from gateway.edge.httpauth import authenticate, error_response
+from gateway.edge.openapi import (
+    BAD_REQUEST,
+    FORBIDDEN,
+    OVER_LIMIT,
+    SCOPE,
+    SECURITY,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    HistoryBody,
+    ScopesBody,
+    integer,
+    sequence,
+)
 from gateway.edge.sse import sse_stream
 from gateway.events import InvalidEvent, parse_event, subject_for
 from gateway.protocol import WILDCARD, FrameError, is_scope, parse_int, parse_seq
@@ -51,8 +64,17 @@ async def _read_history(gw: Gateway, subject: str, after: int, limit: int) -> Hi
 def build_router(gw: Gateway) -> APIRouter:
     router = APIRouter(tags=["read APIs"])
 
-    @router.get("/v1/history")
-    async def history(request: Request, scope: str = "", after: str = "0", limit: str = "100") -> Response:
+    @router.get("/v1/history", openapi_extra={"security": SECURITY},
+                responses={200: {"model": HistoryBody}, **BAD_REQUEST, **UNAUTHORIZED, **FORBIDDEN, **UNAVAILABLE})
+    async def history(
+        request: Request,
+        scope: Annotated[str, Query(description="`<conversation|process|agent>:<id>`", json_schema_extra=SCOPE)] = "",
+        after: Annotated[str, Query(description="Events with a stream sequence above this",
+                                    json_schema_extra=sequence(0))] = "0",
+        # a default, not Annotated: the bound is this gateway's setting (annotations are resolved globally)
+        limit: str = Query("100", description="Page size (at most WSGATEWAY_HISTORY_MAX_LIMIT)",
+                           json_schema_extra=integer(1, gw.settings.history_max_limit, 100)),
+    ) -> Response:
         """Retained events of one scope after a stream sequence, oldest first (pages with `next_after`)."""
         principal = await authenticate(gw, request)
         if isinstance(principal, JSONResponse):
@@ -82,13 +104,18 @@ def build_router(gw: Gateway) -> APIRouter:
             b",".join(page.items), page.last, page.bounds.earliest, page.bounds.latest)
         return Response(body, media_type="application/json")
 
-    @router.get("/v1/scopes")
-    async def scopes(request: Request, after: str = "", limit: str = "100") -> Response:
+    @router.get("/v1/scopes", openapi_extra={"security": SECURITY},
+                responses={200: {"model": ScopesBody}, **BAD_REQUEST, **UNAUTHORIZED})
+    async def scopes(
+        request: Request,
+        after: Annotated[str, Query(description="The last scope of the previous page (empty: from the start)")] = "",
+        limit: Annotated[str, Query(description="Page size")] = "100",
+    ) -> Response:
         """The scopes of the caller's tenant the caller may see now (those with an ACL document), sorted."""
         principal = await authenticate(gw, request)
         if isinstance(principal, JSONResponse):
             return principal
-        if after and not is_scope(after):
+        if after and (not is_scope(after) or after == WILDCARD):
             return error_response(400, "bad_request", "after must be a scope <conversation|process|agent>:<id>")
         try:
             count = parse_int(limit, "limit", 1, SCOPES_MAX_LIMIT)
@@ -103,8 +130,19 @@ def build_router(gw: Gateway) -> APIRouter:
             "next_after": visible[-1][0] if visible else after,
         })
 
-    @router.get("/v1/sse")
-    async def sse(request: Request) -> Response:
+    @router.get("/v1/sse", openapi_extra={"security": SECURITY}, responses={
+        200: {"description": "The stream: `id:` is the stream sequence; ends after an `event: close`",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **BAD_REQUEST, **UNAUTHORIZED, **OVER_LIMIT,
+    })
+    async def sse(
+        request: Request,
+        scope: Annotated[list[str] | None, Query(description="Scopes to subscribe (repeat, or comma-separated); "
+                                                             "none: `*`, every scope the caller may see")] = None,
+        since: Annotated[str | None, Query(description="Resume after this stream sequence")] = None,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", description="As `since`, set by "
+                                                    "EventSource when it reconnects")] = None,
+    ) -> Response:
         """The live stream as Server-Sent Events: `id:` is the stream sequence; resume with Last-Event-ID."""
         return await sse_stream(gw, request)
 
