@@ -272,5 +272,7 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "ws_per_message_deflate": False,
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
         "lifespan": "on",
+        # said, not guessed: logs.AccessTiming's __call__ is a plain function (no coroutine frame per socket)
+        "interface": "asgi3",
         "log_level": settings.log_level,
     }
