@@ -83,6 +83,17 @@ async def held_live_events(gw: GatewayProcess, backlog: list[int], live: LivePub
     await eventually(received, what="gateway A to receive live events during the replay", watch=[live.task])
 
 
+@contextlib.asynccontextmanager
+async def two_gateways_and_a_backlog(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, list[int]]]:
+    """Gateways A and B (a shutdown long enough for the drained stream to be read), alice an org admin,
+    and the backlog published after both started (so A has received it all)."""
+    async with gateway_processes(2, nats_server.url, idp.issuer, idp.audience, shutdown_timeout_s="20") as (a, b):
+        await platform.grant("acme.org", ADMIN)
+        yield a, b, await publish_backlog(platform)
+
+
 def terminate(gw: GatewayProcess) -> None:
     assert gw.proc is not None
     gw.proc.send_signal(signal.SIGTERM)
@@ -128,9 +139,7 @@ async def ws_events(ws: ClientConnection, into: list[int], *, until: int | None 
 async def test_sigterm_during_a_websocket_replay_then_resume_elsewhere_loses_nothing(
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
-    async with gateway_processes(2, nats_server.url, idp.issuer, idp.audience, shutdown_timeout_s="20") as (a, b):
-        await platform.grant("acme.org", ADMIN)
-        backlog = await publish_backlog(platform)
+    async with two_gateways_and_a_backlog(nats_server, idp, platform) as (a, b, backlog):
         ws = await slow_ws(f"{a.ws}?scope={SCOPE}&since=0", idp.mint("alice"))
         got_a: list[int] = []
         await ws_events(ws, got_a, until=READ_BEFORE_TERM)
@@ -197,9 +206,7 @@ async def sse_events(lines: AsyncIterator[str], into: list[int], *, until: int |
 async def test_sigterm_during_an_sse_replay_then_resume_elsewhere_loses_nothing(
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
-    async with gateway_processes(2, nats_server.url, idp.issuer, idp.audience, shutdown_timeout_s="20") as (a, b):
-        await platform.grant("acme.org", ADMIN)
-        backlog = await publish_backlog(platform)
+    async with two_gateways_and_a_backlog(nats_server, idp, platform) as (a, b, backlog):
         got_a: list[int] = []
         live: LivePublisher | None = None
         try:
