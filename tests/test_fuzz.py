@@ -89,12 +89,12 @@ def _fuzz(base: str, token: str) -> list[str]:
             op = result.ok()
             if mode is schemathesis.GenerationMode.NEGATIVE and not list(op.iter_parameters()):
                 continue  # nothing that could be invalid (the probes)
-            streaming = op.path == "/v1/sse"
 
             @settings(max_examples=EXAMPLES, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case: schemathesis.Case) -> None:
+                streaming = case.operation.path == "/v1/sse"
                 kw = case.as_transport_kwargs(base_url=base, headers=auth)
                 request = client.build_request(kw["method"], kw["url"], params=kw.get("params"),
                                                headers=kw.get("headers"))
