@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.core.channel import Channel, WritableFlag
 from gateway.core.queue import SendQueue
@@ -50,6 +50,14 @@ _TRANSITIONS: dict[ConnState, frozenset[ConnState]] = {
 }
 
 
+class Owner(Protocol):
+    """What a connection tells its owner (the hub) when its channel reports something."""
+
+    def resume(self, conn: Connection) -> None: ...
+    def remove(self, conn: Connection) -> None: ...
+    def go_away(self, conn: Connection) -> None: ...
+
+
 class StateError(RuntimeError):
     """A transition the state machine does not allow: a bug in the hub, never a client's doing."""
 
@@ -58,13 +66,15 @@ class Connection:
     """Gateway-side state of one authenticated WebSocket or SSE stream."""
 
     __slots__ = (
-        "channel", "cursor", "dirty", "encode", "expires", "flag", "id", "last_seq", "principal", "queue",
+        "channel", "cursor", "dirty", "encode", "expires", "flag", "id", "last_seq", "owner", "principal", "queue",
         "replay_queue", "state", "subs", "waiter", "wild", "write", "written",
     )
 
     def __init__(
-        self, channel: Channel, principal: Principal, conn_id: str, *, cursor: int | None = None
+        self, channel: Channel, principal: Principal, conn_id: str, *, cursor: int | None = None,
+        owner: Owner | None = None,
     ) -> None:
+        self.owner = owner  # the hub; the channel's callbacks are this connection's bound methods (small)
         self.channel = channel
         self.principal = principal
         self.id = conn_id
@@ -84,6 +94,20 @@ class Connection:
         self.write: Callable[[bytes], object]
         self.flag: WritableFlag
         self.write, self.flag = channel.fast_path()
+
+    # the channel's callbacks: bound methods (64 bytes each), not closures (about 300 bytes each), since a
+    # gateway holds tens of thousands of idle connections
+    def channel_writable(self) -> None:
+        if self.owner is not None:
+            self.owner.resume(self)
+
+    def channel_lost(self) -> None:
+        if self.owner is not None:
+            self.owner.remove(self)
+
+    def channel_shutdown(self) -> None:
+        if self.owner is not None:
+            self.owner.go_away(self)
 
     @property
     def closed(self) -> bool:

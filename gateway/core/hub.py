@@ -82,12 +82,12 @@ class Hub:
 
     def open(self, channel: Channel, principal: Principal, conn_id: str, *, cursor: int | None = None) -> Connection:
         """An authenticated client joins: LIVE, counted, its token expiry armed."""
-        conn = Connection(channel, principal, conn_id, cursor=cursor)
+        conn = Connection(channel, principal, conn_id, cursor=cursor, owner=self)
         conn.move(ConnState.LIVE)
         self.connections[conn.id] = conn
-        channel.on_writable = lambda: self.resume(conn)
-        channel.on_shutdown = lambda: self.go_away(conn)
-        channel.on_lost = lambda: self.remove(conn)
+        channel.on_writable = conn.channel_writable
+        channel.on_shutdown = conn.channel_shutdown
+        channel.on_lost = conn.channel_lost
         self.metrics.connections.set(len(self.connections))
         self._arm_expiry(conn)
         return conn
