@@ -74,25 +74,27 @@ class Writer:
             if not c.flag.on:
                 continue  # no room: `on_writable` marks it again
             c.write(c.encode(p))
-            top = 0
-            for f in p:
+            q.frames = []
+            q.nbytes = 0
+            if st is _LIVE:  # the hot loop: one check per delivery
+                for f in p:
+                    if f.seq:
+                        if not f.sent:
+                            touched.append(f)
+                        f.sent += 1
+                c.written = c.last_seq  # everything queued is now handed to the channel
+                continue
+            for f in p:  # a replay's queue: what it had queued live before, then the replayed events
                 if f.seq:
-                    top = f.seq  # queues are in stream order
+                    c.written = max(c.written, f.seq)
                     if f.meta is not None:  # a live event (replayed frames carry no coalescing meta)
                         if not f.sent:
                             touched.append(f)
                         f.sent += 1
                     else:
                         replayed += 1
-            q.frames = []
-            q.nbytes = 0
-            if st is _LIVE:
-                c.written = c.last_seq  # everything queued is now handed to the channel
-            else:
-                if top > c.written:
-                    c.written = top
-                if c.waiter is not None:
-                    wake.append(c.waiter)
+            if c.waiter is not None:
+                wake.append(c.waiter)
         if touched:
             now = time.time()
             delivered = 0
