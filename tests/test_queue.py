@@ -141,6 +141,7 @@ def test_wire_encodings() -> None:
 
 class _Channel:
     kind = "websocket"
+    frames_are_wire = True
     encode = staticmethod(websocket_encode)
 
     class _Flag:

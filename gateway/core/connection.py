@@ -66,8 +66,8 @@ class Connection:
     """Gateway-side state of one authenticated WebSocket or SSE stream."""
 
     __slots__ = (
-        "channel", "cursor", "dirty", "encode", "expires", "flag", "id", "last_seq", "owner", "principal", "queue",
-        "replay_queue", "state", "subs", "waiter", "wild", "write", "written",
+        "channel", "cursor", "dirty", "encode", "expires", "flag", "id", "last_seq", "native", "owner", "principal",
+        "queue", "replay_queue", "state", "subs", "waiter", "wild", "write", "written",
     )
 
     def __init__(
@@ -90,6 +90,7 @@ class Connection:
         self.dirty = False  # in the writer's list for the next flush
         self.expires = 0.0  # wall-clock time at which the session ends with 4408 (0: not armed)
         self.encode: Callable[[list[OutFrame]], bytes] = channel.encode  # the channel's wire encoding, bound once
+        self.native = channel.frames_are_wire  # the frames' own bytes are the wire form (WebSocket)
         # the channel's fast path (write without checks, writable flag), used by the writer only
         self.write: Callable[[bytes], object]
         self.flag: WritableFlag

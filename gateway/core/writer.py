@@ -59,10 +59,11 @@ class Writer:
         touched: list[OutFrame] = []
         replayed = 0
         wake: list[Callable[[], None]] = []
+        live = _LIVE  # a local: read once per connection
         for c in dirty:
             c.dirty = False
             st = c.state
-            if st is _LIVE:
+            if st is live:
                 q = c.queue
             elif st is _REPLAYING and c.replay_queue is not None:
                 q = c.replay_queue
@@ -73,10 +74,13 @@ class Writer:
                 continue
             if not c.flag.on:
                 continue  # no room: `on_writable` marks it again
-            c.write(c.encode(p))
+            if c.native:  # WebSocket: the frames' bytes as they are (an inlined `channel.encode`)
+                c.write(p[0].data if len(p) == 1 else b"".join([f.data for f in p]))
+            else:
+                c.write(c.encode(p))
             q.frames = []
             q.nbytes = 0
-            if st is _LIVE:  # the hot loop: one check per delivery
+            if st is live:  # the hot loop: one check per delivery
                 for f in p:
                     if f.seq:
                         if not f.sent:

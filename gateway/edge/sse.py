@@ -40,6 +40,7 @@ class SseChannel:
     HIGH_WATER = 256 * 1024
 
     kind = "sse"
+    frames_are_wire = False
     encode = staticmethod(sse_encode)
 
     def __init__(self) -> None:

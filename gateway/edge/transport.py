@@ -33,6 +33,7 @@ class RawChannel:
     __slots__ = ("_proto", "on_lost", "on_shutdown", "on_writable")
 
     kind = "websocket"
+    frames_are_wire = True
     encode = staticmethod(websocket_encode)
 
     def __init__(self, proto: GatewayWSProtocol) -> None:
