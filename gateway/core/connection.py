@@ -12,7 +12,7 @@ the manner of Starlette's `WebSocketState`):
 
 - HANDSHAKING: authenticated, not yet in the hub.
 - LIVE: frames are written as they are queued.
-- REPLAYING: a resume is reading the stream back; live frames are *held* in `queue` while the replay's
+- REPLAYING: a resume is reading the stream back; live frames are *held* in `frames` while the replay's
   own frames go out through `replay_queue`; `end_replay` releases the held frames (an exact seam).
 - DRAINING: closing gracefully: what may be written is written, then the close frame.
 - CLOSED: gone from the hub; nothing is queued or written any more.
@@ -62,24 +62,27 @@ class StateError(RuntimeError):
     """A transition the state machine does not allow: a bug in the hub, never a client's doing."""
 
 
-class Connection:
-    """Gateway-side state of one authenticated WebSocket or SSE stream."""
+class Connection(SendQueue):
+    """Gateway-side state of one authenticated WebSocket or SSE stream.
+
+    A connection is itself the queue of its live frames (`frames`, `nbytes`, held while REPLAYING): fan-out
+    and the writer touch one object per connection, not two (docs/performance.md, issue 10)."""
 
     __slots__ = (
         "channel", "cursor", "dirty", "encode", "expires", "flag", "id", "last_seq", "native", "owner", "principal",
-        "queue", "replay_queue", "state", "subs", "waiter", "wild", "write", "written",
+        "replay_queue", "state", "subs", "waiter", "wild", "write", "written",
     )
 
     def __init__(
         self, channel: Channel, principal: Principal, conn_id: str, *, cursor: int | None = None,
         owner: Owner | None = None,
     ) -> None:
+        super().__init__()  # the live queue: empty
         self.owner = owner  # the hub; the channel's callbacks are this connection's bound methods (small)
         self.channel = channel
         self.principal = principal
         self.id = conn_id
         self.state = ConnState.HANDSHAKING
-        self.queue = SendQueue()  # live frames (held while REPLAYING)
         self.replay_queue: SendQueue | None = None  # the replay's frames, only while REPLAYING
         self.waiter: Callable[[], None] | None = None  # a replay waiting for its frames to be written
         self.last_seq = 0  # highest event sequence queued for this client: never send one twice
@@ -109,6 +112,11 @@ class Connection:
     def channel_shutdown(self) -> None:
         if self.owner is not None:
             self.owner.go_away(self)
+
+    @property
+    def queue(self) -> SendQueue:
+        """The queue of live frames: the connection itself (for readers; the hot paths use `frames`)."""
+        return self
 
     @property
     def closed(self) -> bool:

@@ -274,7 +274,8 @@ class Hub:
         rest = conn.replay_queue
         conn.replay_queue = None
         if rest is not None and rest.frames:  # not written yet: they still go first
-            conn.queue = SendQueue(rest.frames + conn.queue.frames)
+            conn.frames = rest.frames + conn.frames
+            conn.nbytes += rest.nbytes
         conn.move(ConnState.LIVE)
         if conn.queue.frames:
             self.writer.mark(conn)
@@ -306,15 +307,14 @@ class Hub:
             if seq <= c.last_seq:
                 continue  # already queued through another subscription (e.g. a scope and `*`)
             c.last_seq = seq
-            q = c.queue
-            p = q.frames
+            p = c.frames  # the connection is its own live queue
             p.append(frame)
-            q.nbytes += size
+            c.nbytes += size
             recipients += 1
             if not c.dirty:
                 c.dirty = True
                 dirty.append(c)
-            if len(p) > max_msgs or q.nbytes > max_bytes:
+            if len(p) > max_msgs or c.nbytes > max_bytes:
                 slow.append(c)
         for c in slow:
             self.overflow(c)

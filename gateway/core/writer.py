@@ -63,32 +63,29 @@ class Writer:
         for c in dirty:
             c.dirty = False
             st = c.state
-            if st is live:
-                q = c.queue
-            elif st is _REPLAYING and c.replay_queue is not None:
-                q = c.replay_queue
-            else:
-                continue
-            p = q.frames
-            if not p:
-                continue
-            if not c.flag.on:
-                continue  # no room: `on_writable` marks it again
-            if c.native:  # WebSocket: the frames' bytes as they are (an inlined `channel.encode`)
-                c.write(p[0].data if len(p) == 1 else b"".join([f.data for f in p]))
-            else:
-                c.write(c.encode(p))
-            q.frames = []
-            q.nbytes = 0
-            if st is live:  # the hot loop: one check per delivery
-                for f in p:
+            if st is live:  # the hot path: the connection is its own live queue
+                p = c.frames
+                if not p or not c.flag.on:
+                    continue  # nothing, or no room: `on_writable` marks it again
+                if c.native:  # WebSocket: the frames' bytes as they are (an inlined `channel.encode`)
+                    c.write(p[0].data if len(p) == 1 else b"".join([f.data for f in p]))
+                else:
+                    c.write(c.encode(p))
+                for f in p:  # one check per delivery
                     if f.seq:
                         if not f.sent:
                             touched.append(f)
                         f.sent += 1
                 c.written = c.last_seq  # everything queued is now handed to the channel
+                c.frames = []
+                c.nbytes = 0
                 continue
-            for f in p:  # a replay's queue: what it had queued live before, then the replayed events
+            q = c.replay_queue
+            if st is not _REPLAYING or q is None or not q.frames or not c.flag.on:
+                continue
+            p = q.take()
+            c.write(c.encode(p))
+            for f in p:  # what the connection had queued live before the replay, then the replayed events
                 if f.seq:
                     c.written = max(c.written, f.seq)
                     if f.meta is not None:  # a live event (replayed frames carry no coalescing meta)
