@@ -81,3 +81,17 @@ def test_quick_resilience_benchmark_reports_every_figure(tmp_path: Path) -> None
     assert figures["restart"]["stall"]["n"] > 0 and figures["restart"]["complete_in_order"] is True
     assert figures["restart"]["revocation_s"] > 0 and figures["restart"]["ready_after_start_s"] > 0
     assert "fast client beside a stalled one" in proc.stdout and "revocation" in proc.stdout
+
+
+def test_hotpath_benchmark_measures_the_working_tree_and_a_revision() -> None:
+    """bench/hotpath.py in its smallest form, the working tree against gateway/ of HEAD."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hotpath.py"), "--baseline", "HEAD", "--rounds", "1", "--repeat", "1",
+         "--connections", "200", "--scopes", "10", "--flushes", "5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(line.strip().startswith("working tree") for line in lines), out.stdout
+    assert any(line.strip().startswith("baseline HEAD") for line in lines), out.stdout
+    assert any(line.strip().startswith("ratio working tree / baseline") for line in lines), out.stdout
