@@ -190,6 +190,13 @@ def test_state_transitions_are_checked(start: ConnState, to: ConnState) -> None:
         assert conn.state is start
 
 
+def test_a_connection_is_its_own_live_queue_and_never_falsy() -> None:
+    conn = connection()
+    assert conn.queue is conn and len(conn) == 0 and conn  # empty queue, still a connection
+    conn.push(control("pong"))
+    assert len(conn.queue) == 1 and conn.nbytes == len(conn.frames[0].data)
+
+
 def test_closed_means_draining_or_closed() -> None:
     conn = connection()
     assert not conn.closed

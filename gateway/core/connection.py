@@ -113,6 +113,9 @@ class Connection(SendQueue):
         if self.owner is not None:
             self.owner.go_away(self)
 
+    def __bool__(self) -> bool:
+        return True  # a connection, not its queue: never falsy because nothing is queued
+
     @property
     def queue(self) -> SendQueue:
         """The queue of live frames: the connection itself (for readers; the hot paths use `frames`)."""
