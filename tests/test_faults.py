@@ -202,6 +202,23 @@ async def caught_up(recorders: Sequence[Recorder], expected: Callable[[Recorder]
                      info=lambda: "\n".join([r.summary() for r in recorders] + [f"published {len(pub.acked)}"]))
 
 
+async def grant_admin(platform: Platform, token: str, *gateways: Any) -> None:
+    """Make alice the org admin and wait until every gateway applied it (GET /v1/scopes says so).
+
+    A client that subscribes before its gateway has the grant gets a pending subscription, which starts
+    at the stream position of the grant: events published in between are (rightly) not its to see."""
+    await platform.grant("acme.org", ADMIN)
+    async with httpx.AsyncClient(timeout=2, headers={"Authorization": f"Bearer {token}"}) as c:
+        for g in gateways:
+
+            async def applied(http: str = g.http) -> bool:
+                r = await c.get(f"{http}/v1/scopes")
+                return r.status_code == 200 and r.json()["org_admin"] is True
+
+            await eventually(applied, what=f"{g.http} to apply the admin grant", interval=0.05,
+                             ignore=(httpx.HTTPError,))
+
+
 class ReadinessLog:
     """Samples in-process gateways' readiness every 50 ms (to tell how long they said "ready" while stalled)."""
 
@@ -254,7 +271,7 @@ async def test_gateway_sigkilled_mid_stream_client_resumes_on_second_instance(
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     async with gateway_processes(2, nats_server.url, idp.issuer, idp.audience) as (a, b):
-        await platform.grant("acme.org", ADMIN)
+        await grant_admin(platform, idp.mint("alice"), a, b)
         client = GatewayClient(a.ws, token=idp.mint("alice"), scopes=SCOPES, since=0)
         rec = Recorder(client, "client").start()
         pub = SteadyPublisher(platform.publisher, SCOPES).start()
@@ -305,8 +322,8 @@ async def test_nats_restart_same_store_gateway_recovers_by_itself_and_clients_lo
         platform = Platform(nc)
         try:
             async with run_gateway(natsd.url, idp.issuer, audience=idp.audience) as g:
-                await platform.grant("acme.org", ADMIN)
                 token = idp.mint("alice")
+                await grant_admin(platform, token, g)
                 every = Recorder(GatewayClient(g.ws, token=token, scopes=["*"], since=0), "all").start()
                 one = Recorder(GatewayClient(g.ws, token=token, scopes=["conversation:c1"], since=0), "c1").start()
                 pub = SteadyPublisher(platform.publisher, SCOPES, attempt_timeout=0.5).start()
@@ -394,7 +411,7 @@ async def test_cluster_node_killed_during_publishing_r3_stream_loses_nothing(idp
             async with run_gateway(urls, idp.issuer, audience=idp.audience, stream_replicas=3) as g1, \
                     run_gateway(urls, idp.issuer, audience=idp.audience, stream_replicas=3) as g2:
                 platform = Platform(nc)
-                await platform.grant("acme.org", ADMIN)
+                await grant_admin(platform, idp.mint("alice"), g1, g2)
                 by_port = {n.port: n.server_name for n in cluster.nodes}
 
                 def node_of(g: Any) -> str:
