@@ -1,0 +1,2 @@
+/** @wsgateway/client: the TypeScript client of wsgateway (docs/protocol.md). */
+export const VERSION = "0.1.0";
