@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from gateway import package_version
+from gateway.edge.openapi import ErrorBody, HistoryBody, ScopesBody
 from gateway.events import (
     DELIVERY_CLASSES,
     EVENT_TYPES,
@@ -42,6 +43,8 @@ from gateway.protocol import (
 )
 
 Schema = dict[str, Any]
+# The bodies of the HTTP API's answers (GET /v1/history, GET /v1/scopes, every error), for the SDK's pager.
+HTTP_BODIES: Final[tuple[type[BaseModel], ...]] = (HistoryBody, ScopesBody, ErrorBody)
 
 SUBPROTOCOL: Final = "wsgateway.v1"
 MAX_TOKEN_CHARS: Final = 16384
@@ -115,13 +118,14 @@ def events_schema() -> Schema:
 def protocol_schema(envelope_ref: Schema | None = None) -> Schema:
     """Client and server frames; `envelope_ref` replaces the envelope inside `event` frames (default: the
     envelope's own schema in `$defs`)."""
-    defs = _defs([*CLIENT_FRAMES, *SERVER_FRAMES, PrincipalInfo])
+    defs = _defs([*CLIENT_FRAMES, *SERVER_FRAMES, PrincipalInfo, *HTTP_BODIES])
     server_names = [m.__name__ for m in SERVER_FRAMES]
     for name in [*server_names, "PrincipalInfo"]:
         defs[name] = _strip_null_defaults(defs[name])
     if envelope_ref is not None:
         defs.pop("Envelope", None)
         defs["EventFrame"]["properties"]["event"] = envelope_ref
+        defs["StoredEvent"]["properties"]["event"] = {**envelope_ref, "description": "The envelope as published"}
     defs["ClientFrame"] = {
         "title": "ClientFrame", "description": "A frame a client sends (`op`); anything else is refused.",
         "oneOf": [{"$ref": f"#/$defs/{m.__name__}"} for m in CLIENT_FRAMES],

@@ -31,6 +31,29 @@ code: number
 reason: string
 }
 /**
+ * The body of every error answer of the HTTP API.
+ * 
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "ErrorBody".
+ */
+export interface ErrorBody {
+error: ErrorDetail
+}
+/**
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "ErrorDetail".
+ */
+export interface ErrorDetail {
+/**
+ * bad_request | unauthorized | forbidden | unavailable | over_limit
+ */
+code: string
+/**
+ * What was wrong, for people; never contains a token
+ */
+message: string
+}
+/**
  * A request was refused; `scope` for `forbidden` and `limit`.
  * 
  * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
@@ -55,6 +78,42 @@ type: "event"
 seq: number
 event: Envelope
 coalesced?: number
+}
+/**
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "HistoryBody".
+ */
+export interface HistoryBody {
+/**
+ * Oldest first; at most `limit`
+ */
+events: StoredEvent[]
+/**
+ * `after` of the next page (the last sequence read)
+ */
+next_after: number
+/**
+ * First sequence the stream still holds (0: empty)
+ */
+earliest: number
+/**
+ * Last sequence written to the stream
+ */
+latest: number
+}
+/**
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "StoredEvent".
+ */
+export interface StoredEvent {
+/**
+ * The event's stream sequence: a cursor for `after`, `since` and Last-Event-ID
+ */
+seq: number
+/**
+ * The envelope as published
+ */
+event: Envelope
 }
 /**
  * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
@@ -115,6 +174,31 @@ expires_at: number
 export interface Revoked {
 type: "revoked"
 scope: string
+}
+/**
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "ScopesBody".
+ */
+export interface ScopesBody {
+tenant: string
+principal: string
+org_admin: boolean
+scopes: VisibleScope[]
+/**
+ * `after` of the next page
+ */
+next_after: string
+}
+/**
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "VisibleScope".
+ */
+export interface VisibleScope {
+scope: string
+/**
+ * Which rule lets the caller see it, for people: 'org admin', 'owner (...)', 'member (...)', 'admin of project ...', 'viewer of project ...'
+ */
+via: string
 }
 /**
  * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
