@@ -24,6 +24,7 @@ from gateway.core.bus import Bus
 from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
 from gateway.core.replay import Replayer
+from gateway.edge.agui import build_agui_router
 from gateway.edge.cors import CorsMiddleware
 from gateway.edge.http_api import SCOPES_MAX_LIMIT, build_router
 from gateway.edge.openapi import truthful_openapi
@@ -238,6 +239,7 @@ def create_app(
         return Response(body, media_type=ctype)
 
     app.include_router(build_router(gateway))
+    app.include_router(build_agui_router(gateway))
 
     @app.get("/", include_in_schema=False)
     async def viewer() -> FileResponse:

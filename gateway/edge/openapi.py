@@ -107,6 +107,9 @@ def parameters(history_max_limit: int, scopes_max_limit: int) -> dict[tuple[str,
         ("/v1/sse", "scope"): (SCOPE_LIST, False),
         ("/v1/sse", "since"): (sequence(), False),
         ("/v1/sse", "Last-Event-ID"): (sequence(), False),
+        ("/v1/agui", "scope"): (SCOPE, True),
+        ("/v1/agui", "since"): (sequence(), False),
+        ("/v1/agui", "Last-Event-ID"): (sequence(), False),
     }
 
 
