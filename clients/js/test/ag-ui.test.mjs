@@ -7,9 +7,9 @@ import { readFileSync } from 'node:fs';
 import { randomUUID } from 'node:crypto';
 import test from 'node:test';
 
-import { AbstractAgent } from '@ag-ui/client';
+import { AbstractAgent, runHttpRequest, transformHttpEventStream } from '@ag-ui/client';
 import { connect as natsConnect, headers as natsHeaders } from 'nats';
-import { from } from 'rxjs';
+import { Observable, from } from 'rxjs';
 import WebSocket from 'ws';
 
 import { AguiMapper, GatewayAgent } from '../dist/ag-ui.js';
@@ -128,6 +128,66 @@ test('GatewayAgent joins in the middle of a message and survives a drop in the m
     ]);
     assert.deepStrictEqual(agent.state, { step: 2 });
     assert.equal(agent.threadId, scope);
+  } finally {
+    await pub.close();
+  }
+});
+
+/** The server's GET /v1/agui read by AG-UI's own HTTP stack (runHttpRequest, transformHttpEventStream: its SSE
+ * parser), as a stock HTTP agent would; `lastEventId` is the Last-Event-ID of the next connect. */
+class SseAgent extends AbstractAgent {
+  constructor(scope) {
+    super({ threadId: scope });
+    this.scope = scope;
+    this.lastEventId = null;
+  }
+  run() { throw new Error('attach only'); }
+  connect() {
+    const url = new URL('/v1/agui', env('GW_HTTP'));
+    url.searchParams.set('scope', this.scope);
+    const headers = { Authorization: `Bearer ${env('TOKEN_ALICE')}`, Accept: 'text/event-stream' };
+    if (this.lastEventId !== null) headers['Last-Event-ID'] = String(this.lastEventId);
+    return new Observable((sub) => {
+      const abort = new AbortController();
+      const s = transformHttpEventStream(runHttpRequest(() => fetch(url, { headers, signal: abort.signal })))
+        .subscribe(sub);
+      return () => { s.unsubscribe(); abort.abort(); };
+    });
+  }
+}
+
+test('GET /v1/agui through AG-UI\'s own SSE parser, verifier and apply: a join and a resume with Last-Event-ID, both in the middle of a message', async () => {
+  const pub = await publisher();
+  const scope = 'conversation:agui-sse';
+  try {
+    await pub.send(scope, 'run.started', 'run-2', {});
+    await pub.send(scope, 'run.message.started', 'run-2', { message_id: 'm-1' });
+    await pub.send(scope, 'run.message.delta', 'run-2', { message_id: 'm-1', delta: 'Hel' });
+    const agent = new SseAgent(scope);
+    let seen = [];
+    agent.subscribe({ onEvent: ({ event }) => { seen.push(event); } });
+    const first = agent.connectAgent();
+    await until(() => seen.some((e) => e.type === 'TEXT_MESSAGE_START'), 'the prelude');
+    const seq = await pub.send(scope, 'run.message.delta', 'run-2', { message_id: 'm-1', delta: 'lo' });
+    await until(() => seen.some((e) => e.delta === 'lo'), 'the live delta');
+    await agent.detachActiveRun(); // the connection drops in the middle of the message
+    await first;
+    assert.deepStrictEqual(seen.map((e) => e.type), [
+      'RUN_STARTED', 'MESSAGES_SNAPSHOT', 'TEXT_MESSAGE_START', 'TEXT_MESSAGE_CONTENT']);
+    await pub.send(scope, 'run.message.delta', 'run-2', { message_id: 'm-1', delta: ', world' });
+    await pub.send(scope, 'run.message.finished', 'run-2', { message_id: 'm-1' });
+    await pub.send(scope, 'run.finished', 'run-2', { outcome: 'success' });
+
+    seen = [];
+    agent.lastEventId = seq;
+    const again = agent.connectAgent();
+    await until(() => seen.some((e) => e.type === 'RUN_FINISHED'), 'RUN_FINISHED');
+    await agent.detachActiveRun();
+    await again; // rejects if AG-UI's verifier had refused anything
+    assert.deepStrictEqual(seen.map((e) => e.type), [
+      'RUN_STARTED', 'MESSAGES_SNAPSHOT', 'TEXT_MESSAGE_START', 'TEXT_MESSAGE_CONTENT', 'TEXT_MESSAGE_END',
+      'RUN_FINISHED']);
+    assert.deepStrictEqual(agent.messages, [{ id: 'm-1', role: 'assistant', content: 'Hello, world' }]);
   } finally {
     await pub.close();
   }
