@@ -175,3 +175,17 @@ async def test_errors_are_clear_json(
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
     if status == 401:
         assert r.headers["WWW-Authenticate"] == "Bearer"
+
+
+async def test_a_revocation_ends_the_deliveries(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
+    await platform.grant("acme.conversation.c3", {"members": ["user:mia"]})
+    async with httpx.AsyncClient(base_url=gw.http, headers=_auth(idp.mint("mia")), timeout=HANG_S) as c:
+        async with c.stream("GET", "/v1/agui", params={"scope": "conversation:c3"}) as r:
+            lines = r.aiter_lines()
+            seq = await platform.publish("acme", "conversation:c3", type="run.started", run_id="r", data={})
+            got = await asyncio.wait_for(_blocks(lines, _is("RUN_STARTED")), HANG_S)
+            assert got[-1]["id"] == str(seq)
+            await platform.revoke("acme.conversation.c3")
+            blocks = await asyncio.wait_for(
+                _blocks(lines, lambda b: b.get("comment", {}).get("type") == "revoked"), HANG_S)
+    assert blocks[-1]["comment"]["scope"] == "conversation:c3"
