@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -33,6 +34,14 @@ class PatchError(ValueError):
     pass
 
 
+_INDEX_RE = re.compile(r"[0-9]{1,19}")
+
+
+def _index(token: str) -> bool:
+    """An array index in a JSON pointer: ASCII digits (str.isdigit would take "²", which int() refuses)."""
+    return _INDEX_RE.fullmatch(token) is not None
+
+
 def _pointer(path: str) -> list[str]:
     if path == "":
         return []
@@ -45,7 +54,7 @@ def _parent(doc: Json, parts: list[str]) -> tuple[Json, str]:
     cur = doc
     for p in parts[:-1]:
         if isinstance(cur, list):
-            if not p.isdigit() or int(p) >= len(cur):
+            if not _index(p) or int(p) >= len(cur):
                 raise PatchError(f"no element {p!r}")
             cur = cur[int(p)]
         elif isinstance(cur, dict):
@@ -63,7 +72,7 @@ def _get(doc: Json, path: str) -> Json:
         return doc
     parent, key = _parent(doc, parts)
     if isinstance(parent, list):
-        if not key.isdigit() or int(key) >= len(parent):
+        if not _index(key) or int(key) >= len(parent):
             raise PatchError(f"no element {key!r}")
         return parent[int(key)]
     if not isinstance(parent, dict) or key not in parent:
@@ -77,7 +86,7 @@ def _remove(doc: Json, path: str) -> Json:
         raise PatchError("cannot remove the whole document")
     parent, key = _parent(doc, parts)
     if isinstance(parent, list):
-        if not key.isdigit() or int(key) >= len(parent):
+        if not _index(key) or int(key) >= len(parent):
             raise PatchError(f"no element {key!r}")
         return parent.pop(int(key))
     if not isinstance(parent, dict) or key not in parent:
@@ -93,7 +102,7 @@ def _add(doc: Json, path: str, value: Json) -> Json:
     if isinstance(parent, list):
         if key == "-":
             parent.append(value)
-        elif key.isdigit() and int(key) <= len(parent):
+        elif _index(key) and int(key) <= len(parent):
             parent.insert(int(key), value)
         else:
             raise PatchError(f"bad index {key!r}")

@@ -98,6 +98,7 @@ def test_json_patch(doc: Any, patch: list[dict[str, Any]], want: Any) -> None:
     [{"op": "test", "path": "/a", "value": 2}], [{"op": "remove", "path": "/x"}], [{"op": "add", "path": "/a/b/c"}],
     [{"op": "replace", "path": "/nope", "value": 1}], [{"op": "add", "path": "a", "value": 1}],
     [{"op": "add", "path": "/l/7", "value": 1}], [{"op": "bogus", "path": "/a"}],
+    [{"op": "add", "path": "/l/\u00b2", "value": 1}], [{"op": "remove", "path": "/l/\u0663"}],
 ])
 def test_json_patch_failures_leave_the_document(patch: list[dict[str, Any]]) -> None:
     doc = {"a": 1, "l": [0]}

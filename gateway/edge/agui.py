@@ -15,6 +15,7 @@ comes before the first delta.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -33,6 +34,8 @@ from gateway.protocol import WILDCARD, FrameError, is_scope, parse_seq
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger(__name__)
 
 UNAVAILABLE_OR_FULL: Responses = {503: {"model": ErrorBody, "description": (
     "NATS is unavailable right now (the stream cannot be read back), or this instance is at "
@@ -65,9 +68,19 @@ class AguiChannel(SseChannel):
             if f.ctl is not None or not f.seq:
                 out += b": " + f.payload + b"\n\n"  # welcome, subscribed, revoked, error, close
                 continue
-            env = orjson.loads(f.payload)["event"]
-            out += _data(self.mapper.feed(env), f.seq)
+            out += _data(_feed(self.mapper, orjson.loads(f.payload)["event"]), f.seq)
         return bytes(out)
+
+
+def _feed(mapper: AguiMapper, env: dict[str, Any]) -> list[AgEvent]:
+    """`mapper.feed`, never raising: this runs in the writer's flush, which serves every connection. An event
+    the mapping cannot handle maps to nothing, logged (defence in depth: no such event is known; the
+    gateway's own parser refuses JSON nested deeper than the mapping's recursive copies can go)."""
+    try:
+        return mapper.feed(env)
+    except Exception:
+        log.warning("agui: event %r of %s not mapped", env.get("id"), mapper.thread, exc_info=True)
+        return []
 
 
 async def _fold(gw: Gateway, mapper: AguiMapper, subject: str, upto: int) -> None:
@@ -78,7 +91,7 @@ async def _fold(gw: Gateway, mapper: AguiMapper, subject: str, upto: int) -> Non
                 parse_event(ev.data, ev.subject, gw.settings.subject_prefix)
             except InvalidEvent:
                 continue  # never delivered live either
-            mapper.feed(orjson.loads(ev.data))
+            _feed(mapper, orjson.loads(ev.data))
 
 
 async def agui_stream(gw: Gateway, request: Request) -> Response:
