@@ -11,7 +11,9 @@
  * `GatewayAgent.connect()` folds the scope's retained events (`GET /v1/history`), emits the prelude, then
  * follows the scope live with `GatewayClient` from the last event folded: permission-filtered by the
  * gateway, resumed with `since` after every disconnect, each event once and in order, so the AG-UI stream
- * it returns stays one valid stream across reconnects.
+ * it returns stays one valid stream across reconnects. A gap the gateway could not fill (retention) is
+ * resynchronised in the same stream: RUN_ERROR (code `wsgateway.gap`) for the run the consumer had open, then
+ * the prelude of the thread rebuilt from what the stream still holds.
  */
 import { AbstractAgent } from "@ag-ui/client";
 import type { AgentConfig, BaseEvent, RunAgentInput } from "@ag-ui/client";
@@ -620,7 +622,8 @@ export interface GatewayAgentOptions extends AgentConfig {
   /** Passed to the GatewayClient (e.g. `WebSocket` from the `ws` package in Node before 22, `backoff`). */
   client?: Partial<Omit<GatewayClientOptions, "url" | "token" | "scopes" | "since">>;
   fetch?: typeof fetch;
-  /** Called when the gateway could not fill a gap (retention): events were lost, the stream goes on. */
+  /** Called when the gateway could not fill a gap (retention): events were lost; the agent rebuilds the thread
+   * from what the stream still holds and goes on (RUN_ERROR code `wsgateway.gap`, then a new prelude). */
   onGap?: (gap: GapNotice) => void;
 }
 
@@ -647,20 +650,51 @@ export class GatewayAgent extends AbstractAgent {
 
   override connect(_input: RunAgentInput): Observable<BaseEvent> {
     return new Observable<BaseEvent>((sub) => {
-      const mapper = new AguiMapper(this.scope);
       const stop = new AbortController();
+      let mapper = new AguiMapper(this.scope);
       let client: GatewayClient | null = null;
+      let held: EnvelopeLike[] | null = null; // events that arrive while a gap is being resynchronised
+      let heldUpto = 0; // ... and the last sequence the resynchronising fold covers
+      const fail = (err: unknown): void => {
+        if (!stop.signal.aborted) sub.error(err);
+      };
       const emit = (events: AgEvent[]): void => {
         for (const ev of events) sub.next(ev as unknown as BaseEvent);
       };
-      (async () => {
-        let upto = 0;
+      const fold = async (into: AguiMapper, upto: number | null): Promise<number> => {
+        let last = 0;
         for await (const page of history({
           url: this.opts.url, token: this.opts.token, scope: this.scope, fetch: this.opts.fetch, signal: stop.signal,
         })) {
-          for (const item of page.events) mapper.feed(item.event as EnvelopeLike);
-          upto = Math.max(upto, page.next_after);
+          for (const item of page.events) {
+            if (upto !== null && item.seq > upto) return last;
+            into.feed(item.event as EnvelopeLike);
+            last = item.seq;
+          }
+          last = Math.max(last, page.next_after);
         }
+        return last;
+      };
+      // A gap the gateway could not fill (retention): the thread model is stale. Rebuild it from what the
+      // stream still holds, up to where the subscription went live, and start over inside the same AG-UI
+      // stream: RUN_ERROR (code wsgateway.gap) ends the run the consumer had open, the new prelude follows.
+      const resync = async (gap: GapNotice): Promise<void> => {
+        const fresh = new AguiMapper(this.scope);
+        await fold(fresh, gap.seq);
+        if (stop.signal.aborted) return;
+        const out: AgEvent[] = [];
+        if (mapper.main !== null) {
+          out.push({ type: "RUN_ERROR", message: "events were lost (stream retention): resynchronised", code: "wsgateway.gap" });
+        }
+        out.push(...fresh.prelude());
+        mapper = fresh;
+        emit(out);
+        const later = held ?? [];
+        held = null;
+        for (const env of later) emit(mapper.feed(env));
+      };
+      (async () => {
+        const upto = await fold(mapper, null);
         if (stop.signal.aborted) return;
         emit(mapper.prelude());
         client = new GatewayClient({
@@ -668,16 +702,29 @@ export class GatewayAgent extends AbstractAgent {
           signal: stop.signal,
         });
         this.client = client;
-        client.on("event", (frame) => emit(mapper.feed(frame.event as EnvelopeLike)));
-        client.on("gap", (gap) => this.opts.onGap?.(gap));
+        client.on("event", (frame) => {
+          if (held !== null) {
+            if (frame.seq > heldUpto) held.push(frame.event as EnvelopeLike); // the fold covers the others
+            return;
+          }
+          try {
+            emit(mapper.feed(frame.event as EnvelopeLike));
+          } catch (err) {
+            fail(err);
+          }
+        });
+        client.on("gap", (gap) => {
+          this.opts.onGap?.(gap);
+          held = held ?? [];
+          heldUpto = gap.seq;
+          resync(gap).catch(fail);
+        });
         client.on("closed", (err) => {
           if (err) sub.error(err);
           else sub.complete();
         });
         client.start();
-      })().catch((err: unknown) => {
-        if (!stop.signal.aborted) sub.error(err);
-      });
+      })().catch(fail);
       return () => {
         stop.abort();
         client?.close();

@@ -70,7 +70,8 @@ async function publisher() {
     h.set('Nats-Msg-Id', id);
     return (await js.publish(`events.acme.${kind}.${rid}`, JSON.stringify(env), { headers: h })).seq;
   };
-  return { send, close: () => nc.close() };
+  const purgeBefore = async (seq) => (await nc.jetstreamManager()).streams.purge('EVENTS', { seq });
+  return { send, purgeBefore, close: () => nc.close() };
 }
 
 async function until(cond, what) {
@@ -188,6 +189,58 @@ test('GET /v1/agui through AG-UI\'s own SSE parser, verifier and apply: a join a
       'RUN_STARTED', 'MESSAGES_SNAPSHOT', 'TEXT_MESSAGE_START', 'TEXT_MESSAGE_CONTENT', 'TEXT_MESSAGE_END',
       'RUN_FINISHED']);
     assert.deepStrictEqual(agent.messages, [{ id: 'm-1', role: 'assistant', content: 'Hello, world' }]);
+  } finally {
+    await pub.close();
+  }
+});
+
+test('a gap the gateway cannot fill (retention) is resynchronised inside the same, still valid, AG-UI stream', async () => {
+  const pub = await publisher();
+  const scope = 'conversation:agui-gap';
+  try {
+    await pub.send(scope, 'run.started', 'run-3', {});
+    await pub.send(scope, 'run.message.started', 'run-3', { message_id: 'm-3' });
+    await pub.send(scope, 'run.message.delta', 'run-3', { message_id: 'm-3', delta: 'A' });
+    let gate = Promise.resolve();
+    let open = () => {};
+    const gaps = [];
+    const agent = new GatewayAgent({
+      url: env('GW_HTTP'), token: async () => { await gate; return env('TOKEN_ALICE'); }, scope,
+      client: { WebSocket, transport: 'websocket', backoff: { initialMs: 10, maxMs: 50 } },
+      onGap: (gap) => gaps.push(gap),
+    });
+    const seen = [];
+    let finished = false;
+    agent.subscribe({
+      onEvent: ({ event }) => { seen.push(event); },
+      onRunFinishedEvent: () => { finished = true; },
+    });
+    const attached = agent.connectAgent();
+    await until(() => seen.some((e) => e.type === 'TEXT_MESSAGE_START'), 'the prelude');
+    // drop, and keep the client from reconnecting (its token provider waits) until retention took events
+    gate = new Promise((resolve) => { open = resolve; });
+    let dropped = false;
+    agent.client.on('disconnected', () => { dropped = true; });
+    agent.client.drop();
+    await until(() => dropped, 'the drop');
+    await pub.send(scope, 'run.message.delta', 'run-3', { message_id: 'm-3', delta: 'B' });
+    const kept = await pub.send(scope, 'run.message.delta', 'run-3', { message_id: 'm-3', delta: 'C' });
+    await pub.purgeBefore(kept); // "B" (and everything before it) is gone from the stream
+    open();
+    await until(() => gaps.length === 1, 'the gap notice');
+    await until(() => seen.filter((e) => e.type === 'TEXT_MESSAGE_START').length === 2, 'the new prelude');
+    await pub.send(scope, 'run.message.finished', 'run-3', { message_id: 'm-3' });
+    await pub.send(scope, 'run.finished', 'run-3', { outcome: 'success' });
+    await until(() => finished, 'RUN_FINISHED');
+    await agent.detachActiveRun();
+    await attached; // rejects if AG-UI's verifier had refused anything
+    assert.deepStrictEqual(seen.map((e) => e.type), [
+      'RUN_STARTED', 'MESSAGES_SNAPSHOT', 'TEXT_MESSAGE_START', // the join
+      'RUN_ERROR', 'RUN_STARTED', 'MESSAGES_SNAPSHOT', 'TEXT_MESSAGE_START', // the resynchronisation
+      'TEXT_MESSAGE_END', 'RUN_FINISHED',
+    ]);
+    assert.equal(seen[3].code, 'wsgateway.gap');
+    assert.deepStrictEqual(agent.messages, [{ id: 'm-3', role: 'assistant', content: 'C' }]); // "B" is lost
   } finally {
     await pub.close();
   }
