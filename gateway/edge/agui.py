@@ -15,7 +15,9 @@ comes before the first delta.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -83,15 +85,23 @@ def _feed(mapper: AguiMapper, env: dict[str, Any]) -> list[AgEvent]:
         return []
 
 
+_FOLDS: weakref.WeakKeyDictionary[Gateway, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
 async def _fold(gw: Gateway, mapper: AguiMapper, subject: str, upto: int) -> None:
-    """The scope's retained events up to `upto` into the mapper's model (their output is not sent)."""
-    async for batch in gw.reader.read(subject, 0, upto=upto):
-        for ev in batch:
-            try:
-                parse_event(ev.data, ev.subject, gw.settings.subject_prefix)
-            except InvalidEvent:
-                continue  # never delivered live either
-            _feed(mapper, orjson.loads(ev.data))
+    """The scope's retained events up to `upto` into the mapper's model (their output is not sent). At most
+    WSGATEWAY_MAX_CONCURRENT_REPLAYS folds read at once per gateway (like replays); the others wait."""
+    slots = _FOLDS.get(gw)
+    if slots is None:
+        slots = _FOLDS[gw] = asyncio.Semaphore(gw.settings.max_concurrent_replays)
+    async with slots:
+        async for batch in gw.reader.read(subject, 0, upto=upto):
+            for ev in batch:
+                try:
+                    parse_event(ev.data, ev.subject, gw.settings.subject_prefix)
+                except InvalidEvent:
+                    continue  # never delivered live either
+                _feed(mapper, orjson.loads(ev.data))
 
 
 async def agui_stream(gw: Gateway, request: Request) -> Response:
