@@ -20,6 +20,7 @@ import copy
 import json
 import re
 from collections import OrderedDict
+from decimal import Decimal
 from typing import Any
 
 AgEvent = dict[str, Any]
@@ -156,12 +157,53 @@ def _user_content(content: Json) -> Json:
     return _text(content)
 
 
+def _js_number(x: float) -> str:
+    """A float as JavaScript's Number#toString writes it (what JSON.stringify writes), so the TypeScript twin
+    produces the same text: 1.0 -> "1", 1e-07 -> "1e-7", 1e+16 -> "10000000000000000"."""
+    if x != x or x in (float("inf"), float("-inf")):
+        return "null"
+    if x == 0:
+        return "0"
+    if x.is_integer() and abs(x) < 1e21:
+        return str(int(x))
+    sign, digits_t, exp = Decimal(repr(x)).as_tuple()
+    assert isinstance(exp, int)
+    digits = "".join(map(str, digits_t)).rstrip("0") or "0"
+    exp += len("".join(map(str, digits_t))) - len(digits)
+    k = len(digits)
+    n = exp + k  # the decimal point's position after the first `n` digits
+    minus = "-" if sign else ""
+    if k <= n <= 21:
+        return minus + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return minus + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return minus + "0." + "0" * (-n) + digits
+    e = n - 1
+    return minus + digits[0] + ("." + digits[1:] if k > 1 else "") + "e" + ("+" if e > 0 else "-") + str(abs(e))
+
+
+def _js_json(v: Json) -> str:
+    """JSON with sorted keys and no spaces, byte for byte as the TypeScript twin writes it."""
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{_js_json(str(k))}:{_js_json(v[k])}" for k in sorted(v)) + "}"
+    if isinstance(v, list):
+        return "[" + ",".join(_js_json(x) for x in v) + "]"
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, float):
+        return _js_number(v)
+    if isinstance(v, int):
+        return str(v)
+    return json.dumps(v, ensure_ascii=False)
+
+
 def _result_text(result: Json) -> str:
     if result is None:
         return ""
     if isinstance(result, str):
         return result
-    return json.dumps(result, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    return _js_json(result)
 
 
 def _message(mid: str, role: str, content: Json, sub: str | None) -> dict[str, Any] | None:

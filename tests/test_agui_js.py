@@ -20,4 +20,4 @@ async def test_the_typescript_bridge(gw: RunningGateway, idp: TestIdP, platform:
         "TOKEN_ALICE": idp.mint("alice"), "TOKEN_MIA": idp.mint("mia"),
     })
     # node_test fails on any failure; every test ran (none skipped or left out)
-    assert re.search(r" pass 16\n", out) and re.search(r" fail 0\n", out), out[-3000:]
+    assert re.search(r" pass 17\n", out) and re.search(r" fail 0\n", out), out[-3000:]
