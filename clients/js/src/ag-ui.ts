@@ -622,6 +622,9 @@ export interface GatewayAgentOptions extends AgentConfig {
   /** Passed to the GatewayClient (e.g. `WebSocket` from the `ws` package in Node before 22, `backoff`). */
   client?: Partial<Omit<GatewayClientOptions, "url" | "token" | "scopes" | "since">>;
   fetch?: typeof fetch;
+  /** Page size of the history read on attach and after a gap (default 1000, the gateway's default
+   * WSGATEWAY_HISTORY_MAX_LIMIT; lower it for a gateway configured lower). */
+  historyPageSize?: number;
   /** Called when the gateway could not fill a gap (retention): events were lost; the agent rebuilds the thread
    * from what the stream still holds and goes on (RUN_ERROR code `wsgateway.gap`, then a new prelude). */
   onGap?: (gap: GapNotice) => void;
@@ -665,6 +668,7 @@ export class GatewayAgent extends AbstractAgent {
         let last = 0;
         for await (const page of history({
           url: this.opts.url, token: this.opts.token, scope: this.scope, fetch: this.opts.fetch, signal: stop.signal,
+          limit: this.opts.historyPageSize ?? 1000,
         })) {
           for (const item of page.events) {
             if (upto !== null && item.seq > upto) return last;
