@@ -58,7 +58,8 @@ export interface GatewayClientOptions {
   signal?: AbortSignal;
   /** Reconnect backoff: first delay and cap, milliseconds (defaults 250 and 10000); each delay is jittered. */
   backoff?: { initialMs?: number; maxMs?: number };
-  /** Refresh the token this many seconds before it expires (default 30; at most a third of its life). */
+  /** Refresh the token this many seconds before it expires (default 30; at most a third of its life);
+   * `0`: never send `refresh` (at expiry the gateway closes with 4408 and the client reconnects). */
   refreshLeadS?: number;
   /** Give up on a connection that has not said `welcome` within this time, milliseconds (default 15000). */
   openTimeoutMs?: number;
@@ -252,8 +253,9 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
     return p;
   }
 
-  /** Every server frame, events once each and in order, plus `gap` and `disconnected` notices. Ends after
-   * `close()`; throws GatewayClosedError after a final close. Starts the client. */
+  /** Every server frame, events once each and in order, plus `gap` and `disconnected` notices, from the
+   * moment it is called (so call it before awaiting anything else, or use `on()`). Ends after `close()`;
+   * throws GatewayClosedError after a final close. Starts the client. */
   frames(): AsyncIterableIterator<ClientMessage> {
     const q: AsyncQueue<ClientMessage> = new AsyncQueue(() => this.queues.delete(q));
     if (this.finalError) q.end(this.finalError);
@@ -263,9 +265,25 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
     return q;
   }
 
-  /** Only the event frames (each once, in `seq` order). */
-  async *events(): AsyncGenerator<EventFrame> {
-    for await (const m of this.frames()) if (m.type === "event") yield m;
+  /** Only the event frames (each once, in `seq` order). Like `frames()`, it sees what arrives from the
+   * moment it is called (call it before awaiting anything else). */
+  events(): AsyncIterableIterator<EventFrame> {
+    const frames = this.frames(); // now, not at the first next(): nothing arriving meanwhile is missed
+    const it: AsyncIterableIterator<EventFrame> = {
+      async next(): Promise<IteratorResult<EventFrame>> {
+        for (;;) {
+          const r = await frames.next();
+          if (r.done) return { value: undefined, done: true };
+          if (r.value.type === "event") return { value: r.value, done: false };
+        }
+      },
+      async return(): Promise<IteratorResult<EventFrame>> {
+        await frames.return?.();
+        return { value: undefined, done: true };
+      },
+      [Symbol.asyncIterator]: () => it,
+    };
+    return it;
   }
 
   [Symbol.asyncIterator](): AsyncIterator<EventFrame> {
@@ -275,16 +293,16 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
   /** Follow one more scope. On an open WebSocket, sends `subscribe` (from the client's cursor) and resolves
    * with the answer (`subscribed`, or `error`: `forbidden` keeps it pending); otherwise the scope goes on the
    * next connection's URL (SSE: reconnects now) and resolves with `null`. */
-  async subscribe(scope: string): Promise<Subscribed | ErrorFrame | null> {
+  subscribe(scope: string): Promise<Subscribed | ErrorFrame | null> {
     checkScope(scope);
-    if (this.stopped) throw new Error("the client is closed");
+    if (this.stopped) return Promise.reject(new Error("the client is closed"));
     if (!this.scopeList.includes(scope)) this.scopeList.push(scope);
     const since = this.cursorValue;
     return this.request({ op: "subscribe", scope, ...(since !== null ? { since } : {}) }) as Promise<Subscribed | ErrorFrame | null>;
   }
 
   /** Stop following a scope (`unsubscribe`); resolves with the answer, or `null` when not connected. */
-  async unsubscribe(scope: string): Promise<Unsubscribed | ErrorFrame | null> {
+  unsubscribe(scope: string): Promise<Unsubscribed | ErrorFrame | null> {
     checkScope(scope);
     const i = this.scopeList.indexOf(scope);
     if (i !== -1) this.scopeList.splice(i, 1);
@@ -637,7 +655,7 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
   /** Send `refresh` with a fresh token `refreshLeadS` (at most a third of the remaining life) before `expiresAt`. */
   private scheduleRefresh(expiresAt: number): void {
     this.clearRefresh();
-    if (typeof this.tokenProvider !== "function") return; // a fixed token cannot be refreshed: 4408, reconnect
+    if (typeof this.tokenProvider !== "function" || this.refreshLeadS === 0) return; // 4408, then a reconnect
     const remainingS = expiresAt - Date.now() / 1000;
     const leadS = Math.min(this.refreshLeadS, remainingS / 3);
     const delayMs = Math.max(0, (remainingS - leadS) * 1000);
