@@ -25,7 +25,6 @@ import { history } from "./http.js";
 import type { TokenProvider } from "./http.js";
 import { checkResourceScope } from "./validate.js";
 
-/* eslint-disable @typescript-eslint/no-explicit-any */
 type Json = any;
 type Data = Record<string, Json>;
 /** An AG-UI event as a plain object (the shapes of `@ag-ui/core` 1.0). */
