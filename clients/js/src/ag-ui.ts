@@ -646,6 +646,15 @@ export class GatewayAgent extends AbstractAgent {
     this.opts = options;
   }
 
+  /** AbstractAgent's clone copies only its own fields: the clone needs the scope and options too. */
+  override clone(): GatewayAgent {
+    const copy = super.clone() as GatewayAgent;
+    (copy as { scope: string }).scope = this.scope;
+    (copy as unknown as { opts: GatewayAgentOptions }).opts = this.opts;
+    copy.client = null;
+    return copy;
+  }
+
   override run(_input: RunAgentInput): Observable<BaseEvent> {
     throw new Error("GatewayAgent only attaches (connectAgent): the gateway does not start runs");
   }

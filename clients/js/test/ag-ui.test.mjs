@@ -129,6 +129,10 @@ test('GatewayAgent joins in the middle of a message and survives a drop in the m
     ]);
     assert.deepStrictEqual(agent.state, { step: 2 });
     assert.equal(agent.threadId, scope);
+    const twin = agent.clone(); // what frameworks do with agents: it must attach the same way
+    assert.ok(twin instanceof GatewayAgent);
+    assert.equal(twin.scope, scope);
+    assert.deepStrictEqual(twin.messages, agent.messages);
   } finally {
     await pub.close();
   }
