@@ -30,10 +30,10 @@ export function checkResourceScope(scope: unknown, parameter = "scope"): string 
   return scope;
 }
 
-/** A list of scopes, deduplicated in order; at least one. */
+/** A list of scopes, deduplicated in order (may be empty: subscribe later). */
 export function checkScopes(scopes: unknown, parameter = "scopes"): string[] {
-  if (!Array.isArray(scopes) || scopes.length === 0) {
-    throw new GatewayInputError(parameter, "must be a non-empty array of scopes (use [\"*\"] for everything visible)");
+  if (!Array.isArray(scopes)) {
+    throw new GatewayInputError(parameter, "must be an array of scopes (use [\"*\"] for everything visible)");
   }
   const out: string[] = [];
   scopes.forEach((s, i) => {

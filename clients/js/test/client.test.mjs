@@ -42,7 +42,7 @@ describe('bad input is refused before anything is sent', { timeout: 60_000 }, ()
     ['an unknown scope kind', { scopes: ['tenant:acme'] }, 'scopes[0]', /not a scope/],
     ['a scope with a newline', { scopes: ['conversation:c1\n'] }, 'scopes[0]', /not a scope/],
     ['a scope id too long', { scopes: [`conversation:${'x'.repeat(129)}`] }, 'scopes[0]', /not a scope/],
-    ['no scopes', { scopes: [] }, 'scopes', /non-empty/],
+    ['scopes that are not an array', { scopes: 'conversation:c1' }, 'scopes', /array of scopes/],
     ['a negative since', { since: -1 }, 'since', /stream sequence/],
     ['a fractional since', { since: 1.5 }, 'since', /stream sequence/],
     ['a since with a sign', { since: '+5' }, 'since', /stream sequence/],
