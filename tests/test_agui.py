@@ -82,6 +82,23 @@ async def test_a_run_streams_as_the_vectors_say_with_ids(gw: RunningGateway, idp
     assert ids == seqs
 
 
+@pytest.mark.parametrize("case", VECTORS, ids=[c["name"] for c in VECTORS])
+async def test_every_vector_through_the_real_server(
+    gw: RunningGateway, idp: TestIdP, platform: Platform, case: dict[str, Any]
+) -> None:
+    """Published (so every vector is an event the gateway accepts), then streamed: `fold` before the stream
+    opens (its prelude), `events` after; the AG-UI events are the vector's, in order."""
+    await platform.grant("acme.org", ADMIN)
+    scope = case["thread"]
+    await _publish(platform, scope, case["fold"])
+    want = [e for group in case["out"] for e in group]
+    async with httpx.AsyncClient(base_url=gw.http, headers=_auth(idp.mint("alice")), timeout=HANG_S) as c:
+        async with c.stream("GET", "/v1/agui", params={"scope": scope}) as r:
+            seqs = await _publish(platform, scope, case["events"])
+            blocks = await asyncio.wait_for(_blocks(r.aiter_lines(), lambda b: b.get("id") == str(seqs[-1])), HANG_S)
+    assert _agui(blocks) == want
+
+
 async def test_join_mid_message_gets_the_prelude_and_resume_mid_message_too(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
@@ -189,3 +206,4 @@ async def test_a_revocation_ends_the_deliveries(gw: RunningGateway, idp: TestIdP
             blocks = await asyncio.wait_for(
                 _blocks(lines, lambda b: b.get("comment", {}).get("type") == "revoked"), HANG_S)
     assert blocks[-1]["comment"]["scope"] == "conversation:c3"
+
