@@ -5,6 +5,7 @@ clients/js/test/ag-ui.test.mjs holds the TypeScript mapping to the same file and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -29,6 +30,16 @@ def test_the_mapping_produces_the_vectors(case: dict[str, Any]) -> None:
     assert out == case["out"]
     assert m.messages == case["messages"]
     assert m.state == case["state"]
+
+
+def test_the_vectors_file_is_in_the_generators_layout() -> None:
+    """scripts/gen_agui_vectors.py rewrites the outputs from the inputs; the committed file is its output."""
+    spec = importlib.util.spec_from_file_location("gen_agui_vectors", ROOT / "scripts" / "gen_agui_vectors.py")
+    assert spec is not None and spec.loader is not None
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = (ROOT / "tests" / "agui_vectors.json").read_text()
+    assert gen.render(json.loads(text)) == text
 
 
 def test_every_catalogue_type_is_in_the_vectors() -> None:
