@@ -136,6 +136,9 @@ async def agui_stream(gw: Gateway, request: Request) -> Response:
     except Exception as exc:  # NATS down: say so, the client retries
         attempts.labels("rejected").inc()
         return error_response(503, "unavailable", f"the stream is unavailable right now: {type(exc).__name__}")
+    if gw.hub.full:  # again: the read-back took a while
+        attempts.labels("rejected").inc()
+        return error_response(503, "over_limit", "over connection limit: retry on another instance")
     channel = AguiChannel(mapper)
     channel.write(_data(mapper.prelude(), upto))
     return stream_response(gw, channel, open_connection(gw, channel, principal, Initial([scope], upto)))
