@@ -42,7 +42,7 @@ async def node_test(test_file: str, env: dict[str, str], *, timeout: float = 240
     """`node --test clients/js/test/<test_file>` with `env` added; returns its output, fails on any failure."""
     ensure_js()
     proc = await asyncio.create_subprocess_exec(
-        "node", "--test", "--test-reporter=spec", str(JS / "test" / test_file), cwd=JS,
+        "node", "--test", "--test-reporter=tap", str(JS / "test" / test_file), cwd=JS,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **env},
     )
     try:
