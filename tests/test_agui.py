@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.gateway import RunningGateway
+from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wait import HANG_S
@@ -207,3 +207,14 @@ async def test_a_revocation_ends_the_deliveries(gw: RunningGateway, idp: TestIdP
                 _blocks(lines, lambda b: b.get("comment", {}).get("type") == "revoked"), HANG_S)
     assert blocks[-1]["comment"]["scope"] == "conversation:c3"
 
+
+
+async def test_over_the_connection_limit_is_503(nats_server: Any, idp: TestIdP, platform: Platform) -> None:
+    await platform.grant("acme.org", ADMIN)
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, max_connections=1) as g:
+        async with httpx.AsyncClient(base_url=g.http, headers=_auth(idp.mint("alice")), timeout=HANG_S) as c:
+            async with c.stream("GET", "/v1/agui", params={"scope": "agent:a"}) as first:
+                assert first.status_code == 200
+                await asyncio.wait_for(_blocks(first.aiter_lines(), lambda b: "comment" in b), HANG_S)
+                r = await c.get("/v1/agui", params={"scope": "agent:a"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "over_limit"
