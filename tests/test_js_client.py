@@ -7,23 +7,29 @@ mid-stream (resume: nothing lost or doubled), a gateway restart, token refresh, 
 fresh token, revocation, 4401 final, a gap (`recovered: false`), AbortSignal, an injected WebSocket;
 SSE (explicit, and the automatic fallback when WebSocket upgrades are refused), the history pager;
 `npm pack` ships ESM with type declarations; and in headless Chromium (tests/browser/sdk.mjs), the
-bundle the gateway serves: live events, a drop mid-stream and the resume."""
+bundle the gateway serves: live events, a drop mid-stream and the resume. The Node publisher example
+(clients/js/examples/publish.mjs, npm `nats`) publishes what a WebSocket client receives, deduplicated
+by `Nats-Msg-Id`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway import package_version
 from gateway.devtools.natsproc import NatsProcess
+from gateway.events import parse_event
 from tests.support.browser import ensure_browser, run_driver_async
 from tests.support.idp import TestIdP
 from tests.support.jsclient import JS, Rig, ensure_js, node_test
 from tests.support.platform import Platform
+from tests.support.wsclient import connect, nothing_before, recv_type
 
 
 @pytest.fixture
@@ -79,3 +85,61 @@ async def test_sdk_in_headless_chromium_live_drop_and_resume(rig: Rig, tmp_path:
     assert out["seen"] == out["published"] and len(out["published"]) == 18, out
     assert out["connects"] == 2 and out["cursor"] == out["published"][-1]
     assert out["tokens"] == 2, "a fresh token for the reconnect"
+
+
+async def _publish_node(rig: Rig, *args: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(JS / "examples" / "publish.mjs"), "--nats", rig.nats_url, *args, cwd=JS,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.timeout(120)
+async def test_node_publisher_example_follows_the_rules(rig: Rig, idp: TestIdP) -> None:
+    """clients/js/examples/publish.mjs (npm `nats`, JetStream, Nats-Msg-Id) publishes an event a WebSocket
+    client receives; the same id again is deduplicated by JetStream and never delivered twice."""
+    ensure_js()
+    await rig.platform.grant("acme.process.p-node", {"members": ["user:alice"]})
+    assert rig.gateway is not None
+    ws = await connect(f"{rig.gateway.ws}?scope=process:p-node", idp.mint("alice"))
+    try:
+        await recv_type(ws, "welcome")
+        await recv_type(ws, "subscribed")
+        args = ("--tenant", "acme", "--scope", "process:p-node", "--type", "process.progress",
+                "--data", '{"fraction": 0.25, "message": "from node"}', "--id", "01NODEEXAMPLE0000000000001")
+        first = await _publish_node(rig, *args)
+        assert first["subject"] == "events.acme.process.p-node" and first["duplicate"] is False
+        frame = await recv_type(ws, "event")
+        assert frame["seq"] == first["seq"]
+        event = frame["event"]
+        assert event["id"] == "01NODEEXAMPLE0000000000001" and event["type"] == "process.progress"
+        assert event["data"] == {"fraction": 0.25, "message": "from node"} and event["time"].endswith("Z")
+        parse_event(json.dumps(event).encode(), first["subject"])  # what the gateway validated
+
+        again = await _publish_node(rig, *args)
+        assert again["duplicate"] is True and again["seq"] == first["seq"]
+        marker = await rig.platform.publish("acme", "process:p-node")
+        await nothing_before(ws, marker)  # the re-publish was not delivered
+        generated = await _publish_node(rig, "--tenant", "acme", "--scope", "process:p-node",
+                                        "--type", "run.started", "--run-id", "run-1", "--data", "{}")
+        assert len(generated["id"]) == 26 and generated["duplicate"] is False
+        assert (await recv_type(ws, "event"))["event"]["run_id"] == "run-1"
+    finally:
+        await ws.close()
+
+
+async def test_node_publisher_example_refuses_bad_input(rig: Rig) -> None:
+    ensure_js()
+    for args, message in [(("--tenant", "acme", "--scope", "*", "--type", "x"), "scope must be"),
+                          (("--tenant", "a b", "--scope", "process:p", "--type", "x"), "tenant must match"),
+                          (("--tenant", "acme", "--scope", "process:p", "--type", "run.started"), "needs a run id")]:
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(JS / "examples" / "publish.mjs"), "--nats", rig.nats_url, *args, cwd=JS,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode != 0 and message in err.decode(), err.decode()
