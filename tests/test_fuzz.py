@@ -65,7 +65,8 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
     for stream in ("/v1/sse", "/v1/agui"):
         params = {(p["name"], p["in"]) for p in paths[stream]["get"]["parameters"]}
         assert params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header")}
-        assert "text/event-stream" in paths[stream]["get"]["responses"]["200"]["content"]
+        assert set(paths[stream]["get"]["responses"]["200"]["content"]) == {"text/event-stream"}  # never JSON
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
 
 

@@ -123,6 +123,12 @@ def truthful_openapi(app: FastAPI, history_max_limit: int, scopes_max_limit: int
     for path, ops in doc.get("paths", {}).items():
         for operation in ops.values():
             operation.get("responses", {}).pop("422", None)
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                # FastAPI's placeholder `application/json: {}` next to the media type a route declared
+                # (text/event-stream, text/plain): those answers are never JSON
+                if len(content) > 1 and content.get("application/json") == {"schema": {}}:
+                    content.pop("application/json")
             for param in operation.get("parameters", []):
                 known = exact.get((path, param["name"]))
                 if known is not None:
