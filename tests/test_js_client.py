@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from gateway.devtools.natsproc import NatsProcess
 from gateway.events import parse_event
 from tests.support.browser import ensure_browser, run_driver_async
 from tests.support.idp import TestIdP
-from tests.support.jsclient import JS, Rig, ensure_js, node_test
+from tests.support.jsclient import JS, REPO, Rig, ensure_js, node_test
 from tests.support.platform import Platform
 from tests.support.wsclient import connect, nothing_before, recv_type
 
@@ -143,3 +144,37 @@ async def test_node_publisher_example_refuses_bad_input(rig: Rig) -> None:
         )
         _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode != 0 and message in err.decode(), err.decode()
+
+
+def _readme_sdk_example() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### TypeScript and JavaScript: `@wsgateway/client`", 1)[1]
+    block = re.search(r"```ts\n(.*?)```", section, flags=re.S)
+    assert block, "no TypeScript block in the README's SDK section"
+    return block.group(1)
+
+
+def test_readme_sdk_example_type_checks(tmp_path: Path) -> None:
+    """The README's SDK example compiles against the package's declarations (strict), with the app's own
+    functions declared: the README shows the API as it is."""
+    ensure_js()
+    prelude = (
+        "declare function getAccessToken(): Promise<string>;\n"
+        "declare function reload(scope: string, earliest: number): void;\n"
+        "declare function showNoAccess(scope: string): void;\n"
+        "declare function appendText(messageId: string, text: string): void;\n"
+        "declare function render(seq: number, event: import('@wsgateway/client').Envelope): void;\n"
+    )
+    example = _readme_sdk_example()
+    (tmp_path / "example.ts").write_text(example.replace('import {', prelude + "import {", 1) + "\nexport {};\n")
+    (tmp_path / "tsconfig.json").write_text(json.dumps({
+        "compilerOptions": {
+            "strict": True, "noEmit": True, "target": "ES2022", "module": "ESNext", "moduleResolution": "Bundler",
+            "lib": ["ES2022", "DOM", "DOM.Iterable"], "types": [], "skipLibCheck": False,
+            "paths": {"@wsgateway/client": [str(JS / "dist" / "index.d.ts")]},
+        },
+        "files": ["example.ts"],
+    }))
+    run = subprocess.run([str(JS / "node_modules" / ".bin" / "tsc"), "-p", str(tmp_path / "tsconfig.json")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
