@@ -483,6 +483,7 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
     return new Promise<Outcome>((resolve) => {
       let settled = false;
       let sock: WebSocketLike;
+      let openTimer: ReturnType<typeof setTimeout> | undefined;
       const end = (o: Outcome): void => {
         if (settled) return;
         settled = true;
@@ -495,7 +496,7 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
         end({ code: ABNORMAL, reason: e instanceof Error ? e.message : String(e) });
         return;
       }
-      const openTimer = setTimeout(() => {
+      openTimer = setTimeout(() => {
         if (!this.welcomeSeen) {
           try {
             sock.close(CLOSE_CLIENT, "no welcome in time");

@@ -259,14 +259,18 @@ describe('against a real gateway', { timeout: 120_000 }, () => {
     let made = 0;
     class Counting extends WebSocket {
       constructor(...args) {
-        super(...args);
         made += 1;
+        if (made === 1) throw new Error('no socket this time'); // a constructor that throws: retried
+        super(...args);
       }
     }
     const client = new GatewayClient({ url: GW_HTTP, token: await token(), scopes: ['conversation:c1'],
       WebSocket: Counting, ...FAST });
+    const seen = collect(client);
     await client.connect();
-    assert.equal(made, 1);
+    assert.equal(made, 2);
+    assert.equal(seen.notices[0].type, 'disconnected');
+    assert.match(seen.notices[0].reason, /no socket this time/);
     client.close();
   });
 });

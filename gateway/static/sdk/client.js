@@ -376,6 +376,7 @@ export class GatewayClient extends Emitter {
         return new Promise((resolve) => {
             let settled = false;
             let sock;
+            let openTimer;
             const end = (o) => {
                 if (settled)
                     return;
@@ -390,7 +391,7 @@ export class GatewayClient extends Emitter {
                 end({ code: ABNORMAL, reason: e instanceof Error ? e.message : String(e) });
                 return;
             }
-            const openTimer = setTimeout(() => {
+            openTimer = setTimeout(() => {
                 if (!this.welcomeSeen) {
                     try {
                         sock.close(CLOSE_CLIENT, "no welcome in time");
