@@ -68,6 +68,9 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
         assert set(paths[stream]["get"]["responses"]["200"]["content"]) == {"text/event-stream"}  # never JSON
     assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
+    for code in ("200", "503"):  # the same body either way: which checks hold
+        assert paths["/readyz"]["get"]["responses"][code]["content"] == {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ReadyBody"}}}
 
 
 async def test_api_pages_on_request(nats_server: Any, idp: TestIdP) -> None:

@@ -55,6 +55,16 @@ class ScopesBody(BaseModel):
     next_after: str = Field(description="`after` of the next page")
 
 
+class ReadyBody(BaseModel):
+    """The body of `GET /readyz` (200 when every check holds, else 503)."""
+
+    ready: bool = Field(description="Every check below holds")
+    nats_connected: bool
+    consumer_live: bool = Field(description="The NATS consumer delivers events to the hub")
+    acl_loaded: bool = Field(description="The ACL bucket has been read")
+    jwks_loaded: bool = Field(description="The identity provider's keys are loaded")
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
@@ -155,6 +165,7 @@ __all__ = [
     "UNAVAILABLE",
     "ErrorBody",
     "HistoryBody",
+    "ReadyBody",
     "Responses",
     "ScopesBody",
     "integer",
