@@ -129,6 +129,29 @@ describe('against a real gateway', { timeout: 120_000 }, () => {
     client.close();
   });
 
+  test('* (the default): every visible scope in one stream, each event once', async () => {
+    await grant('acme.org', { admins: ['user:olga'] });
+    const client = new GatewayClient({ url: GW_WS, token: provider({ sub: 'olga' }), ...FAST });
+    assert.deepEqual(client.scopes, ['*']);
+    const seen = collect(client);
+    await client.connect();
+    const sub = await client.subscribe('conversation:c1'); // also explicit: still each event once
+    assert.equal(sub.type, 'subscribed');
+    const expected = [];
+    for (const scope of ['conversation:c1', 'process:w1', 'agent:w2', 'conversation:c1']) {
+      expected.push(...await publish(scope));
+    }
+    await until(() => seen.seqs.length >= expected.length, `${expected.length} events`);
+    assert.deepEqual(seen.seqs, expected);
+    const unsub = await client.unsubscribe('*');
+    assert.equal(unsub.type, 'unsubscribed');
+    await publish('process:w1');
+    const [marker] = await publish('conversation:c1');
+    await until(() => seen.seqs.includes(marker), 'the marker');
+    assert.deepEqual(seen.seqs, [...expected, marker], 'after unsubscribing *, only conversation:c1');
+    client.close();
+  });
+
   test('a drop mid-stream resumes from the cursor: nothing lost, nothing twice', async () => {
     const client = new GatewayClient({ url: GW_WS, token: provider(), scopes: ['conversation:c4', 'conversation:c5'],
       ...FAST });
