@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Build the TypeScript SDK (clients/js -> clients/js/dist, `npm run build`: tsc). Run by `make test` (and
-# `make run`: the live viewer loads the SDK from dist) after scripts/ensure-npm.sh installed clients/js.
-# A no-op when dist is newer than every source file; serialised with flock (parallel test workers).
+# Build the TypeScript SDK (clients/js -> clients/js/dist, `npm run build`: tsc). Run by `make test` (`make js`)
+# and the tests after scripts/ensure-npm.sh installed clients/js; `make schemas` copies the build into
+# gateway/static/sdk for the live viewer (so `make run` needs no Node).
+# A no-op when the last build is newer than every source file; serialised with flock (parallel test workers).
 set -euo pipefail
 js="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/clients/js"
-stamp="$js/dist/.build-stamp"
+stamp="$js/node_modules/.wsgateway-build-stamp" # not in dist/: npm pack ships dist/
 fresh() {
   [[ -f "$stamp" ]] && [[ -z "$(find "$js/src" "$js/package.json" "$js/tsconfig.json" -newer "$stamp" -print -quit)" ]]
 }
 build() {
   fresh && return 0
   echo "build-js: npm run build in $js" >&2
+  rm -rf "$js/dist" # a clean build: no module the sources no longer have
   (cd "$js" && npm run --silent build)
   touch "$stamp"
 }

@@ -65,7 +65,7 @@ def test_npm_pack_ships_esm_and_types() -> None:
                  "generated/constants"):
         assert f"dist/{name}.js" in files and f"dist/{name}.d.ts" in files, name
     assert "package.json" in files
-    assert not any(f.startswith(("src/", "test/", "node_modules/")) for f in files), sorted(files)
+    assert not any(f.startswith(("src/", "test/", "node_modules/")) or "/." in f for f in files), sorted(files)
     manifest = json.loads((JS / "package.json").read_text())
     assert manifest["exports"]["."] == {"types": "./dist/index.d.ts", "import": "./dist/index.js"}
     assert manifest["exports"]["./ag-ui"] == {"types": "./dist/ag-ui.d.ts", "import": "./dist/ag-ui.js"}
