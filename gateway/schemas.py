@@ -89,7 +89,7 @@ def _defs(models: list[type[BaseModel]], ref_template: str = "#/$defs/{model}") 
     return defs
 
 
-def _type_name(event_type: str) -> str:
+def event_schema_name(event_type: str) -> str:
     """`run.tool_call.args.delta` -> `RunToolCallArgsDeltaEvent`."""
     parts = event_type.replace("_", ".").split(".")
     return "".join(p[:1].upper() + p[1:] for p in parts) + "Event"
@@ -101,16 +101,16 @@ def events_schema() -> Schema:
     defs = _defs(models)
     for event_type, model in EVENT_TYPES.items():
         envelope = copy.deepcopy(defs["Envelope"])
-        envelope["title"] = _type_name(event_type)
+        envelope["title"] = event_schema_name(event_type)
         envelope["description"] = f"A `{event_type}` event (delivery class `{DELIVERY_CLASSES[event_type]}`)."
         envelope["properties"]["type"] = {"const": event_type, "type": "string"}
         envelope["properties"]["data"] = {"$ref": f"#/$defs/{model.__name__}"}
         envelope["required"] = sorted({*envelope.get("required", []), "data"})
-        defs[_type_name(event_type)] = envelope
+        defs[event_schema_name(event_type)] = envelope
     defs["CatalogueEvent"] = {
         "title": "CatalogueEvent",
         "description": "An event of one of the catalogue's types (docs/events.md).",
-        "oneOf": [{"$ref": f"#/$defs/{_type_name(t)}"} for t in EVENT_TYPES],
+        "oneOf": [{"$ref": f"#/$defs/{event_schema_name(t)}"} for t in EVENT_TYPES],
     }
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "WsgatewayEvents", "$defs": defs}
 
@@ -201,7 +201,7 @@ def asyncapi() -> Schema:
             "contentType": "application/json", "payload": {"$ref": f"#/components/schemas/{model.__name__}"},
         }
     for event_type in EVENT_TYPES:
-        name = _type_name(event_type)
+        name = event_schema_name(event_type)
         frame = f"{name}Frame"
         schemas[frame] = {
             "title": frame, "description": f"An `event` frame carrying a `{event_type}` event.",

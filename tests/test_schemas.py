@@ -10,6 +10,7 @@ server frame type over a WebSocket and SSE), and docs/asyncapi.yaml is validated
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from jsonschema import Draft202012Validator
 from pydantic import BaseModel, TypeAdapter
 
 from gateway import package_version, schemas
@@ -28,9 +30,19 @@ from tests.support.idp import TestIdP
 from tests.support.jsclient import JS, ensure_js
 from tests.support.platform import Platform
 from tests.support.wsclient import connect, recv, recv_type
+from tests.test_events import doc_sections
 
 REPO = Path(__file__).resolve().parent.parent
 _server_frame: TypeAdapter[Any] = TypeAdapter(ServerFrame)
+
+
+def _validator(doc: dict[str, Any], definition: str) -> Draft202012Validator:
+    """A JSON Schema validator for one definition of a generated document (as a third party would use it)."""
+    return Draft202012Validator({**doc, "$ref": f"#/$defs/{definition}"})
+
+
+_published_server_frame = _validator(schemas.protocol_schema(), "ServerFrame")
+_published_events = schemas.events_schema()
 
 
 def _frame_type(model: type[BaseModel]) -> str:
@@ -81,6 +93,7 @@ async def test_real_frames_fit_the_server_frame_models(
 
     def check(frame: dict[str, Any]) -> None:
         _server_frame.validate_python(frame)
+        _published_server_frame.validate(frame)  # the published JSON Schema says the same
         assert all(v is not None for v in frame.values()), f"a null field on the wire: {frame}"
         seen.setdefault(frame["type"], frame)
 
@@ -123,3 +136,15 @@ def test_server_frame_schemas_have_no_null_branches(model: type[BaseModel]) -> N
     defs = schemas.protocol_schema()["$defs"]
     assert '{"type": "null"}' not in json.dumps(defs[model.__name__])
 
+
+
+@pytest.mark.parametrize("event_type", sorted(EVENT_TYPES))
+def test_catalogue_examples_fit_the_published_schema(event_type: str) -> None:
+    """docs/events.md's example of each type validates against that type's generated JSON Schema (and the
+    union `CatalogueEvent`), so the schema's patterns and required fields are those of the models."""
+    [example] = re.findall(r"```json\n(.*?)```", doc_sections()[event_type], flags=re.S)
+    body = json.loads(example)
+    _validator(_published_events, schemas.event_schema_name(event_type)).validate(body)
+    _validator(_published_events, "CatalogueEvent").validate(body)
+    bad = {**body, "scope": "tenant:x"}
+    assert not _validator(_published_events, "Envelope").is_valid(bad)
