@@ -9,12 +9,12 @@ APT_DEPS := $(RUN_APT_DEPS) node=nodejs npm=npm promtool=prometheus chromium=chr
 	buildah=buildah debootstrap=debootstrap
 PYTEST_ARGS ?=
 
-.PHONY: run test deps venv run-deps system-deps npm-deps lint bench clean dashboards image
+.PHONY: run test deps venv run-deps system-deps npm-deps lint bench clean dashboards image js schemas
 
 run: venv run-deps
 	$(VENV)/bin/wsgateway dev
 
-test: deps k8s image
+test: deps k8s image js
 	$(VENV)/bin/ruff check gateway operator tests bench dashboards
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -43,6 +43,15 @@ image: venv
 npm-deps: system-deps
 	@scripts/ensure-npm.sh
 
+# The TypeScript SDK @wsgateway/client (clients/js -> clients/js/dist, tsc); a no-op when dist is current.
+js: npm-deps
+	@scripts/build-js.sh
+
+# Regenerate the contract from the models: the SDK's types (clients/js/src/generated) and docs/asyncapi.yaml
+# (tests/test_schemas.py fails when they are stale).
+schemas: venv npm-deps
+	$(PY) scripts/gen_schemas.py
+
 # The operator tests' control plane (etcd, kube-apiserver, kube-controller-manager) and helm, built from
 # Go modules (tools/k8s) once per version into a cache outside the clone; checks for the Go toolchain
 # (on PATH or /usr/local/go/bin). A no-op when cached.
@@ -62,4 +71,4 @@ bench: deps
 	$(PY) bench/fanout.py
 
 clean:
-	rm -rf $(VENV) tools/node_modules .pytest_cache .ruff_cache
+	rm -rf $(VENV) tools/node_modules clients/js/node_modules clients/js/dist .pytest_cache .ruff_cache

@@ -24,9 +24,10 @@ from gateway.core.bus import Bus
 from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
 from gateway.core.replay import Replayer
+from gateway.edge.agui import build_agui_router
 from gateway.edge.cors import CorsMiddleware
 from gateway.edge.http_api import SCOPES_MAX_LIMIT, build_router
-from gateway.edge.openapi import truthful_openapi
+from gateway.edge.openapi import ReadyBody, truthful_openapi
 from gateway.edge.session import serve_socket
 from gateway.gc_tuning import tune_gc
 from gateway.logs import configure_logging, install_redaction
@@ -220,7 +221,10 @@ def create_app(
         """The process is up and serving HTTP."""
         return {"status": "ok"}
 
-    not_ready: dict[int | str, dict[str, Any]] = {503: {"description": "Not ready: the body says which check fails"}}
+    not_ready: dict[int | str, dict[str, Any]] = {
+        200: {"model": ReadyBody, "description": "Ready: every check holds"},
+        503: {"model": ReadyBody, "description": "Not ready: the body says which check fails"},
+    }
 
     @app.get("/readyz", tags=["operations"], responses=not_ready)
     async def readyz() -> JSONResponse:
@@ -238,6 +242,7 @@ def create_app(
         return Response(body, media_type=ctype)
 
     app.include_router(build_router(gateway))
+    app.include_router(build_agui_router(gateway))
 
     @app.get("/", include_in_schema=False)
     async def viewer() -> FileResponse:

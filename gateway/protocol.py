@@ -15,7 +15,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from wsproto.frame_protocol import FrameProtocol
 
-from gateway.events import SCOPE_BODY
+from gateway.events import SCOPE_BODY, Envelope
 
 WILDCARD = "*"
 # A subscription scope: `<kind>:<id>` or the wildcard.
@@ -146,6 +146,119 @@ def parse_seq(text: str, name: str) -> int:
 
 
 # --- server frames -----------------------------------------------------------------------------
+
+# The server frames as models: the contract that scripts/gen_schemas.py publishes (JSON Schema, the
+# TypeScript SDK's types, docs/asyncapi.yaml) and tests/test_schemas.py checks real frames against.
+# The hot path does not build them: `server_payload` and `event_payload` below write the same JSON.
+# Fields without a value are left out of the wire frame (never `null`); clients ignore unknown fields.
+
+
+class _ServerFrame(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+ScopeField = Annotated[str, Field(pattern=_SCOPE_FIELD_PATTERN)]
+Seq = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+class PrincipalInfo(_ServerFrame):
+    """Who the connection is: `user:<sub>`, the token's subject, tenant and groups."""
+
+    id: str
+    subject: str
+    tenant: str
+    groups: list[str]
+
+
+class Welcome(_ServerFrame):
+    """First frame of every connection."""
+
+    type: Literal["welcome"]
+    connection_id: str
+    principal: PrincipalInfo
+    expires_at: int
+    heartbeat_s: float | None = None
+
+
+class Subscribed(_ServerFrame):
+    """A subscription started (an answer, a URL scope, or access granted later); `since`, `recovered` and
+    `earliest` only on a resume."""
+
+    type: Literal["subscribed"]
+    id: RequestId | None = None
+    scope: ScopeField
+    seq: Seq
+    since: Seq | None = None
+    recovered: bool | None = None
+    earliest: Seq | None = None
+
+
+class Unsubscribed(_ServerFrame):
+    """Answer to `unsubscribe`."""
+
+    type: Literal["unsubscribed"]
+    id: RequestId | None = None
+    scope: ScopeField
+
+
+class Revoked(_ServerFrame):
+    """Access to a scope was lost; nothing more is delivered for it."""
+
+    type: Literal["revoked"]
+    scope: ScopeField
+
+
+class ErrorFrame(_ServerFrame):
+    """A request was refused; `scope` for `forbidden` and `limit`."""
+
+    type: Literal["error"]
+    id: RequestId | None = None
+    code: Literal["bad_request", "read_only", "forbidden", "limit", "unauthorized", "unavailable"]
+    message: str
+    scope: ScopeField | None = None
+
+
+class Pong(_ServerFrame):
+    """Answer to `ping`."""
+
+    type: Literal["pong"]
+    id: RequestId | None = None
+
+
+class Refreshed(_ServerFrame):
+    """Answer to a successful `refresh`: the connection now expires at the new token's `exp`."""
+
+    type: Literal["refreshed"]
+    id: RequestId | None = None
+    expires_at: int
+
+
+class EventFrame(_ServerFrame):
+    """An event: `seq` is its JetStream stream sequence, `event` the publisher's envelope byte for byte;
+    `coalesced` (only on frames merged for a slow client) the number of published events it stands for."""
+
+    type: Literal["event"]
+    seq: Seq
+    event: Envelope
+    coalesced: Annotated[int, Field(ge=2)] | None = None
+
+
+class CloseFrame(_ServerFrame):
+    """Server-Sent Events only: the last frame of a stream, with the close code a WebSocket would get."""
+
+    type: Literal["close"]
+    code: int
+    reason: str
+
+
+SERVER_FRAMES: tuple[type[BaseModel], ...] = (
+    Welcome, Subscribed, Unsubscribed, Revoked, ErrorFrame, Pong, Refreshed, EventFrame, CloseFrame,
+)
+CLIENT_FRAMES: tuple[type[BaseModel], ...] = (Subscribe, Unsubscribe, Refresh, Ping)
+ServerFrame = Annotated[
+    Welcome | Subscribed | Unsubscribed | Revoked | ErrorFrame | Pong | Refreshed | EventFrame | CloseFrame,
+    Field(discriminator="type"),
+]
 
 _encoder = FrameProtocol(client=False, extensions=[])
 

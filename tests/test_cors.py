@@ -1,4 +1,4 @@
-"""CORS (WSGATEWAY_CORS_ORIGINS): pages of listed origins may call GET /v1/history, /v1/scopes and /v1/sse.
+"""CORS (WSGATEWAY_CORS_ORIGINS): pages of listed origins may call GET /v1/history, /v1/scopes, /v1/sse and /v1/agui.
 
 HTTP-level checks of preflights and response headers against a real gateway, the settings rule (`*` and
 anything that is not an exact origin refuse start-up), and headless Chromium calling the gateway from
@@ -32,7 +32,8 @@ from tests.support.ports import free_port
 APP = "http://127.0.0.1:5173"  # listed
 OTHER = "http://127.0.0.1:5174"  # not listed
 ADMIN = {"admins": ["user:alice"]}
-CORS_PATHS = ["/v1/history?scope=conversation:c1", "/v1/scopes", "/v1/sse?scope=conversation:c1"]
+CORS_PATHS = ["/v1/history?scope=conversation:c1", "/v1/scopes", "/v1/sse?scope=conversation:c1",
+              "/v1/agui?scope=conversation:c1"]
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
 
 
@@ -53,7 +54,7 @@ async def cors_gw(nats_server: NatsProcess, idp: TestIdP) -> AsyncIterator[Runni
 
 async def _get(c: httpx.AsyncClient, path: str, headers: dict[str, str]) -> httpx.Response:
     """GET `path`; for the endpless SSE stream only its status and headers (the body is not read)."""
-    if path.startswith("/v1/sse"):
+    if path.startswith(("/v1/sse", "/v1/agui")):
         async with c.stream("GET", path, headers=headers) as r:
             return r
     return await c.get(path, headers=headers)

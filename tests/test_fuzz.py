@@ -55,16 +55,22 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     paths = doc["paths"]
     for path, codes in {"/v1/history": {"200", "400", "401", "403", "503"}, "/v1/scopes": {"200", "400", "401"},
-                        "/v1/sse": {"200", "400", "401", "503"}}.items():
+                        "/v1/sse": {"200", "400", "401", "503"},
+                        "/v1/agui": {"200", "400", "401", "403", "503"}}.items():
         op = paths[path]["get"]
         assert set(op["responses"]) == codes, path
         for code in codes - {"200"}:
             assert op["responses"][code]["content"]["application/json"]["schema"] == error_ref, (path, code)
         assert op["security"] == [{"bearer": []}, {"accessToken": []}]
-    sse_params = {(p["name"], p["in"]) for p in paths["/v1/sse"]["get"]["parameters"]}
-    assert sse_params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header")}
-    assert "text/event-stream" in paths["/v1/sse"]["get"]["responses"]["200"]["content"]
+    for stream in ("/v1/sse", "/v1/agui"):
+        params = {(p["name"], p["in"]) for p in paths[stream]["get"]["parameters"]}
+        assert params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header")}
+        assert set(paths[stream]["get"]["responses"]["200"]["content"]) == {"text/event-stream"}  # never JSON
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
+    for code in ("200", "503"):  # the same body either way: which checks hold
+        assert paths["/readyz"]["get"]["responses"][code]["content"] == {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ReadyBody"}}}
 
 
 async def test_api_pages_on_request(nats_server: Any, idp: TestIdP) -> None:
@@ -94,7 +100,7 @@ def _fuzz(base: str, token: str) -> list[str]:
                       suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case: schemathesis.Case) -> None:
-                streaming = case.operation.path == "/v1/sse"
+                streaming = case.operation.path in ("/v1/sse", "/v1/agui")
                 kw = case.as_transport_kwargs(base_url=base, headers=auth)
                 request = client.build_request(kw["method"], kw["url"], params=kw.get("params"),
                                                headers=kw.get("headers"))

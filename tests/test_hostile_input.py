@@ -179,6 +179,28 @@ async def test_sse_last_event_id(gw: RunningGateway, token: str) -> None:
     assert not failures, str(failures)
 
 
+# --- GET /v1/agui ---------------------------------------------------------------------------------
+
+
+async def test_agui_scope(gw: RunningGateway, token: str) -> None:
+    extra = {"wildcard": "*", "two scopes": "conversation:c1,conversation:c2"}
+    await _all_400(gw, token, "/v1/agui?scope={}", "scope", _values(SCOPES, extra=extra))
+
+
+async def test_agui_since(gw: RunningGateway, token: str) -> None:
+    await _all_400(gw, token, "/v1/agui?scope=conversation:c1&since={}", "since", NUMBERS)
+
+
+async def test_agui_last_event_id(gw: RunningGateway, token: str) -> None:
+    failures = Failures()
+    async with httpx.AsyncClient(base_url=gw.http, timeout=30) as c:
+        for name, value in HEADER_VALUES.items():
+            headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": value.encode("latin-1")}
+            r = await c.get("/v1/agui?scope=conversation:c1", headers=headers)  # type: ignore[arg-type]
+            failures.check(name, _is_400(r, "Last-Event-ID"), (r.status_code, r.text[:200]))
+    assert not failures, str(failures)
+
+
 # --- WS /v1/ws URL parameters ---------------------------------------------------------------------
 
 

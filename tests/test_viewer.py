@@ -42,7 +42,11 @@ async def test_viewer_page_and_assets_are_served_self_contained(gw: RunningGatew
         assert "http://" not in page.text and "https://" not in page.text  # no CDN, no web fonts
         js = await c.get("/static/viewer.js")
         assert js.status_code == 200 and "javascript" in js.headers["content-type"]
-        assert '["wsgateway.v1", "bearer." + token]' in js.text
+        assert 'import("/static/sdk/index.js")' in js.text  # the connection is the SDK's (clients/js, built)
+        sdk = await c.get("/static/sdk/client.js")
+        assert sdk.status_code == 200 and "javascript" in sdk.headers["content-type"]
+        assert "[SUBPROTOCOL, `bearer.${token}`]" in sdk.text  # the token travels as a subprotocol
+        assert '"wsgateway.v1"' in (await c.get("/static/sdk/generated/constants.js")).text
         assert "innerHTML" not in js.text and "insertAdjacentHTML" not in js.text  # event text stays text
         css = await c.get("/static/viewer.css")
         assert css.status_code == 200 and "url(" not in css.text and "@import" not in css.text

@@ -55,6 +55,16 @@ class ScopesBody(BaseModel):
     next_after: str = Field(description="`after` of the next page")
 
 
+class ReadyBody(BaseModel):
+    """The body of `GET /readyz` (200 when every check holds, else 503)."""
+
+    ready: bool = Field(description="Every check below holds")
+    nats_connected: bool
+    consumer_live: bool = Field(description="The NATS consumer delivers events to the hub")
+    acl_loaded: bool = Field(description="The ACL bucket has been read")
+    jwks_loaded: bool = Field(description="The identity provider's keys are loaded")
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
@@ -107,6 +117,9 @@ def parameters(history_max_limit: int, scopes_max_limit: int) -> dict[tuple[str,
         ("/v1/sse", "scope"): (SCOPE_LIST, False),
         ("/v1/sse", "since"): (sequence(), False),
         ("/v1/sse", "Last-Event-ID"): (sequence(), False),
+        ("/v1/agui", "scope"): (SCOPE, True),
+        ("/v1/agui", "since"): (sequence(), False),
+        ("/v1/agui", "Last-Event-ID"): (sequence(), False),
     }
 
 
@@ -120,6 +133,12 @@ def truthful_openapi(app: FastAPI, history_max_limit: int, scopes_max_limit: int
     for path, ops in doc.get("paths", {}).items():
         for operation in ops.values():
             operation.get("responses", {}).pop("422", None)
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                # FastAPI's placeholder `application/json: {}` next to the media type a route declared
+                # (text/event-stream, text/plain): those answers are never JSON
+                if len(content) > 1 and content.get("application/json") == {"schema": {}}:
+                    content.pop("application/json")
             for param in operation.get("parameters", []):
                 known = exact.get((path, param["name"]))
                 if known is not None:
@@ -146,6 +165,7 @@ __all__ = [
     "UNAVAILABLE",
     "ErrorBody",
     "HistoryBody",
+    "ReadyBody",
     "Responses",
     "ScopesBody",
     "integer",

@@ -22,6 +22,7 @@ from gateway.protocol import WILDCARD, FrameError
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.core.connection import Connection
 
 
 class _Room:
@@ -72,7 +73,7 @@ class SseChannel:
     def close(self, code: int, reason: str = "") -> None:
         if self.done:
             return
-        self.write(control("close", code=code, reason=reason).sse_bytes())
+        self.write(self.encode([control("close", code=code, reason=reason)]))
         self.close_code = code
         self.done = True
         self.ready.set()
@@ -116,7 +117,11 @@ async def sse_stream(gw: Gateway, request: Request) -> Response:
         attempts.labels("rejected").inc()
         return error_response(503, "over_limit", "over connection limit: retry on another instance")
     channel = SseChannel()
-    conn = open_connection(gw, channel, principal, initial)
+    return stream_response(gw, channel, open_connection(gw, channel, principal, initial))
+
+
+def stream_response(gw: Gateway, channel: SseChannel, conn: Connection) -> StreamingResponse:
+    """The response whose body is the channel's stream; the connection leaves the hub when it ends."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -129,4 +134,4 @@ async def sse_stream(gw: Gateway, request: Request) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-__all__ = ["SseChannel", "sse_stream"]
+__all__ = ["SseChannel", "sse_stream", "stream_response"]

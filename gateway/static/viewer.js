@@ -1,11 +1,13 @@
-// wsgateway live viewer: one browser WebSocket, the documented protocol, nothing else.
+// wsgateway live viewer: one browser WebSocket through the SDK (@wsgateway/client), the documented protocol.
 //
 // * dev mode (GET /dev/demo answers): pick a demo user; tokens come from the INSECURE dev identity
 //   provider. Otherwise: paste a token.
 // * GET /v1/scopes lists the scopes the user may see; the socket subscribes to them on its URL
 //   (plus `*` for org admins, who also see scopes without an ACL document).
-// * The cursor is the highest `seq` received. "Drop" closes the socket and reconnects with
-//   `?since=<cursor>`: the gateway replays the gap, then continues live; nothing is lost.
+// * The connection is the SDK's GatewayClient (clients/js, served built at /static/sdk/): it keeps the
+//   cursor (the highest `seq` received), reconnects with `?since=<cursor>` after any disconnect and drops
+//   duplicates. "Drop" closes the socket and resumes 2 s later: the gateway replays the gap, then
+//   continues live; nothing is lost.
 // * Event text is only ever put into the page through textContent (never parsed as HTML).
 //
 // `window.viewer` exposes the state (tests read it): state, principal, lastSeq, startSeq, seqs,
@@ -78,14 +80,12 @@
 
   let demo = null; // GET /dev/demo
   let getToken = null; // async () => jwt
-  let ws = null;
-  let session = 0; // bumped on every user switch: callbacks of older sockets are ignored
+  let sdk = null; // import("/static/sdk/index.js"): the built @wsgateway/client, loaded once
+  let client = null; // the session's GatewayClient
+  let session = 0; // bumped on every user switch: callbacks of older clients are ignored
   let dropping = false;
-  let retryMs = 1000;
-  let retryTimer = null;
   let followed = []; // scopes added with the "follow" form
   let wildcard = false;
-  let nextId = 1;
   let sockResume = null; // the resume of the current socket, once its first `subscribed` says so
 
   function setState(state) {
@@ -112,12 +112,10 @@
 
   function resetSession() {
     session += 1;
-    if (retryTimer) clearTimeout(retryTimer);
-    retryTimer = null;
-    if (ws) {
-      const old = ws;
-      ws = null;
-      old.close(1000, "switching user");
+    if (client) {
+      const old = client;
+      client = null;
+      old.close();
     }
     Object.assign(viewer, {
       principal: null, lastSeq: null, startSeq: null, events: 0, duplicates: 0, seqs: [], scopes: {},
@@ -125,7 +123,6 @@
     });
     followed = [];
     wildcard = false;
-    retryMs = 1000;
     panels.clear();
     $("panels").replaceChildren(el("div", "empty", "Loading\u2026"));
     $("scopes").replaceChildren();
@@ -180,81 +177,59 @@
     connect(token);
   }
 
-  function socketUrl() {
-    const url = new URL("/v1/ws", location.href);
-    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    const scopes = Object.keys(viewer.scopes); // pending (revoked, forbidden) ones too: they restart on a grant
-    if (wildcard) scopes.push("*");
-    if (scopes.length) url.searchParams.set("scope", scopes.join(","));
-    if (viewer.lastSeq !== null) url.searchParams.set("since", String(viewer.lastSeq));
-    return url;
-  }
-
   async function connect(token) {
     const mine = session;
-    if (!token) {
-      try {
-        token = await getToken();
-      } catch (e) {
-        logLine("error", String(e.message || e));
-        scheduleRetry();
-        return;
-      }
-    }
+    if (!sdk) sdk = import("/static/sdk/index.js");
+    const { GatewayClient } = await sdk;
     if (mine !== session) return;
-    const url = socketUrl();
-    const resume = viewer.lastSeq !== null;
-    setState(resume ? "resuming" : "connecting");
-    logLine("info", (resume ? "reconnect " : "connect ") + url.pathname + url.search);
-    // Browsers cannot set headers on a WebSocket: the token travels as a subprotocol.
-    const sock = new WebSocket(url, ["wsgateway.v1", "bearer." + token]);
-    ws = sock;
-    sockResume = null;
-    sock.onmessage = (msg) => {
-      if (sock !== ws) return;
-      let frame;
-      try {
-        frame = JSON.parse(msg.data);
-      } catch (_) {
-        return;
-      }
-      onFrame(frame);
-    };
-    sock.onclose = (e) => {
-      if (sock !== ws) return;
-      ws = null;
-      onClose(e);
-    };
+    const scopes = Object.keys(viewer.scopes); // pending (revoked, forbidden) ones too: they restart on a grant
+    if (wildcard) scopes.push("*");
+    let first = token; // the token the scopes were listed with; then a fresh one for every reconnect
+    const url = new URL("/v1/ws", location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    const c = new GatewayClient({
+      url: url.href, scopes, transport: "websocket", backoff: { initialMs: 1000, maxMs: 10000 },
+      token: async () => {
+        const t = first || (await getToken());
+        first = null;
+        return t;
+      },
+    });
+    client = c;
+    c.on("state", (state) => {
+      if (c !== client || (state !== "connecting" && state !== "reconnecting")) return;
+      const resume = c.cursor !== null;
+      sockResume = null;
+      setState(resume ? "resuming" : "connecting");
+      logLine("info", (resume ? "reconnect " : "connect ") + url.pathname + "?scope=" + c.scopes.join(",") +
+        (resume ? "&since=" + c.cursor : ""));
+    });
+    c.on("frame", (frame) => {
+      if (c === client) onFrame(frame);
+    });
+    c.on("disconnected", (d) => {
+      if (c === client) onClose(d);
+    });
+    c.start();
   }
 
-  function scheduleRetry(ms) {
-    const mine = session;
-    const wait = ms || retryMs;
-    retryMs = Math.min(retryMs * 2, 10000);
-    retryTimer = setTimeout(() => {
-      retryTimer = null;
-      if (mine === session) connect();
-    }, wait);
-  }
-
-  function onClose(e) {
-    const reason = e.reason ? " " + e.reason : "";
+  function onClose(d) {
+    const reason = d.reason ? " " + d.reason : "";
     if (dropping) {
       dropping = false;
       setState("dropped");
       logLine("close", "dropped by the button at seq " + viewer.lastSeq + "; resuming in " + DROP_PAUSE_MS / 1000 + " s");
       note("pending", "Connection dropped at seq " + viewer.lastSeq + ". Events keep flowing on the server; reconnecting with since=" + viewer.lastSeq + " in " + DROP_PAUSE_MS / 1000 + " s\u2026");
-      scheduleRetry(DROP_PAUSE_MS);
-      return;
+      return; // the client resumes after DROP_PAUSE_MS (drop() said so)
     }
-    logLine("close", "closed " + e.code + reason);
-    if (e.code === 4400 || e.code === 4401 || (e.code === 4408 && viewer.mode === "token")) {
+    logLine("close", "closed " + d.code + reason);
+    if (d.final || (d.code === 4408 && viewer.mode === "token")) {
+      if (client) client.close(); // 4400, 4401: final; 4408 with a pasted token: it will not get fresher
       setState("error");
-      note("lossy", "Closed " + e.code + reason + ": not retried (fix the token or URL).");
+      note("lossy", "Closed " + d.code + reason + ": not retried (fix the token or URL).");
       return;
     }
-    setState("closed");
-    scheduleRetry(); // 1001, 1006, 4408 (fresh dev token), 4429, ...: resume with the cursor
+    setState("closed"); // 1001, 1006, 4408 (fresh dev token), 4429, ...: the client resumes with the cursor
   }
 
   function note(kind, text) {
@@ -265,10 +240,10 @@
   }
 
   function drop() {
-    if (!ws || viewer.state !== "open") return;
+    if (!client || viewer.state !== "open") return;
     dropping = true;
     viewer.drops += 1;
-    ws.close(1000, "drop button");
+    client.drop({ reconnectInMs: DROP_PAUSE_MS });
   }
 
   // ----------------------------------------------------------------------------------------------
@@ -288,7 +263,6 @@
         viewer.principal = f.principal;
         $("principal").textContent = f.principal.id + (f.principal.groups.length ? " [" + f.principal.groups.join(", ") + "]" : "");
         setState("open");
-        retryMs = 1000;
         logLine("welcome", "welcome " + f.principal.id + ", tenant " + f.principal.tenant);
         break;
       case "subscribed": {
@@ -848,9 +822,7 @@
     }
     followed.push(scope);
     ensureScope(scope, "followed", "requested");
-    if (ws && viewer.state === "open") {
-      ws.send(JSON.stringify({ op: "subscribe", id: "follow-" + nextId++, scope }));
-    }
+    if (client) client.subscribe(scope).catch(() => {}); // now, or on the next connection's URL
   }
 
   async function init() {

@@ -1,0 +1,681 @@
+/**
+ * `GatewayClient`: one ordered, de-duplicated stream of a user's events across reconnects.
+ *
+ * `seq` (the JetStream stream sequence) is one cursor across all scopes. The client remembers the
+ * highest `seq` it handed out; after any disconnect it reconnects with the scopes and `since=<cursor>`
+ * on the URL (the gateway replays what was missed as ONE ordered stream, then goes live) and drops
+ * anything at or below the cursor, so the application sees every event once, in order
+ * (docs/protocol.md#resume). Close codes 4400 and 4401 are final; everything else is retried with
+ * capped, jittered exponential backoff. Over Server-Sent Events (`transport: "sse"`, or `"auto"` when
+ * WebSockets are unavailable or refused) the same happens with `Last-Event-ID`.
+ */
+
+import { GatewayClosedError, GatewayInputError } from "./errors.js";
+import { FINAL_CLOSE_CODES, SUBPROTOCOL } from "./generated/constants.js";
+import type { CatalogueEvent, CatalogueEventType, Envelope } from "./generated/events.js";
+import type {
+  ClientFrame, CloseFrame, ErrorFrame, EventFrame, Pong, Refreshed, Revoked, ServerFrame, Subscribed, Unsubscribed,
+  Welcome,
+} from "./generated/protocol.js";
+import { checkTokenProvider, resolveToken } from "./http.js";
+import type { TokenProvider } from "./http.js";
+import { SseParser } from "./sse.js";
+import { AsyncQueue, Emitter } from "./stream.js";
+import { checkInt, checkScope, checkScopes, checkSeq, gatewayUrls } from "./validate.js";
+import type { GatewayUrls } from "./validate.js";
+
+/** What the client needs of a WebSocket (the browser's, Node's `ws` package, or an injected one). */
+export interface WebSocketLike {
+  readonly readyState: number;
+  onopen: ((ev: unknown) => void) | null;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+
+export type Transport = "websocket" | "sse";
+export type ConnectionState = "idle" | "connecting" | "open" | "reconnecting" | "closed";
+
+export interface GatewayClientOptions {
+  /** `ws(s)://host/v1/ws`, or the gateway's base `http(s)://host`. */
+  url: string | URL;
+  /** A token, or a function returning a fresh one: called on every connect and before expiry (`refresh`). */
+  token: TokenProvider;
+  /** Scopes to follow (default `["*"]`: everything the user may see). */
+  scopes?: string[];
+  /** Resume after this stream sequence (a cursor saved earlier). */
+  since?: number | string;
+  /** `"auto"` (default): WebSocket, Server-Sent Events when no WebSocket is available or upgrades fail. */
+  transport?: Transport | "auto";
+  /** The WebSocket constructor (default: `globalThis.WebSocket`, else npm `ws` when installed). */
+  WebSocket?: WebSocketConstructor;
+  /** `fetch` for SSE (default: `globalThis.fetch`). */
+  fetch?: typeof fetch;
+  /** Aborting it closes the client, as `close()` does. */
+  signal?: AbortSignal;
+  /** Reconnect backoff: first delay and cap, milliseconds (defaults 250 and 10000); each delay is jittered. */
+  backoff?: { initialMs?: number; maxMs?: number };
+  /** Refresh the token this many seconds before it expires (default 30; at most a third of its life);
+   * `0`: never send `refresh` (at expiry the gateway closes with 4408 and the client reconnects). */
+  refreshLeadS?: number;
+  /** Give up on a connection that has not said `welcome` within this time, milliseconds (default 15000). */
+  openTimeoutMs?: number;
+}
+
+/** The gateway could not fill a resume's gap (`recovered: false`): rebuild the scope from its source of
+ * truth, or page the history from `earliest`. */
+export interface GapNotice {
+  type: "gap";
+  scope: string;
+  /** The cursor the client resumed from. */
+  since: number;
+  /** The first sequence the stream still holds. */
+  earliest: number;
+  /** Where the subscription went live. */
+  seq: number;
+}
+
+/** The connection ended; `retryInMs` is `null` when the client stops (final close or `close()`). */
+export interface DisconnectNotice {
+  type: "disconnected";
+  code: number;
+  reason: string;
+  transport: Transport;
+  final: boolean;
+  retryInMs: number | null;
+}
+
+/** What `frames()` yields: every server frame (events once each, in order) and the client's notices. */
+export type ClientMessage = ServerFrame | GapNotice | DisconnectNotice;
+
+export interface GatewayClientEvents {
+  event: EventFrame;
+  welcome: Welcome;
+  subscribed: Subscribed;
+  unsubscribed: Unsubscribed;
+  revoked: Revoked;
+  error: ErrorFrame;
+  pong: Pong;
+  refreshed: Refreshed;
+  close: CloseFrame;
+  frame: ServerFrame;
+  gap: GapNotice;
+  disconnected: DisconnectNotice;
+  state: ConnectionState;
+  /** The client stopped: `null` after `close()`, the error after a final close. */
+  closed: GatewayClosedError | null;
+}
+
+/** Whether `event` is of the catalogue type `type` (narrows `event.data` to its model). */
+export function isEventType<T extends CatalogueEventType>(
+  event: Envelope, type: T,
+): event is Extract<CatalogueEvent, { type: T }> {
+  return event.type === type;
+}
+
+interface Link {
+  transport: Transport;
+  send(frame: ClientFrame): boolean;
+  close(code: number, reason: string): void;
+}
+
+interface Outcome {
+  code: number;
+  reason: string;
+}
+
+type Answer = Subscribed | Unsubscribed | ErrorFrame | Pong | Refreshed;
+
+const CLOSE_CLIENT = 1000;
+const ABNORMAL = 1006;
+
+async function defaultWebSocket(): Promise<WebSocketConstructor | null> {
+  const g = globalThis as { WebSocket?: WebSocketConstructor };
+  if (typeof g.WebSocket === "function") return g.WebSocket;
+  const name = "ws"; // Node 20 has no stable global WebSocket: the `ws` package, when installed
+  try {
+    const mod = (await import(/* @vite-ignore */ /* webpackIgnore: true */ name)) as {
+      WebSocket?: WebSocketConstructor; default?: WebSocketConstructor;
+    };
+    return mod.WebSocket ?? mod.default ?? null;
+  } catch {
+    return null;
+  }
+}
+
+export class GatewayClient extends Emitter<GatewayClientEvents> implements AsyncIterable<EventFrame> {
+  readonly urls: GatewayUrls;
+  private readonly tokenProvider: TokenProvider;
+  private readonly scopeList: string[];
+  private readonly transportOption: Transport | "auto";
+  private readonly wsOption: WebSocketConstructor | undefined;
+  private readonly fetchOption: typeof fetch | undefined;
+  private readonly initialMs: number;
+  private readonly maxMs: number;
+  private readonly refreshLeadS: number;
+  private readonly openTimeoutMs: number;
+
+  private cursorValue: number | null;
+  private stateValue: ConnectionState = "idle";
+  private link: Link | null = null;
+  private transportValue: Transport | null = null;
+  private running: Promise<void> | null = null;
+  private stopped = false;
+  private finalError: GatewayClosedError | null = null;
+  private wake: (() => void) | null = null;
+  private nextDelayMs: number | null = null;
+  private refreshTimer: ReturnType<typeof setTimeout> | null = null;
+  private nextId = 1;
+  private readonly pending = new Map<string, (frame: Answer) => void>();
+  private readonly queues = new Set<AsyncQueue<ClientMessage>>();
+  private readonly welcomeWaiters: { resolve: (w: Welcome) => void; reject: (e: unknown) => void }[] = [];
+
+  /** Connections made (every `welcome`). */
+  connects = 0;
+  /** Event frames dropped because their `seq` was at or below the cursor (a resume's overlap). */
+  duplicates = 0;
+  /** The last disconnect. */
+  lastClose: Outcome | null = null;
+  /** The last `welcome`. */
+  welcome: Welcome | null = null;
+
+  constructor(options: GatewayClientOptions) {
+    super();
+    if (options === null || typeof options !== "object") {
+      throw new GatewayInputError("options", "must be an object with at least url and token");
+    }
+    this.urls = gatewayUrls(options.url);
+    this.tokenProvider = checkTokenProvider(options.token);
+    this.scopeList = checkScopes(options.scopes ?? ["*"]);
+    this.cursorValue = options.since === undefined || options.since === null ? null : checkSeq(options.since);
+    const transport = options.transport ?? "auto";
+    if (!["auto", "websocket", "sse"].includes(transport)) {
+      throw new GatewayInputError("transport", `must be "auto", "websocket" or "sse" (got ${JSON.stringify(transport)})`);
+    }
+    this.transportOption = transport;
+    if (options.WebSocket !== undefined && typeof options.WebSocket !== "function") {
+      throw new GatewayInputError("WebSocket", "must be a WebSocket constructor");
+    }
+    this.wsOption = options.WebSocket;
+    if (options.fetch !== undefined && typeof options.fetch !== "function") {
+      throw new GatewayInputError("fetch", "must be a fetch function");
+    }
+    this.fetchOption = options.fetch;
+    this.initialMs = checkInt(options.backoff?.initialMs ?? 250, "backoff.initialMs", 1, 600_000);
+    this.maxMs = checkInt(options.backoff?.maxMs ?? 10_000, "backoff.maxMs", this.initialMs, 3_600_000);
+    this.refreshLeadS = checkInt(options.refreshLeadS ?? 30, "refreshLeadS", 0, 86_400);
+    this.openTimeoutMs = checkInt(options.openTimeoutMs ?? 15_000, "openTimeoutMs", 100, 600_000);
+    const signal = options.signal;
+    if (signal !== undefined) {
+      if (typeof signal?.addEventListener !== "function") throw new GatewayInputError("signal", "must be an AbortSignal");
+      if (signal.aborted) this.stopped = true;
+      else signal.addEventListener("abort", () => this.close(), { once: true });
+    }
+  }
+
+  /** The highest `seq` handed to the application (or the live start position): save it to resume later. */
+  get cursor(): number | null {
+    return this.cursorValue;
+  }
+
+  get state(): ConnectionState {
+    return this.stateValue;
+  }
+
+  /** The transport of the current (or last) connection. */
+  get transport(): Transport | null {
+    return this.transportValue;
+  }
+
+  /** The scopes followed (in order). */
+  get scopes(): readonly string[] {
+    return [...this.scopeList];
+  }
+
+  /** Start connecting (idempotent); the stream runs until `close()`, an abort, or a final close. */
+  start(): this {
+    if (this.running === null && !this.stopped) {
+      this.running = this.run();
+    }
+    return this;
+  }
+
+  /** Start, and wait for the first `welcome` (rejects with GatewayClosedError on a final close before). */
+  connect(): Promise<Welcome> {
+    if (this.finalError) return Promise.reject(this.finalError);
+    if (this.stopped) return Promise.reject(new Error("the client is closed"));
+    if (this.welcome && this.stateValue === "open") return Promise.resolve(this.welcome);
+    const p = new Promise<Welcome>((resolve, reject) => this.welcomeWaiters.push({ resolve, reject }));
+    this.start();
+    return p;
+  }
+
+  /** Every server frame, events once each and in order, plus `gap` and `disconnected` notices, from the
+   * moment it is called (so call it before awaiting anything else, or use `on()`). Ends after `close()`;
+   * throws GatewayClosedError after a final close. Starts the client. */
+  frames(): AsyncIterableIterator<ClientMessage> {
+    const q: AsyncQueue<ClientMessage> = new AsyncQueue(() => this.queues.delete(q));
+    if (this.finalError) q.end(this.finalError);
+    else if (this.stopped) q.end();
+    else this.queues.add(q);
+    this.start();
+    return q;
+  }
+
+  /** Only the event frames (each once, in `seq` order). Like `frames()`, it sees what arrives from the
+   * moment it is called (call it before awaiting anything else). */
+  events(): AsyncIterableIterator<EventFrame> {
+    const frames = this.frames(); // now, not at the first next(): nothing arriving meanwhile is missed
+    const it: AsyncIterableIterator<EventFrame> = {
+      async next(): Promise<IteratorResult<EventFrame>> {
+        for (;;) {
+          const r = await frames.next();
+          if (r.done) return { value: undefined, done: true };
+          if (r.value.type === "event") return { value: r.value, done: false };
+        }
+      },
+      async return(): Promise<IteratorResult<EventFrame>> {
+        await frames.return?.();
+        return { value: undefined, done: true };
+      },
+      [Symbol.asyncIterator]: () => it,
+    };
+    return it;
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<EventFrame> {
+    return this.events();
+  }
+
+  /** Follow one more scope. On an open WebSocket, sends `subscribe` (from the client's cursor) and resolves
+   * with the answer (`subscribed`, or `error`: `forbidden` keeps it pending); otherwise the scope goes on the
+   * next connection's URL (SSE: reconnects now) and resolves with `null`. */
+  subscribe(scope: string): Promise<Subscribed | ErrorFrame | null> {
+    checkScope(scope);
+    if (this.stopped) return Promise.reject(new Error("the client is closed"));
+    if (!this.scopeList.includes(scope)) this.scopeList.push(scope);
+    const since = this.cursorValue;
+    return this.request({ op: "subscribe", scope, ...(since !== null ? { since } : {}) }) as Promise<Subscribed | ErrorFrame | null>;
+  }
+
+  /** Stop following a scope (`unsubscribe`); resolves with the answer, or `null` when not connected. */
+  unsubscribe(scope: string): Promise<Unsubscribed | ErrorFrame | null> {
+    checkScope(scope);
+    const i = this.scopeList.indexOf(scope);
+    if (i !== -1) this.scopeList.splice(i, 1);
+    return this.request({ op: "unsubscribe", scope }) as Promise<Unsubscribed | ErrorFrame | null>;
+  }
+
+  /** An application-level round trip (`ping` -> `pong`); `null` when not connected over a WebSocket. */
+  async ping(): Promise<Pong | null> {
+    const link = this.link;
+    if (!link || link.transport !== "websocket" || this.stateValue !== "open") return null;
+    const id = `sdk-${this.nextId++}`;
+    const answer = new Promise<Answer>((resolve) => this.pending.set(id, resolve));
+    if (!link.send({ op: "ping", id })) return null;
+    return (await answer) as Pong;
+  }
+
+  /** Drop the connection as a network failure would; the client resumes from its cursor after
+   * `reconnectInMs` (default: right away). */
+  drop(options: { reconnectInMs?: number } = {}): void {
+    const wait = options.reconnectInMs ?? 0;
+    checkInt(wait, "reconnectInMs", 0, 3_600_000);
+    this.nextDelayMs = wait;
+    this.link?.close(CLOSE_CLIENT, "dropped by the client");
+  }
+
+  /** Stop for good: closes the connection, ends every iterator. */
+  close(): void {
+    if (this.stopped && this.stateValue === "closed") return;
+    this.stopped = true;
+    this.clearRefresh();
+    this.link?.close(CLOSE_CLIENT, "client closed");
+    this.wake?.();
+    this.finish(null);
+  }
+
+  /** Resolves once the client has stopped: `null` after `close()`, the error after a final close. */
+  async closed(): Promise<GatewayClosedError | null> {
+    if (this.stateValue === "closed") return this.finalError;
+    return new Promise((resolve) => {
+      const off = this.on("closed", (e) => {
+        off();
+        resolve(e);
+      });
+    });
+  }
+
+  // --- internals ----------------------------------------------------------------------------------
+
+  private async request(frame: ClientFrame): Promise<Answer | null> {
+    const link = this.link;
+    if (!link || this.stateValue !== "open") return null;
+    if (link.transport === "sse") {
+      // SSE cannot send frames: reconnect with the new scope list (from the cursor: nothing is lost)
+      this.nextDelayMs = 0;
+      link.close(CLOSE_CLIENT, "scopes changed");
+      return null;
+    }
+    const id = `sdk-${this.nextId++}`;
+    const answer = new Promise<Answer>((resolve) => this.pending.set(id, resolve));
+    if (!link.send({ ...frame, id })) {
+      this.pending.delete(id);
+      return null;
+    }
+    return answer;
+  }
+
+  private setState(state: ConnectionState): void {
+    if (this.stateValue === state) return;
+    this.stateValue = state;
+    this.emit("state", state);
+  }
+
+  private publish(message: ClientMessage): void {
+    for (const q of this.queues) q.push(message);
+  }
+
+  private finish(error: GatewayClosedError | null): void {
+    if (this.stateValue === "closed") return;
+    this.finalError = error;
+    this.stopped = true;
+    this.clearRefresh();
+    this.setState("closed");
+    for (const q of this.queues) q.end(error);
+    this.queues.clear();
+    for (const w of this.welcomeWaiters.splice(0)) w.reject(error ?? new Error("the client is closed"));
+    for (const resolve of this.pending.values()) resolve({ type: "error", code: "unavailable", message: "closed" });
+    this.pending.clear();
+    this.emit("closed", error);
+  }
+
+  private connectUrl(base: URL, withSince: boolean): URL {
+    const url = new URL(base.href);
+    if (this.scopeList.length) url.searchParams.set("scope", this.scopeList.join(","));
+    if (withSince && this.cursorValue !== null) url.searchParams.set("since", String(this.cursorValue));
+    return url;
+  }
+
+  private async run(): Promise<void> {
+    let delay = this.initialMs;
+    let wsFailures = 0;
+    let useSse = this.transportOption === "sse";
+    const WS = useSse ? null : (this.wsOption ?? (await defaultWebSocket()));
+    if (!useSse && WS === null) {
+      if (this.transportOption === "websocket") {
+        this.finish(null);
+        throw new GatewayInputError("WebSocket", "no WebSocket available: pass one (npm ws in Node 20) or use transport \"sse\"");
+      }
+      useSse = true;
+    }
+    while (!this.stopped) {
+      this.setState(this.connects === 0 && this.lastClose === null ? "connecting" : "reconnecting");
+      let outcome: Outcome;
+      let opened = false;
+      const transport: Transport = useSse ? "sse" : "websocket";
+      this.transportValue = transport;
+      try {
+        const token = await resolveToken(this.tokenProvider);
+        if (this.stopped) break;
+        const before = this.connects;
+        outcome = useSse ? await this.runSse(token) : await this.runWebSocket(WS as WebSocketConstructor, token);
+        opened = this.connects > before;
+      } catch (e) {
+        outcome = { code: ABNORMAL, reason: e instanceof Error ? e.message : String(e) };
+      }
+      this.link = null;
+      this.clearRefresh();
+      this.lastClose = outcome;
+      for (const resolve of this.pending.values()) {
+        resolve({ type: "error", code: "unavailable", message: `disconnected (${outcome.code})` });
+      }
+      this.pending.clear();
+      if (this.stopped) break;
+      const final = (FINAL_CLOSE_CODES as readonly number[]).includes(outcome.code);
+      if (final) {
+        const error = new GatewayClosedError(outcome.code, outcome.reason);
+        const notice: DisconnectNotice = { type: "disconnected", ...outcome, transport, final: true, retryInMs: null };
+        this.emit("disconnected", notice);
+        this.publish(notice);
+        this.finish(error);
+        return;
+      }
+      if (opened) {
+        delay = this.initialMs;
+        wsFailures = 0;
+      } else if (!useSse && outcome.code === ABNORMAL) {
+        wsFailures += 1;
+        if (this.transportOption === "auto" && wsFailures >= 2) useSse = true; // upgrades refused: try SSE
+      }
+      let wait = Math.min(this.maxMs, Math.round(delay * (0.5 + Math.random())));
+      delay = Math.min(delay * 2, this.maxMs);
+      if (this.nextDelayMs !== null) {
+        wait = this.nextDelayMs;
+        this.nextDelayMs = null;
+      }
+      const notice: DisconnectNotice = { type: "disconnected", ...outcome, transport, final: false, retryInMs: wait };
+      this.emit("disconnected", notice);
+      this.publish(notice);
+      await this.sleep(wait);
+    }
+    this.finish(this.finalError);
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done(): void {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.wake = () => {
+        this.wake = null;
+        done();
+      };
+    });
+  }
+
+  private runWebSocket(WS: WebSocketConstructor, token: string): Promise<Outcome> {
+    return new Promise<Outcome>((resolve) => {
+      let settled = false;
+      let sock: WebSocketLike;
+      let openTimer: ReturnType<typeof setTimeout> | undefined;
+      const end = (o: Outcome): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(openTimer);
+        resolve(o);
+      };
+      try {
+        sock = new WS(this.connectUrl(this.urls.ws, true).href, [SUBPROTOCOL, `bearer.${token}`]);
+      } catch (e) {
+        end({ code: ABNORMAL, reason: e instanceof Error ? e.message : String(e) });
+        return;
+      }
+      openTimer = setTimeout(() => {
+        if (!this.welcomeSeen) {
+          try {
+            sock.close(CLOSE_CLIENT, "no welcome in time");
+          } catch {
+            /* closing already */
+          }
+          end({ code: ABNORMAL, reason: `no welcome within ${this.openTimeoutMs} ms` });
+        }
+      }, this.openTimeoutMs);
+      this.welcomeSeen = false;
+      const link: Link = {
+        transport: "websocket",
+        send: (frame) => {
+          if (sock.readyState !== 1) return false;
+          sock.send(JSON.stringify(frame));
+          return true;
+        },
+        close: (code, reason) => {
+          try {
+            sock.close(code, reason);
+          } catch {
+            /* already closing */
+          }
+        },
+      };
+      this.link = link;
+      sock.onmessage = (msg) => {
+        if (settled || typeof msg.data !== "string") return;
+        let frame: ServerFrame;
+        try {
+          frame = JSON.parse(msg.data) as ServerFrame;
+        } catch {
+          return;
+        }
+        this.onFrame(frame, link);
+      };
+      sock.onerror = () => {
+        /* the close event follows */
+      };
+      sock.onclose = (e) => end({ code: e.code || ABNORMAL, reason: e.reason || "connection lost" });
+    });
+  }
+
+  private welcomeSeen = false;
+
+  private async runSse(token: string): Promise<Outcome> {
+    const f = this.fetchOption ?? globalThis.fetch;
+    if (typeof f !== "function") throw new GatewayInputError("fetch", "no fetch available for SSE: pass one in the options");
+    if (this.scopeList.length === 0) {
+      // nothing to follow (SSE without a scope would mean `*`): wait until something is subscribed
+      await new Promise<void>((resolve) => {
+        this.link = { transport: "sse", send: () => false, close: () => resolve() };
+        this.setState("open");
+      });
+      return { code: CLOSE_CLIENT, reason: "scopes changed" };
+    }
+    const abort = new AbortController();
+    let closeFrame: Outcome | null = null;
+    const link: Link = { transport: "sse", send: () => false, close: () => abort.abort() };
+    this.link = link;
+    this.welcomeSeen = false;
+    const headers: Record<string, string> = { Authorization: `Bearer ${token}`, Accept: "text/event-stream" };
+    if (this.cursorValue !== null) headers["Last-Event-ID"] = String(this.cursorValue);
+    const openTimer = setTimeout(() => {
+      if (!this.welcomeSeen) abort.abort();
+    }, this.openTimeoutMs);
+    try {
+      const r = await f.call(globalThis, this.connectUrl(this.urls.sse, false), { headers, signal: abort.signal, cache: "no-store" });
+      if (r.status !== 200 || !r.body) {
+        const body = (await r.json().catch(() => null)) as { error?: { message?: string } } | null;
+        const reason = body?.error?.message ?? `HTTP ${r.status}`;
+        clearTimeout(openTimer);
+        // the HTTP answers of docs/protocol.md#server-sent-events-get-v1sse, as the WebSocket's close codes
+        if (r.status === 401) return { code: 4401, reason };
+        if (r.status === 400) return { code: 4400, reason };
+        return { code: r.status === 503 ? 4429 : 1011, reason };
+      }
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      const parser = new SseParser();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        for (const m of parser.push(value)) {
+          let frame: ServerFrame;
+          try {
+            frame = JSON.parse(m.data) as ServerFrame;
+          } catch {
+            continue;
+          }
+          if (frame.type === "close") closeFrame = { code: frame.code, reason: frame.reason };
+          this.onFrame(frame, link);
+        }
+      }
+      return closeFrame ?? { code: ABNORMAL, reason: "stream ended" };
+    } catch (e) {
+      if (abort.signal.aborted) return closeFrame ?? { code: this.welcomeSeen ? CLOSE_CLIENT : ABNORMAL, reason: "aborted" };
+      return { code: ABNORMAL, reason: e instanceof Error ? e.message : String(e) };
+    } finally {
+      clearTimeout(openTimer);
+      abort.abort();
+    }
+  }
+
+  private onFrame(frame: ServerFrame, link: Link): void {
+    if (link !== this.link) return; // a frame of a connection being replaced
+    switch (frame.type) {
+      case "event": {
+        if (this.cursorValue !== null && frame.seq <= this.cursorValue) {
+          this.duplicates += 1;
+          return;
+        }
+        this.cursorValue = frame.seq;
+        break;
+      }
+      case "welcome":
+        this.welcomeSeen = true;
+        this.welcome = frame;
+        this.connects += 1;
+        this.setState("open");
+        if (link.transport === "websocket") this.scheduleRefresh(frame.expires_at);
+        for (const w of this.welcomeWaiters.splice(0)) w.resolve(frame);
+        break;
+      case "subscribed":
+        // live from here: a valid cursor even before the first event (nothing after seq is missed)
+        if (this.cursorValue === null && frame.since === undefined) this.cursorValue = frame.seq;
+        break;
+      case "refreshed":
+        this.scheduleRefresh(frame.expires_at);
+        break;
+      default:
+        break;
+    }
+    if ("id" in frame && frame.id !== undefined && frame.id !== null) {
+      const resolve = this.pending.get(String(frame.id));
+      if (resolve) {
+        this.pending.delete(String(frame.id));
+        resolve(frame as Answer);
+      }
+    }
+    this.emit("frame", frame);
+    (this.emit as (type: string, value: unknown) => void)(frame.type, frame);
+    this.publish(frame);
+    if (frame.type === "subscribed" && frame.recovered === false) {
+      const gap: GapNotice = {
+        type: "gap", scope: frame.scope, since: frame.since ?? 0, earliest: frame.earliest ?? 0, seq: frame.seq,
+      };
+      this.emit("gap", gap);
+      this.publish(gap);
+    }
+  }
+
+  private clearRefresh(): void {
+    if (this.refreshTimer !== null) clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+  }
+
+  /** Send `refresh` with a fresh token `refreshLeadS` (at most a third of the remaining life) before `expiresAt`. */
+  private scheduleRefresh(expiresAt: number): void {
+    this.clearRefresh();
+    if (typeof this.tokenProvider !== "function" || this.refreshLeadS === 0) return; // 4408, then a reconnect
+    const remainingS = expiresAt - Date.now() / 1000;
+    const leadS = Math.min(this.refreshLeadS, remainingS / 3);
+    const delayMs = Math.max(0, (remainingS - leadS) * 1000);
+    if (remainingS < 1) return; // too late: the gateway closes with 4408 and the client reconnects
+    this.refreshTimer = setTimeout(() => void this.refresh(), Math.min(delayMs, 2 ** 31 - 1));
+  }
+
+  private async refresh(): Promise<void> {
+    this.refreshTimer = null;
+    const link = this.link;
+    if (!link || link.transport !== "websocket") return;
+    let token: string;
+    try {
+      token = await resolveToken(this.tokenProvider);
+    } catch {
+      return; // no fresh token now: at expiry the gateway closes with 4408 and the reconnect asks again
+    }
+    if (link !== this.link) return;
+    const id = `sdk-${this.nextId++}`;
+    link.send({ op: "refresh", id, token });
+  }
+}

@@ -1,0 +1,180 @@
+"""The TypeScript SDK (@wsgateway/client, clients/js) against a real gateway: `node --test` runs its tests
+(clients/js/test/*.test.mjs) against nats-server, the test IdP and a gateway started here, with a local
+control API (tests/support/jsclient.py `Rig`) for tokens, ACL documents, publishing and a restart.
+
+Covered in Node: bad input refused before anything is sent, live events, subscribe/unsubscribe, a drop
+mid-stream (resume: nothing lost or doubled), a gateway restart, token refresh, expiry (4408) and a
+fresh token, revocation, 4401 final, a gap (`recovered: false`), AbortSignal, an injected WebSocket;
+SSE (explicit, and the automatic fallback when WebSocket upgrades are refused), the history pager;
+`npm pack` ships ESM with type declarations; and in headless Chromium (tests/browser/sdk.mjs), the
+bundle the gateway serves: live events, a drop mid-stream and the resume. The Node publisher example
+(clients/js/examples/publish.mjs, npm `nats`) publishes what a WebSocket client receives, deduplicated
+by `Nats-Msg-Id`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import package_version
+from gateway.devtools.natsproc import NatsProcess
+from gateway.events import parse_event
+from tests.support.browser import ensure_browser, run_driver_async
+from tests.support.idp import TestIdP
+from tests.support.jsclient import JS, REPO, Rig, ensure_js, node_test
+from tests.support.platform import Platform
+from tests.support.wsclient import connect, nothing_before, recv_type
+
+
+@pytest.fixture
+async def rig(nats_server: NatsProcess, idp: TestIdP, platform: Platform) -> AsyncIterator[Rig]:
+    async with Rig(nats_server.url, idp, platform) as r:
+        yield r
+
+
+@pytest.mark.timeout(300)
+async def test_node_client_against_a_real_gateway(rig: Rig) -> None:
+    out = await node_test("client.test.mjs", rig.env)
+    assert "# fail 0" in out and "# cancelled 0" in out, out[-3000:]
+    assert rig.restarts == 1, "the restart test ran"
+
+
+@pytest.mark.timeout(300)
+async def test_node_client_over_sse_and_the_history_pager(rig: Rig) -> None:
+    out = await node_test("sse-history.test.mjs", rig.env)
+    assert "# fail 0" in out and "# cancelled 0" in out, out[-3000:]
+
+
+def test_npm_pack_ships_esm_and_types() -> None:
+    """`npm pack` yields the built ESM and its declarations (both entry points), no sources or tests."""
+    ensure_js()
+    run = subprocess.run(["npm", "pack", "--dry-run", "--json"], cwd=JS, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    [pack] = json.loads(run.stdout)
+    files = {f["path"] for f in pack["files"]}
+    assert pack["name"] == "@wsgateway/client" and pack["version"] == package_version()
+    for name in ("index", "client", "http", "validate", "generated/events", "generated/protocol",
+                 "generated/constants"):
+        assert f"dist/{name}.js" in files and f"dist/{name}.d.ts" in files, name
+    assert "package.json" in files
+    assert not any(f.startswith(("src/", "test/", "node_modules/")) or "/." in f for f in files), sorted(files)
+    manifest = json.loads((JS / "package.json").read_text())
+    assert manifest["exports"]["."] == {"types": "./dist/index.d.ts", "import": "./dist/index.js"}
+    assert manifest["exports"]["./ag-ui"] == {"types": "./dist/ag-ui.d.ts", "import": "./dist/ag-ui.js"}
+    assert manifest["type"] == "module" and "dependencies" not in manifest, "no runtime dependency"
+
+
+@pytest.mark.timeout(180)
+async def test_sdk_in_headless_chromium_live_drop_and_resume(rig: Rig, tmp_path: Path) -> None:
+    """The built ESM bundle the gateway serves, in Debian Chromium with its native WebSocket: live events,
+    a drop mid-stream while events are published, the resume: every event once, in order."""
+    ensure_browser()
+    ensure_js()
+    await rig.platform.grant("acme.conversation.b1", {"members": ["user:alice"]})
+    config = {"gateway": rig.env["GW_HTTP"], "control": rig.env["CONTROL"], "scope": "conversation:b1"}
+    out = await run_driver_async("sdk.mjs", config, tmp_path)
+    assert out["problems"] == [], out["problems"]
+    assert out["nativeWebSocket"] is True and out["transport"] == "websocket"
+    assert out["seen"] == out["published"] and len(out["published"]) == 18, out
+    assert out["connects"] == 2 and out["cursor"] == out["published"][-1]
+    assert out["tokens"] == 2, "a fresh token for the reconnect"
+
+
+async def _publish_node(rig: Rig, *args: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(JS / "examples" / "publish.mjs"), "--nats", rig.nats_url, *args, cwd=JS,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.timeout(120)
+async def test_node_publisher_example_follows_the_rules(rig: Rig, idp: TestIdP) -> None:
+    """clients/js/examples/publish.mjs (npm `nats`, JetStream, Nats-Msg-Id) publishes an event a WebSocket
+    client receives; the same id again is deduplicated by JetStream and never delivered twice."""
+    ensure_js()
+    await rig.platform.grant("acme.process.p-node", {"members": ["user:alice"]})
+    assert rig.gateway is not None
+    ws = await connect(f"{rig.gateway.ws}?scope=process:p-node", idp.mint("alice"))
+    try:
+        await recv_type(ws, "welcome")
+        await recv_type(ws, "subscribed")
+        args = ("--tenant", "acme", "--scope", "process:p-node", "--type", "process.progress",
+                "--data", '{"fraction": 0.25, "message": "from node"}', "--id", "01NODEEXAMPLE0000000000001")
+        first = await _publish_node(rig, *args)
+        assert first["subject"] == "events.acme.process.p-node" and first["duplicate"] is False
+        frame = await recv_type(ws, "event")
+        assert frame["seq"] == first["seq"]
+        event = frame["event"]
+        assert event["id"] == "01NODEEXAMPLE0000000000001" and event["type"] == "process.progress"
+        assert event["data"] == {"fraction": 0.25, "message": "from node"} and event["time"].endswith("Z")
+        parse_event(json.dumps(event).encode(), first["subject"])  # what the gateway validated
+
+        again = await _publish_node(rig, *args)
+        assert again["duplicate"] is True and again["seq"] == first["seq"]
+        marker = await rig.platform.publish("acme", "process:p-node")
+        await nothing_before(ws, marker)  # the re-publish was not delivered
+        generated = await _publish_node(rig, "--tenant", "acme", "--scope", "process:p-node",
+                                        "--type", "run.started", "--run-id", "run-1", "--data", "{}")
+        assert len(generated["id"]) == 26 and generated["duplicate"] is False
+        assert (await recv_type(ws, "event"))["event"]["run_id"] == "run-1"
+    finally:
+        await ws.close()
+
+
+async def test_node_publisher_example_refuses_bad_input(rig: Rig) -> None:
+    ensure_js()
+    for args, message in [(("--tenant", "acme", "--scope", "*", "--type", "x"), "scope must be"),
+                          (("--tenant", "a b", "--scope", "process:p", "--type", "x"), "tenant must match"),
+                          (("--tenant", "acme", "--scope", "process:p", "--type", "run.started"), "needs a run id")]:
+        proc = await asyncio.create_subprocess_exec(
+            "node", str(JS / "examples" / "publish.mjs"), "--nats", rig.nats_url, *args, cwd=JS,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode != 0 and message in err.decode(), err.decode()
+
+
+def _readme_sdk_example() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### TypeScript and JavaScript: `@wsgateway/client`", 1)[1]
+    block = re.search(r"```ts\n(.*?)```", section, flags=re.S)
+    assert block, "no TypeScript block in the README's SDK section"
+    return block.group(1)
+
+
+def test_readme_sdk_example_type_checks(tmp_path: Path) -> None:
+    """The README's SDK example compiles against the package's declarations (strict), with the app's own
+    functions declared: the README shows the API as it is."""
+    ensure_js()
+    prelude = (
+        "declare function getAccessToken(): Promise<string>;\n"
+        "declare function reload(scope: string, earliest: number): void;\n"
+        "declare function showNoAccess(scope: string): void;\n"
+        "declare function appendText(messageId: string, text: string): void;\n"
+        "declare function render(seq: number, event: import('@wsgateway/client').Envelope): void;\n"
+    )
+    example = _readme_sdk_example()
+    (tmp_path / "example.ts").write_text(example.replace('import {', prelude + "import {", 1) + "\nexport {};\n")
+    (tmp_path / "tsconfig.json").write_text(json.dumps({
+        "compilerOptions": {
+            "strict": True, "noEmit": True, "target": "ES2022", "module": "ESNext", "moduleResolution": "Bundler",
+            "lib": ["ES2022", "DOM", "DOM.Iterable"], "types": [], "skipLibCheck": False,
+            "paths": {"@wsgateway/client": [str(JS / "dist" / "index.d.ts")]},
+        },
+        "files": ["example.ts"],
+    }))
+    run = subprocess.run([str(JS / "node_modules" / ".bin" / "tsc"), "-p", str(tmp_path / "tsconfig.json")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
