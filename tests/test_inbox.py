@@ -3,6 +3,7 @@ on free ports, events published through the package's Publisher (tests/support/p
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from typing import Any
 
@@ -14,8 +15,9 @@ from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import GatewayEndpoint, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
-from tests.support.wait import eventually
+from tests.support.wait import HANG_S, eventually
 from tests.support.wsclient import closed, connect, events, nothing_before, recv, recv_type, welcome
+from tests.test_history_sse import _sse_events
 
 USERS = ["mia", "sam", "zoe", "nick"]
 ACLS: dict[str, dict[str, Any]] = {
@@ -167,6 +169,13 @@ async def test_answer_completion_and_expiry_resolve_requests(
     assert await open_ids(ready, token(idp, "mia")) == []
     assert await open_ids(ready, token(idp, "sam")) == ["a2"]
     assert await open_ids(ready, token(idp, "nick")) == []
+    failed = await platform.publish("acme", "process:p1", type="process.failed", data={"error": "gave up"})
+    marker = await platform.publish("acme", MARKER)
+    for ws in (mia, sam):  # both were asked something in p1 (mia's a1 answered already: its end is hers too)
+        assert [f["seq"] for f in await events(ws, 1)] == [failed]
+        await nothing_before(ws, marker)
+    await nothing_before(nick, marker)  # nick was asked nothing in p1
+    assert await open_ids(ready, token(idp, "sam")) == []
     for ws in (mia, sam, nick):
         await ws.close()
 
@@ -310,3 +319,17 @@ async def test_inbox_is_no_resource_scope(gw: RunningGateway, idp: TestIdP) -> N
         ws = await connect(f"{gw.ws}?scope={bad}", token(idp, "mia"))
         code, reason = await closed(ws)
         assert code == 4400 and "bad scope" in reason
+
+
+async def test_inbox_over_server_sent_events(ready: RunningGateway, idp: TestIdP, platform: Platform) -> None:
+    params = {"scope": "inbox", "access_token": token(idp, "sam")}
+    async with httpx.AsyncClient(base_url=ready.http, timeout=10) as c, c.stream("GET", "/v1/sse", params=params) as r:
+        assert r.status_code == 200
+        lines = r.aiter_lines()
+        head = await asyncio.wait_for(_sse_events(lines, 2), HANG_S)
+        assert head[1]["event"] == "subscribed" and head[1]["data"]["scope"] == "inbox"
+        await ask(platform, "process:p1", "x1", ["mia"])  # not sam's
+        mine = await ask(platform, "process:p1", "x2", ["group:ops"])
+        done = await answer(platform, "process:p1", "x2", by="sam")
+        got = await asyncio.wait_for(_sse_events(lines, 2), HANG_S)
+    assert [int(e["id"]) for e in got] == [mine, done]
