@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection
 
@@ -333,3 +334,33 @@ async def test_inbox_over_server_sent_events(ready: RunningGateway, idp: TestIdP
         done = await answer(platform, "process:p1", "x2", by="sam")
         got = await asyncio.wait_for(_sse_events(lines, 2), HANG_S)
     assert [int(e["id"]) for e in got] == [mine, done]
+
+
+def test_the_registry_keeps_at_most_max_requests_oldest_forgotten_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process, like tests/test_queue.py: the registry is a data structure fed with validated events."""
+    from gateway.core import inbox as inbox_module
+    from gateway.events import parse_event
+    from gateway.permissions import AclStore
+    from gateway.principal import Principal
+
+    monkeypatch.setattr(inbox_module, "MAX_REQUESTS", 3)
+    acl = AclStore()
+    acl.apply("acme.process.p1", b'{"members": ["mia"]}')
+    registry = inbox_module.Inbox(acl)
+    mia = Principal(subject="mia", tenant="acme", expires_at=0)
+
+    def feed(seq: int, etype: str, data: dict[str, Any]) -> None:
+        raw = orjson.dumps({"id": f"e{seq}", "type": etype, "tenant": "acme", "scope": "process:p1",
+                            "time": "2026-01-01T00:00:00Z", "data": data})
+        registry.observe(seq, parse_event(raw, "events.acme.process.p1"), raw)
+
+    for seq in range(1, 6):
+        feed(seq, "process.input_required", {"request_id": f"q{seq}", "prompt": "?", "assignees": ["mia"]})
+    assert [r.seq for r in registry.open_for(mia)] == [3, 4, 5]  # q1 and q2 forgotten
+    feed(6, "process.input_received", {"request_id": "q4", "by": "mia"})
+    feed(6, "process.input_received", {"request_id": "q4", "by": "mia"})  # idempotent
+    assert [r.seq for r in registry.open_for(mia)] == [3, 5]
+    feed(7, "process.input_required", {"request_id": "q5", "prompt": "again?", "assignees": ["mia"]})  # asked anew
+    assert [r.seq for r in registry.open_for(mia)] == [7]  # q3 forgotten (the oldest), q5 replaced by its new ask
+    registry.prune("acme", earliest=8)
+    assert registry.open_for(mia) == [] and registry.requests == {} and registry.open == {}

@@ -26,14 +26,17 @@ the stream (a synthesized frame would have no `seq` to resume from and would dif
 `open_for` (GET /v1/inbox) leaves expired requests out and clients hide them at `expires_at`.
 
 Memory: a request costs about 200 bytes plus, while it is open, its envelope. Requests older than the
-stream's first retained sequence are dropped by `prune` (GET /v1/inbox and start-up call it), so the
-registry is bounded by the stream's retention, like everything else the gateway can resume.
+stream's first retained sequence are dropped by `prune` (GET /v1/inbox and start-up call it), and at
+most MAX_REQUESTS are kept (the oldest go first), so the registry is bounded by the stream's retention
+and by a fixed size. The open requests of each tenant are indexed apart (`open`), so listing an inbox
+or starting an inbox subscription costs the open requests, not every request ever asked.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -57,6 +60,9 @@ TYPES = frozenset({REQUEST, ANSWER, *ENDS})
 # A cheap pre-filter for the start-up load: only events whose body names one of the types are parsed.
 _TYPE_BYTES = tuple(t.encode() for t in TYPES)
 EVERYONE: frozenset[str] = frozenset()
+# At most this many requests are kept per gateway process (open or settled, all tenants); beyond it the
+# oldest in stream order are forgotten first, the same ones on every instance.
+MAX_REQUESTS = 100_000
 
 
 def inbox_subjects(prefix: str, tenant: str) -> str:
@@ -116,6 +122,8 @@ class Inbox:
         self.acl = acl
         # tenant -> process scope -> request_id -> Request
         self.requests: dict[str, dict[str, dict[str, Request]]] = {}
+        self.open: dict[str, dict[Request, None]] = {}  # tenant -> its open requests (what GET lists)
+        self.order: deque[tuple[str, str, str, int]] = deque()  # (tenant, scope, request_id, seq), stream order
         self.subs: dict[str, dict[InboxSubscription, None]] = {}  # tenant -> inbox subscriptions
         self.by_conn: dict[str, InboxSubscription] = {}  # connection id -> its inbox subscription
         self.loaded = False  # the start-up load is done: the registry is complete up to the hub's position
@@ -138,7 +146,13 @@ class Inbox:
             asked = procs.setdefault(env.scope, {})
             old = asked.get(rid)
             if old is None or old.seq < seq:
-                asked[rid] = Request(seq, env.scope, assignees, expires, raw)
+                if old is not None:
+                    self._settle(env.tenant, old)
+                new = asked[rid] = Request(seq, env.scope, assignees, expires, raw)
+                self.open.setdefault(env.tenant, {})[new] = None
+                self.order.append((env.tenant, env.scope, rid, seq))
+                while len(self.order) > MAX_REQUESTS:
+                    self._forget(*self.order.popleft())
             return
         reqs = procs.get(env.scope) if procs is not None else None
         if not reqs:
@@ -146,11 +160,34 @@ class Inbox:
         if etype == ANSWER:
             answered = reqs.get(str(env.data.get("request_id")))
             if answered is not None and answered.seq < seq:
-                answered.settle()
+                self._settle(env.tenant, answered)
             return
         for r in reqs.values():  # the process ended: every request it had asked is settled
             if r.seq < seq:
-                r.settle()
+                self._settle(env.tenant, r)
+
+    def _settle(self, tenant: str, r: Request) -> None:
+        if r.open:
+            r.settle()
+            mine = self.open.get(tenant)
+            if mine is not None:
+                mine.pop(r, None)
+                if not mine:
+                    del self.open[tenant]
+
+    def _forget(self, tenant: str, scope: str, rid: str, seq: int) -> None:
+        """Drop one request from the registry (if it is still the one asked at `seq`)."""
+        procs = self.requests.get(tenant)
+        reqs = procs.get(scope) if procs is not None else None
+        r = reqs.get(rid) if reqs is not None else None
+        if procs is None or reqs is None or r is None or r.seq != seq:
+            return
+        self._settle(tenant, r)
+        del reqs[rid]
+        if not reqs:
+            del procs[scope]
+            if not procs:
+                del self.requests[tenant]
 
     def audience(self, env: Envelope) -> frozenset[str] | None:
         """Whose inbox an event belongs to: principal ids (EVERYONE: all who may see the process), or None
@@ -193,7 +230,7 @@ class Inbox:
             self.prune(tenant, bounds.earliest)
         self.loaded = True
         log.info("inbox: %d request events read from the stream up to seq %d, %d requests open", applied, upto,
-                 sum(r.open for procs in self.requests.values() for reqs in procs.values() for r in reqs.values()))
+                 sum(len(mine) for mine in self.open.values()))
         return applied
 
     def prune(self, tenant: str, earliest: int) -> None:
@@ -201,28 +238,26 @@ class Inbox:
         procs = self.requests.get(tenant)
         if procs is None or earliest <= 1:
             return
-        for scope in list(procs):
-            reqs = procs[scope]
-            for rid in [rid for rid, r in reqs.items() if r.seq < earliest]:
-                del reqs[rid]
-            if not reqs:
-                del procs[scope]
-        if not procs:
-            del self.requests[tenant]
+        gone = [(scope, rid, r.seq) for scope, reqs in procs.items() for rid, r in reqs.items() if r.seq < earliest]
+        for scope, rid, seq in gone:
+            self._forget(tenant, scope, rid, seq)
 
     def open_for(self, principal: Principal, *, after: int = 0, now: float | None = None) -> list[Request]:
         """The requests open now for the principal, oldest first: assigned to it (or to everyone), of a
         process it may see now, not expired, with a sequence above `after`."""
         now = time.time() if now is None else now
         tenant = principal.tenant
+        seen: dict[str, bool] = {}  # may-see per process, decided once per call
         out: list[Request] = []
-        for scope, reqs in self.requests.get(tenant, {}).items():
-            mine = [r for r in reqs.values() if r.open and r.seq > after and assigned(principal, r.assignees)
-                    and (r.expires is None or r.expires > now)]
-            if mine:
-                kind, _, rid = scope.partition(":")
-                if self.acl.may_see(principal, tenant, kind, rid):
-                    out.extend(mine)
+        for r in self.open.get(tenant, ()):
+            if r.seq <= after or not assigned(principal, r.assignees) or (r.expires is not None and r.expires <= now):
+                continue
+            ok = seen.get(r.scope)
+            if ok is None:
+                kind, _, rid = r.scope.partition(":")
+                ok = seen[r.scope] = self.acl.may_see(principal, tenant, kind, rid)
+            if ok:
+                out.append(r)
         out.sort(key=lambda r: r.seq)
         return out
 
