@@ -189,9 +189,12 @@ class Inbox:
             if not procs:
                 del self.requests[tenant]
 
-    def audience(self, env: Envelope) -> frozenset[str] | None:
+    def audience(self, env: Envelope, seq: int | None = None) -> frozenset[str] | None:
         """Whose inbox an event belongs to: principal ids (EVERYONE: all who may see the process), or None
-        when it is no inbox event (another type, an unknown request, a process that never asked)."""
+        when it is no inbox event (another type, an unknown request, a process that never asked).
+
+        `seq` (a replayed event's) counts only the requests asked before it, as live delivery did; live, every
+        request the registry holds was asked before."""
         etype = env.type
         if etype not in TYPES:
             return None
@@ -203,13 +206,15 @@ class Inbox:
             return None
         if etype == ANSWER:
             answered = reqs.get(str(env.data.get("request_id")))
-            return None if answered is None else answered.assignees
+            return None if answered is None or (seq is not None and answered.seq > seq) else answered.assignees
         out: set[str] = set()
         for r in reqs.values():
+            if seq is not None and r.seq > seq:
+                continue
             if not r.assignees:
                 return EVERYONE
             out |= r.assignees
-        return frozenset(out)
+        return frozenset(out) if out else None
 
     async def load(self, reader: StreamReader, prefix: str, upto: int) -> int:
         """Build the registry from the retained process events up to `upto` (the bus calls this before it
@@ -319,9 +324,10 @@ class Inbox:
                 denied += 1
         return denied
 
-    def replayed(self, sub: InboxSubscription, env: Envelope) -> bool | None:
-        """For a replay: None when the event is not for this inbox, else whether it may be delivered now."""
-        audience = self.audience(env)
+    def replayed(self, sub: InboxSubscription, env: Envelope, seq: int) -> bool | None:
+        """For a replayed event at `seq`: None when it is not for this inbox, else whether it may be delivered
+        now."""
+        audience = self.audience(env, seq)
         if audience is None or not assigned(sub.conn.principal, audience):
             return None
         ok = self.acl.may_see(sub.conn.principal, env.tenant, env.kind, env.resource_id)

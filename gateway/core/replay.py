@@ -155,7 +155,7 @@ class Replayer:
                         ok = sub.allowed  # as it is now: follows ACL changes during the replay
                     elif wildcard:
                         ok = acl.may_see(conn.principal, tenant, env.kind, env.resource_id)
-                    elif in_inbox is not None and (mine := in_inbox(env)) is not None:
+                    elif in_inbox is not None and (mine := in_inbox(env, ev.seq)) is not None:
                         ok = mine
                     else:
                         continue
