@@ -30,9 +30,9 @@ class DemoUser:
 
 
 DEMO_USERS = (
-    DemoUser("alice", (), "org admin: every scope of tenant demo"),
+    DemoUser("alice", (), "org admin: every scope of tenant demo; her inbox: approving new hires"),
     DemoUser("bob", ("apollo-team",), "viewer of project apollo: conversation:welcome, process:onboarding, "
-             "agent:researcher"),
+             "agent:researcher; his inbox: identity checks (asked of group apollo-team)"),
     DemoUser("carol", ("support",), "member of conversation:support (through group support) only"),
 )
 
