@@ -12,7 +12,9 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection
 
+from gateway.client import GatewayClient
 from gateway.devtools.natsproc import NatsProcess
+from gateway.sdk.inbox import InboxView
 from tests.support.gateway import GatewayEndpoint, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
@@ -364,3 +366,28 @@ def test_the_registry_keeps_at_most_max_requests_oldest_forgotten_first(monkeypa
     assert [r.seq for r in registry.open_for(mia)] == [7]  # q3 forgotten (the oldest), q5 replaced by its new ask
     registry.prune("acme", earliest=8)
     assert registry.open_for(mia) == [] and registry.requests == {} and registry.open == {}
+
+
+async def test_the_python_sdk_keeps_the_inbox_from_get_then_the_scope(
+    ready: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    """GET /v1/inbox, then GatewayClient on `inbox` from its `seq`: InboxView ends where GET /v1/inbox is."""
+    await ask(platform, "process:p1", "before", ["mia"])
+    await ask(platform, "process:p2", "old", ["mia"])
+    view = InboxView()
+    body = (await get_inbox(ready, token(idp, "mia"))).json()
+    view.load(body)
+    assert [q["event"]["data"]["request_id"] for q in view.open()] == ["before", "old"]
+    async with GatewayClient(ready.ws, token=token(idp, "mia"), scopes=["inbox"], since=body["seq"]) as client:
+        await answer(platform, "process:p1", "before")
+        await ask(platform, "process:p1", "soon", ["mia"], expires_at="2020-01-01T00:00:00Z")  # already expired
+        await ask(platform, "process:p2", "new", [])
+        last = await platform.publish("acme", "process:p2", type="process.input_received",
+                                      data={"request_id": "old", "by": "nick"})
+        async for frame in client.frames():
+            view.apply(frame)
+            if frame["type"] == "event" and frame["seq"] == last:
+                break
+    assert [q["event"]["data"]["request_id"] for q in view.open()] == ["new"]  # "soon" is hidden: expired
+    assert view.open() == (await get_inbox(ready, token(idp, "mia"))).json()["requests"]
+    assert view.apply({"type": "revoked", "scope": "process:p2"}) and view.open() == []
