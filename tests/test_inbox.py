@@ -391,3 +391,17 @@ async def test_the_python_sdk_keeps_the_inbox_from_get_then_the_scope(
     assert [q["event"]["data"]["request_id"] for q in view.open()] == ["new"]  # "soon" is hidden: expired
     assert view.open() == (await get_inbox(ready, token(idp, "mia"))).json()["requests"]
     assert view.apply({"type": "revoked", "scope": "process:p2"}) and view.open() == []
+
+
+async def test_a_gateway_starts_on_a_stream_without_process_events(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    """The start-up load reads nothing (and must not wait for anything) when no process event is stored."""
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience):
+        pass  # creates the stream
+    await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+    for _ in range(3):
+        await platform.publish("acme", "conversation:c1")
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience) as g:
+        body = (await get_inbox(g, token(idp, "mia"))).json()
+        assert body["requests"] == [] and body["seq"] >= 3

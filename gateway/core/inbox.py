@@ -25,16 +25,18 @@ replay and another instance decide alike. Expiry (`expires_at`) produces no fram
 the stream (a synthesized frame would have no `seq` to resume from and would differ per instance);
 `open_for` (GET /v1/inbox) leaves expired requests out and clients hide them at `expires_at`.
 
-Memory: a request costs about 200 bytes plus, while it is open, its envelope. Requests older than the
-stream's first retained sequence are dropped by `prune` (GET /v1/inbox and start-up call it), and at
-most MAX_REQUESTS are kept (the oldest go first), so the registry is bounded by the stream's retention
-and by a fixed size. The open requests of each tenant are indexed apart (`open`), so listing an inbox
-or starting an inbox subscription costs the open requests, not every request ever asked.
+Memory: a request costs under 1 KB with, while it is open, its envelope (bench/inbox.py measures it).
+Requests older than the stream's first retained sequence are dropped by `prune` (GET /v1/inbox and
+start-up call it), and at most MAX_REQUESTS are kept (the oldest go first), so the registry is bounded
+by the stream's retention and by a fixed size. The open requests of each tenant are indexed apart
+(`open`), so listing an inbox or starting an inbox subscription costs the open requests, not every
+request ever asked.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -48,7 +50,7 @@ from gateway.principal import Principal
 
 if TYPE_CHECKING:
     from gateway.core.connection import Connection
-    from gateway.core.history import StreamReader
+    from gateway.core.history import StoredEvent, StreamReader
     from gateway.events import Envelope
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ ANSWER = "process.input_received"
 ENDS = frozenset({"process.completed", "process.failed", "process.cancelled"})
 TYPES = frozenset({REQUEST, ANSWER, *ENDS})
 # A cheap pre-filter for the start-up load: only events whose body names one of the types are parsed.
-_TYPE_BYTES = tuple(t.encode() for t in TYPES)
+_TYPES_RE = re.compile(rb"process\.(?:input_required|input_received|completed|failed|cancelled)")
 EVERYONE: frozenset[str] = frozenset()
 # At most this many requests are kept per gateway process (open or settled, all tenants); beyond it the
 # oldest in stream order are forgotten first, the same ones on every instance.
@@ -220,16 +222,19 @@ class Inbox:
         """Build the registry from the retained process events up to `upto` (the bus calls this before it
         consumes live from `upto + 1`); returns the number of events applied."""
         applied = 0
-        async for batch in reader.read(f"{prefix}.*.process.*", 0, upto=upto, batch=1024):
-            for ev in batch:
-                if not any(t in ev.data for t in _TYPE_BYTES):
-                    continue
-                try:
-                    env = parse_event(ev.data, ev.subject, prefix)
-                except InvalidEvent:
-                    continue
-                self.observe(ev.seq, env, ev.data)
-                applied += 1
+
+        def apply(ev: StoredEvent) -> None:
+            nonlocal applied
+            if _TYPES_RE.search(ev.data) is None:
+                return
+            try:
+                env = parse_event(ev.data, ev.subject, prefix)
+            except InvalidEvent:
+                return
+            self.observe(ev.seq, env, ev.data)
+            applied += 1
+
+        await reader.scan(f"{prefix}.*.process.*", upto, apply)
         bounds = await reader.bounds()
         for tenant in list(self.requests):
             self.prune(tenant, bounds.earliest)
