@@ -26,7 +26,7 @@ from gateway.core.hub import Hub
 from gateway.core.replay import Replayer
 from gateway.edge.agui import build_agui_router
 from gateway.edge.cors import CorsMiddleware
-from gateway.edge.http_api import SCOPES_MAX_LIMIT, build_router
+from gateway.edge.http_api import INBOX_MAX_LIMIT, SCOPES_MAX_LIMIT, build_router
 from gateway.edge.openapi import ReadyBody, truthful_openapi
 from gateway.edge.session import serve_socket
 from gateway.gc_tuning import tune_gc
@@ -160,7 +160,7 @@ class GatewayApp(FastAPI):
     """
 
     def openapi(self) -> dict[str, Any]:
-        return truthful_openapi(self, self.state.gateway.settings.history_max_limit, SCOPES_MAX_LIMIT)
+        return truthful_openapi(self, self.state.gateway.settings.history_max_limit, SCOPES_MAX_LIMIT, INBOX_MAX_LIMIT)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == WS_PATH:

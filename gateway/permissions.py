@@ -35,12 +35,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _principal_id(entry: str) -> str:
+def principal_id(entry: str) -> str:
+    """An ACL list entry as a principal id: `user:<sub>` or `group:<name>` (a bare name is a user)."""
     return entry if ":" in entry else f"user:{entry}"
 
 
 def _principal_ids(entries: frozenset[str]) -> frozenset[str]:
-    return frozenset(_principal_id(e) for e in entries)
+    return frozenset(principal_id(e) for e in entries)
 
 
 PrincipalList = Annotated[
@@ -68,7 +69,7 @@ class ProjectAcl(_Doc):
 class ResourceAcl(_Doc):
     project: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
     members: PrincipalList = frozenset()
-    owner: Annotated[str, StringConstraints(min_length=1, max_length=300), AfterValidator(_principal_id)] | None = None
+    owner: Annotated[str, StringConstraints(min_length=1, max_length=300), AfterValidator(principal_id)] | None = None
 
 
 def parse_doc(key: str, value: bytes) -> OrgAcl | ProjectAcl | ResourceAcl | None:

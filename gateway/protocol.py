@@ -18,8 +18,9 @@ from wsproto.frame_protocol import FrameProtocol
 from gateway.events import SCOPE_BODY, Envelope
 
 WILDCARD = "*"
-# A subscription scope: `<kind>:<id>` or the wildcard.
-_SCOPE_ALTERNATIVES = rf"\*|{SCOPE_BODY}"
+INBOX = "inbox"  # the caller's requests for input across processes (gateway/core/inbox.py)
+# A subscription scope: `<kind>:<id>`, the wildcard or the inbox.
+_SCOPE_ALTERNATIVES = rf"\*|{INBOX}|{SCOPE_BODY}"
 # Ends with `\Z`, not `$` (Python's `$` also matches before a trailing newline); `is_scope` is the check.
 SCOPE_RE = re.compile(rf"(?:{_SCOPE_ALTERNATIVES})\Z")
 # The same rule for pydantic fields, which search a pattern: anchored at both ends, and pydantic's Rust
@@ -28,7 +29,7 @@ _SCOPE_FIELD_PATTERN = rf"^(?:{_SCOPE_ALTERNATIVES})$"
 
 
 def is_scope(text: str) -> bool:
-    """Whether `text` is a subscription scope (`<kind>:<id>` or `*`), all of it (no trailing newline)."""
+    """Whether `text` is a subscription scope (`<kind>:<id>`, `*` or `inbox`), all of it (no trailing newline)."""
     return SCOPE_RE.fullmatch(text) is not None
 
 

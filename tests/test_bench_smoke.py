@@ -95,3 +95,11 @@ def test_hotpath_benchmark_measures_the_working_tree_and_a_revision() -> None:
     assert any(line.strip().startswith("working tree") for line in lines), out.stdout
     assert any(line.strip().startswith("baseline HEAD") for line in lines), out.stdout
     assert any(line.strip().startswith("ratio working tree / baseline") for line in lines), out.stdout
+
+
+def test_inbox_benchmark_loads_every_request() -> None:
+    """bench/inbox.py in its smallest form: the start-up load reads every request the stream holds."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "inbox.py"), "--processes", "60", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "registry: 60 requests" in out.stdout and "process events read" in out.stdout, out.stdout

@@ -55,7 +55,7 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     paths = doc["paths"]
     for path, codes in {"/v1/history": {"200", "400", "401", "403", "503"}, "/v1/scopes": {"200", "400", "401"},
-                        "/v1/sse": {"200", "400", "401", "503"},
+                        "/v1/inbox": {"200", "400", "401", "503"}, "/v1/sse": {"200", "400", "401", "503"},
                         "/v1/agui": {"200", "400", "401", "403", "503"}}.items():
         op = paths[path]["get"]
         assert set(op["responses"]) == codes, path
@@ -130,6 +130,8 @@ async def test_the_http_api_answers_every_generated_request_as_documented(
     await platform.grant("acme.org", ADMIN)
     for i in range(5):
         await platform.publish("acme", "conversation:c1", data={"i": i})
+        await platform.publish("acme", "process:p1", type="process.input_required",
+                               data={"request_id": f"q{i}", "prompt": "ok?", "assignees": ["alice"]})
     problems = await asyncio.to_thread(_fuzz, gw.http, idp.mint("alice"))
     assert not problems, "\n".join(problems[:20])
 

@@ -114,6 +114,7 @@ def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
         assert out["carol"]["welcome_panel"]["buttons"] == []
         assert out["carol"]["support_panel"]["buttons"] == ["revoke access"]  # ... but on hers, live
         assert out["carol"]["welcome_panel"]["banner_code"] == ["forbidden"]  # a <code> element
+        assert out["carol"]["inbox"] == [] and out["carol"]["inbox_badge"] == "0"  # nobody asks her anything
 
         # bob (group apollo-team): answers assemble chunk by chunk in his conversation
         bob = out["bob"]
@@ -133,6 +134,14 @@ def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
         token = bob_token.json()["access_token"]
         expected = _history_seqs(base, token, sorted(bob["scopes"]), bob["startSeq"], bob["lastSeq"])
         assert seqs == expected, f"page {len(seqs)} events vs history {len(expected)}"
+
+        # bob's inbox: the request asked of his group appears, then leaves when answered; alice's never shows
+        inbox = out["bob_inbox"]
+        [verify] = [q for q in inbox["asked"] if q["request_id"].startswith("verify-")]
+        assert verify["scope"] == "process:onboarding" and "ID documents" in inbox["item"]
+        assert inbox["badge"] == str(len(inbox["asked"])) != "0"
+        assert not any(q["request_id"].startswith("approve-") for q in inbox["asked"] + inbox["answered"])
+        assert verify not in inbox["answered"]
 
         # live revocation, then the grant back
         revoke = out["revoke"]

@@ -23,6 +23,7 @@ from opentelemetry.trace import Tracer
 
 from gateway import provisioning, tracing
 from gateway.config import Settings
+from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
 from gateway.events import InvalidEvent, parse_event
 from gateway.logs import BackoffLog, safe_urls
@@ -193,6 +194,8 @@ class Bus:
         self._kv = await ensure_bucket(self.js, s)
         self._start_acl_watch(self._kv)
         await asyncio.wait_for(self.acl_ready.wait(), timeout=30)
+        # The inbox's requests from the retained process events, before the live ones (gateway/core/inbox.py)
+        await self.hub.index.inbox.load(StreamReader(self.js, s.stream), s.subject_prefix, last)
         # Start right after the stream's current end: the hub's cursor is exact from the first event.
         self.hub.skip(last)
         self._sub = await self._subscribe(last + 1)

@@ -7,9 +7,10 @@ once the previous one was written. The consumer is deleted when the read ends.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
@@ -105,3 +106,49 @@ class StreamReader:
                     await psub.unsubscribe()
             with contextlib.suppress(Exception):
                 await self.js.delete_consumer(self.stream, consumer)
+
+    async def scan(
+        self, subject: str, upto: int, on_event: Callable[[StoredEvent], None], *, stall_s: float = 30.0,
+    ) -> int:
+        """Every stored event on `subject` with sequence <= upto, in order, to `on_event`; returns how many.
+
+        For reading a large part of the stream at once (the inbox's start-up load): an ordered push consumer
+        from the first sequence, about three times faster than `StreamReader.read`'s pulls in nats-py (no
+        round trip and no timed wait per message). Ends at `upto`, or when the consumer has nothing more
+        pending; raises TimeoutError when nothing arrives for `stall_s` before that."""
+        if upto <= 0:
+            return 0
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        count = 0
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal count
+            if done.done():
+                return
+            meta = msg.metadata
+            seq = int(meta.sequence.stream)
+            if seq <= upto:
+                on_event(StoredEvent(seq, msg.subject, msg.data))
+                count += 1
+            if seq >= upto or not meta.num_pending:
+                done.set_result(None)
+
+        sub = await self.js.subscribe(subject, stream=self.stream, cb=on_msg, ordered_consumer=True, idle_heartbeat=2.0,
+                                 config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0),
+                                 pending_msgs_limit=65536)
+        try:
+            info = await sub.consumer_info()
+            if not info.num_pending and (info.delivered is None or not info.delivered.stream_seq):  # nothing at all
+                return 0
+            seen = -1
+            while not done.done():
+                if count == seen:
+                    raise TimeoutError(f"no event of {subject} for {stall_s:g}s after {count} (reading up to {upto})")
+                seen = count
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(done), stall_s)
+            return count
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()

@@ -291,6 +291,7 @@ class Hub:
         if seq <= self.last_seq:
             return 0  # redelivered after a consumer reset: already handled
         self.last_seq = seq
+        self.index.inbox.observe(seq, env, raw)  # the request registry follows every event (core/inbox.py)
         targets, denied = self.index.targets(env)
         if denied:
             self.metrics.events_denied.inc(denied)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
+from gateway.core.inbox import Inbox, InboxSubscription
 from gateway.permissions import AclStore
-from gateway.protocol import WILDCARD
+from gateway.protocol import INBOX, WILDCARD
 
 if TYPE_CHECKING:
     from prometheus_client import Gauge
@@ -46,7 +47,7 @@ class WildSubscription:
         self.decisions: dict[str, bool] = {}
 
 
-AnySubscription = Subscription | WildSubscription
+AnySubscription = Subscription | WildSubscription | InboxSubscription
 
 
 class Change(NamedTuple):
@@ -58,7 +59,7 @@ class Change(NamedTuple):
 
 
 class SubscriptionIndex:
-    """Subscriptions by (tenant, scope), by tenant, and the `*` subscriptions by tenant."""
+    """Subscriptions by (tenant, scope), by tenant, the `*` subscriptions by tenant, and the inbox."""
 
     def __init__(self, acl: AclStore, max_subscriptions: int, gauge: Gauge) -> None:
         self.acl = acl
@@ -67,6 +68,7 @@ class SubscriptionIndex:
         self.by_scope: dict[tuple[str, str], dict[Subscription, None]] = {}
         self.by_tenant: dict[str, dict[Subscription, None]] = {}
         self.wild: dict[str, dict[WildSubscription, None]] = {}
+        self.inbox = Inbox(acl)  # the `inbox` subscriptions and the request registry (gateway/core/inbox.py)
 
     def add(self, conn: Connection, scope: str) -> AnySubscription | None:
         """Register interest in a scope (idempotent); None when the connection is at its limit."""
@@ -76,6 +78,11 @@ class SubscriptionIndex:
                 self.wild.setdefault(conn.principal.tenant, {})[conn.wild] = None
                 self.gauge.inc()
             return conn.wild
+        if scope == INBOX:
+            inbox, made = self.inbox.add(conn)
+            if made:
+                self.gauge.inc()
+            return inbox
         sub = conn.subs.get(scope)
         if sub is None:
             if len(conn.subs) >= self.max_subscriptions:
@@ -95,6 +102,10 @@ class SubscriptionIndex:
                 self._drop_wild(conn.wild)
                 conn.wild = None
             return
+        if scope == INBOX:
+            if self.inbox.remove(conn):
+                self.gauge.dec()
+            return
         sub = conn.subs.pop(scope, None)
         if sub is not None:
             self._drop(sub)
@@ -106,6 +117,8 @@ class SubscriptionIndex:
         if conn.wild is not None:
             self._drop_wild(conn.wild)
             conn.wild = None
+        if self.inbox.remove(conn):
+            self.gauge.dec()
 
     def _drop(self, sub: Subscription) -> None:
         scoped = self.by_scope.get(sub.key)
@@ -151,16 +164,19 @@ class SubscriptionIndex:
                     targets.append(w.conn)
                 else:
                     denied += 1
+        if self.inbox.subs:
+            denied += self.inbox.targets(env, targets)
         return targets, denied
 
     def tenants(self) -> set[str]:
-        return set(self.by_tenant) | set(self.wild)
+        return set(self.by_tenant) | set(self.wild) | self.inbox.tenants()
 
     def recheck(self, conns: Iterable[Connection] = (), tenant: str | None = None) -> list[Change]:
         """Re-decide permissions after an ACL change (a tenant) or a token refresh (connections).
 
         Returns the decisions that changed; `*` subscriptions report only revocations (a newly visible
         scope simply starts delivering)."""
+        conns = list(conns)
         subs: list[Subscription] = []
         wilds: list[WildSubscription] = []
         if tenant is not None:
@@ -188,6 +204,7 @@ class SubscriptionIndex:
                 w.decisions[scope] = now
                 if was and not now:
                     changes.append(Change(c, scope, False))
+        changes.extend(Change(c, scope, False) for c, scope in self.inbox.recheck(conns, tenant))
         return changes
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 from opentelemetry.trace import Tracer
 
@@ -25,10 +26,11 @@ from gateway import tracing
 from gateway.core.connection import Connection, ConnState
 from gateway.core.history import StreamReader
 from gateway.core.hub import Hub, ReplayPlan
+from gateway.core.inbox import InboxSubscription, inbox_subjects
 from gateway.core.index import Subscription
 from gateway.core.queue import OutFrame, control, replayed_frame
 from gateway.events import InvalidEvent, parse_event, subject_for, tenant_subjects
-from gateway.protocol import WILDCARD
+from gateway.protocol import INBOX, WILDCARD
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,11 @@ class Replayer:
         prefix = hub.settings.subject_prefix
         subs = plan.subs
         wildcard = WILDCARD in subs
-        if len(subs) == 1 and not wildcard:
+        inbox = subs.get(INBOX)
+        in_inbox = partial(hub.index.inbox.replayed, inbox) if isinstance(inbox, InboxSubscription) else None
+        if len(subs) == 1 and in_inbox is not None:
+            subject = inbox_subjects(prefix, tenant)
+        elif len(subs) == 1 and not wildcard:
             subject = subject_for(prefix, tenant, next(iter(subs)))
         else:
             subject = tenant_subjects(prefix, tenant)
@@ -149,6 +155,8 @@ class Replayer:
                         ok = sub.allowed  # as it is now: follows ACL changes during the replay
                     elif wildcard:
                         ok = acl.may_see(conn.principal, tenant, env.kind, env.resource_id)
+                    elif in_inbox is not None and (mine := in_inbox(env, ev.seq)) is not None:
+                        ok = mine
                     else:
                         continue
                     if not ok:

@@ -155,6 +155,11 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool, pac
             await asyncio.sleep(0.05)
         stop = asyncio.Event()
         sim_task = None
+        bus = app.state.gateway.bus
+        while simulate and not bus.ready:  # publish once the stream exists and the gateway consumes it
+            if serve.done():
+                break
+            await asyncio.sleep(0.05)
         if simulate:
             sim = Simulator(Publisher(js, subject_prefix=settings.subject_prefix), pace=pace)
             sim_task = asyncio.create_task(sim.run(stop))

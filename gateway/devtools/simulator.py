@@ -30,9 +30,9 @@ class DemoUser:
 
 
 DEMO_USERS = (
-    DemoUser("alice", (), "org admin: every scope of tenant demo"),
+    DemoUser("alice", (), "org admin: every scope of tenant demo; her inbox: approving new hires"),
     DemoUser("bob", ("apollo-team",), "viewer of project apollo: conversation:welcome, process:onboarding, "
-             "agent:researcher"),
+             "agent:researcher; his inbox: identity checks (asked of group apollo-team)"),
     DemoUser("carol", ("support",), "member of conversation:support (through group support) only"),
 )
 
@@ -82,6 +82,14 @@ HITS = [
     [{"title": "Acme Parts: 120 in stock, 4 days"}, {"title": "Bolt & Co: 60 in stock, 6 days"}],
     [{"title": "batch export retried 3x at 14:02"}, {"title": "no deploys between 13:00 and 15:00"}],
 ]
+
+
+# The onboarding's requests for input, by stage: (request id prefix, prompt, assignee, who answers, answer).
+# Assignees are demo principals: bob through his group, alice by name; carol is asked nothing.
+INBOX_REQUESTS: dict[str, tuple[str, str, str, str, str]] = {
+    "verify identity": ("verify", "Do the ID documents of the new hire match?", "group:apollo-team", "bob", "yes"),
+    "approve": ("approve", "Approve access for the new hire?", "user:alice", "alice", "approved"),
+}
 
 
 class Simulator:
@@ -198,14 +206,14 @@ class Simulator:
                     return
                 await self._emit(scope, "process.progress",
                                  {"fraction": round((i + k / 3) / len(stages), 3), "message": stage})
-            if stage == "approve":
-                req = f"req-{n}"
+            asked = INBOX_REQUESTS.get(stage)
+            if asked is not None:  # a human in the loop: the request waits in the assignee's inbox
+                req, prompt, assignee, by, value = asked
                 await self._emit(scope, "process.input_required",
-                                 {"request_id": req, "prompt": "Approve access for the new hire?",
-                                  "assignees": ["alice"]})
-                await self._sleep(2.0)
-                await self._emit(scope, "process.input_received", {"request_id": req, "by": "alice",
-                                                                   "value": "approved"})
+                                 {"request_id": f"{req}-{n}", "prompt": prompt, "assignees": [assignee]})
+                await self._sleep(6.0)
+                await self._emit(scope, "process.input_received", {"request_id": f"{req}-{n}", "by": by,
+                                                                   "value": value})
         await self._emit(scope, "process.completed", {"result": {"accounts": 3}})
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, NamedTuple
 
+import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -24,19 +25,21 @@ from gateway.edge.openapi import (
     UNAUTHORIZED,
     UNAVAILABLE,
     HistoryBody,
+    InboxBody,
     ScopesBody,
     integer,
     sequence,
 )
 from gateway.edge.sse import sse_stream
 from gateway.events import InvalidEvent, parse_event, subject_for
-from gateway.protocol import WILDCARD, FrameError, is_scope, parse_int, parse_seq
+from gateway.protocol import INBOX, WILDCARD, FrameError, is_scope, parse_int, parse_seq
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 
 SCOPES_MAX_LIMIT = 1000
+INBOX_MAX_LIMIT = 1000
 
 
 class HistoryPage(NamedTuple):
@@ -79,7 +82,7 @@ def build_router(gw: Gateway) -> APIRouter:
         principal = await authenticate(gw, request)
         if isinstance(principal, JSONResponse):
             return principal
-        if not is_scope(scope) or scope == WILDCARD:
+        if not is_scope(scope) or scope in (WILDCARD, INBOX):
             return error_response(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
         try:
             after_seq = parse_seq(after, "after")
@@ -115,7 +118,7 @@ def build_router(gw: Gateway) -> APIRouter:
         principal = await authenticate(gw, request)
         if isinstance(principal, JSONResponse):
             return principal
-        if after and (not is_scope(after) or after == WILDCARD):
+        if after and (not is_scope(after) or after in (WILDCARD, INBOX)):
             return error_response(400, "bad_request", "after must be a scope <conversation|process|agent>:<id>")
         try:
             count = parse_int(limit, "limit", 1, SCOPES_MAX_LIMIT)
@@ -129,6 +132,38 @@ def build_router(gw: Gateway) -> APIRouter:
             "scopes": [{"scope": scope, "via": why} for scope, why in visible],
             "next_after": visible[-1][0] if visible else after,
         })
+
+    @router.get("/v1/inbox", openapi_extra={"security": SECURITY},
+                responses={200: {"model": InboxBody}, **BAD_REQUEST, **UNAUTHORIZED, **UNAVAILABLE})
+    async def inbox(
+        request: Request,
+        after: Annotated[str, Query(description="Requests with a stream sequence above this (paging)")] = "0",
+        limit: Annotated[str, Query(description="Page size")] = "100",
+    ) -> Response:
+        """The requests for input open now for the caller, oldest first: assigned to the caller or one of its
+        groups (or to everyone), of processes the caller may see now, not expired."""
+        principal = await authenticate(gw, request)
+        if isinstance(principal, JSONResponse):
+            return principal
+        try:
+            after_seq = parse_seq(after, "after")
+            count = parse_int(limit, "limit", 1, INBOX_MAX_LIMIT)
+        except FrameError as exc:
+            return error_response(400, "bad_request", exc.message)
+        registry = gw.hub.index.inbox
+        if not registry.loaded:
+            return error_response(503, "unavailable", "the inbox is not loaded yet (NATS); retry shortly")
+        try:
+            bounds = await gw.reader.bounds()
+        except Exception as exc:  # NATS down: say so, the client retries
+            return error_response(503, "unavailable", f"the inbox is unavailable right now: {type(exc).__name__}")
+        registry.prune(principal.tenant, bounds.earliest)
+        page = registry.open_for(principal, after=after_seq)[:count]
+        body = b'{"tenant":%s,"principal":%s,"requests":[%s],"seq":%d,"next_after":%d,"earliest":%d}' % (
+            orjson.dumps(principal.tenant), orjson.dumps(principal.name),
+            b",".join(b'{"seq":%d,"event":%s}' % (r.seq, r.raw) for r in page),
+            gw.hub.last_seq, page[-1].seq if page else after_seq, bounds.earliest)
+        return Response(body, media_type="application/json")
 
     @router.get("/v1/sse", openapi_extra={"security": SECURITY}, responses={
         200: {"description": "The stream: `id:` is the stream sequence; ends after an `event: close`",
@@ -149,4 +184,4 @@ def build_router(gw: Gateway) -> APIRouter:
     return router
 
 
-__all__ = ["HistoryPage", "build_router"]
+__all__ = ["INBOX_MAX_LIMIT", "HistoryPage", "build_router"]

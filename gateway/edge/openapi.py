@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from gateway.events import SCOPE_BODY
-from gateway.protocol import MAX_SEQ
+from gateway.protocol import INBOX, MAX_SEQ
 
 
 class ErrorDetail(BaseModel):
@@ -39,6 +39,17 @@ class HistoryBody(BaseModel):
     next_after: int = Field(description="`after` of the next page (the last sequence read)")
     earliest: int = Field(description="First sequence the stream still holds (0: empty)")
     latest: int = Field(description="Last sequence written to the stream")
+
+
+class InboxBody(BaseModel):
+    tenant: str
+    principal: str
+    requests: list[StoredEvent] = Field(description="The `process.input_required` events open for the caller, "
+                                                    "oldest first; at most `limit`")
+    seq: int = Field(description="The stream position the list is exact at: subscribe to `inbox` with this "
+                                 "`since` to follow it without a gap")
+    next_after: int = Field(description="`after` of the next page (the last request's sequence)")
+    earliest: int = Field(description="First sequence the stream still holds (0: empty); older requests are gone")
 
 
 class VisibleScope(BaseModel):
@@ -81,7 +92,7 @@ OVER_LIMIT: Responses = {503: _error("This instance is at WSGATEWAY_MAX_CONNECTI
 SCOPE: dict[str, Any] = {"type": "string", "pattern": f"^{SCOPE_BODY}$"}
 SCOPE_OR_EMPTY: dict[str, Any] = {"type": "string", "pattern": f"^(?:{SCOPE_BODY})?$"}
 SCOPE_LIST: dict[str, Any] = {"type": "array", "items": {
-    "type": "string", "pattern": rf"^(?:\*|{SCOPE_BODY})(?:,(?:\*|{SCOPE_BODY}))*$"}}
+    "type": "string", "pattern": rf"^(?:\*|{INBOX}|{SCOPE_BODY})(?:,(?:\*|{INBOX}|{SCOPE_BODY}))*$"}}
 
 
 def integer(lo: int, hi: int, default: int | None = None) -> dict[str, Any]:
@@ -106,7 +117,9 @@ SECURITY_SCHEMES = {
 }
 
 
-def parameters(history_max_limit: int, scopes_max_limit: int) -> dict[tuple[str, str], tuple[dict[str, Any], bool]]:
+def parameters(
+    history_max_limit: int, scopes_max_limit: int, inbox_max_limit: int = 1000,
+) -> dict[tuple[str, str], tuple[dict[str, Any], bool]]:
     """(path, parameter) -> (schema, required): the parameters as the gateway checks them."""
     return {
         ("/v1/history", "scope"): (SCOPE, True),
@@ -114,6 +127,8 @@ def parameters(history_max_limit: int, scopes_max_limit: int) -> dict[tuple[str,
         ("/v1/history", "limit"): (integer(1, history_max_limit, 100), False),
         ("/v1/scopes", "after"): (SCOPE_OR_EMPTY, False),
         ("/v1/scopes", "limit"): (integer(1, scopes_max_limit, 100), False),
+        ("/v1/inbox", "after"): (sequence(0), False),
+        ("/v1/inbox", "limit"): (integer(1, inbox_max_limit, 100), False),
         ("/v1/sse", "scope"): (SCOPE_LIST, False),
         ("/v1/sse", "since"): (sequence(), False),
         ("/v1/sse", "Last-Event-ID"): (sequence(), False),
@@ -123,13 +138,15 @@ def parameters(history_max_limit: int, scopes_max_limit: int) -> dict[tuple[str,
     }
 
 
-def truthful_openapi(app: FastAPI, history_max_limit: int, scopes_max_limit: int) -> dict[str, Any]:
+def truthful_openapi(
+    app: FastAPI, history_max_limit: int, scopes_max_limit: int, inbox_max_limit: int = 1000,
+) -> dict[str, Any]:
     """`app.openapi` for the gateway: FastAPI's document with the parameters as checked, plus security
     schemes, minus 422 answers."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    exact = parameters(history_max_limit, scopes_max_limit)
+    exact = parameters(history_max_limit, scopes_max_limit, inbox_max_limit)
     for path, ops in doc.get("paths", {}).items():
         for operation in ops.values():
             operation.get("responses", {}).pop("422", None)
@@ -165,6 +182,7 @@ __all__ = [
     "UNAVAILABLE",
     "ErrorBody",
     "HistoryBody",
+    "InboxBody",
     "ReadyBody",
     "Responses",
     "ScopesBody",

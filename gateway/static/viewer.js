@@ -10,8 +10,13 @@
 //   continues live; nothing is lost.
 // * Event text is only ever put into the page through textContent (never parsed as HTML).
 //
+// * The inbox: the socket also subscribes to `inbox`; the list is GET /v1/inbox, fetched again when an
+//   inbox event (a request, its answer, its process's end) or a `revoked` arrives, and a request is
+//   hidden once its `expires_at` passes (the gateway sends no frame for that).
+//
 // `window.viewer` exposes the state (tests read it): state, principal, lastSeq, startSeq, seqs,
-// events, duplicates, scopes {scope: {status, events, via}}, resumes, drops, log.
+// events, duplicates, scopes {scope: {status, events, via}}, resumes, drops, log,
+// inbox [{seq, scope, request_id, prompt, expires_at}].
 "use strict";
 
 (() => {
@@ -37,6 +42,7 @@
     resumes: [],
     drops: 0,
     log: [],
+    inbox: [],
   });
 
   const $ = (id) => document.getElementById(id);
@@ -119,8 +125,10 @@
     }
     Object.assign(viewer, {
       principal: null, lastSeq: null, startSeq: null, events: 0, duplicates: 0, seqs: [], scopes: {},
-      orgAdmin: false, resumes: [], drops: 0,
+      orgAdmin: false, resumes: [], drops: 0, inbox: [],
     });
+    inboxToken = null;
+    renderInbox();
     followed = [];
     wildcard = false;
     panels.clear();
@@ -184,6 +192,7 @@
     if (mine !== session) return;
     const scopes = Object.keys(viewer.scopes); // pending (revoked, forbidden) ones too: they restart on a grant
     if (wildcard) scopes.push("*");
+    scopes.push("inbox");
     let first = token; // the token the scopes were listed with; then a fresh one for every reconnect
     const url = new URL("/v1/ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
@@ -192,6 +201,7 @@
       token: async () => {
         const t = first || (await getToken());
         first = null;
+        inboxToken = t;
         return t;
       },
     });
@@ -264,6 +274,7 @@
         $("principal").textContent = f.principal.id + (f.principal.groups.length ? " [" + f.principal.groups.join(", ") + "]" : "");
         setState("open");
         logLine("welcome", "welcome " + f.principal.id + ", tenant " + f.principal.tenant);
+        loadInbox();
         break;
       case "subscribed": {
         if (viewer.startSeq === null) viewer.startSeq = f.seq;
@@ -275,7 +286,7 @@
           logLine("resume", "resumed from seq " + f.since + " (replay up to " + f.seq + ", recovered " + f.recovered + ")");
           showResume(sockResume);
         }
-        if (f.scope !== "*") {
+        if (f.scope !== "*" && f.scope !== "inbox") {
           const s = ensureScope(f.scope, null, "live");
           const was = s.status;
           setScopeStatus(f.scope, "live");
@@ -289,7 +300,8 @@
         break;
       }
       case "revoked":
-        if (f.scope !== "*") {
+        if (f.scope.startsWith("process:")) loadInbox(); // its requests leave the inbox
+        if (f.scope !== "*" && f.scope !== "inbox") {
           ensureScope(f.scope, null, "revoked");
           setScopeStatus(f.scope, "revoked");
           banner(f.scope, "", [code("revoked"), " frame: access to " + f.scope + " was removed. Nothing more is delivered; " +
@@ -331,6 +343,7 @@
     }
     const ev = f.event || {};
     const scope = String(ev.scope || "");
+    if (INBOX_TYPES.has(ev.type)) loadInbox();
     if (!SCOPE_RE.test(scope)) return;
     const s = ensureScope(scope, null, "live");
     s.events += 1;
@@ -809,6 +822,76 @@
     else if (type.startsWith("process.")) renderProcess(p, ev);
     else append(p, el("div", "other", type + " " + short(ev.data, 160)));
     if (stick) feed.scrollTop = feed.scrollHeight;
+  }
+
+  // ----------------------------------------------------------------------------------------------
+  // inbox: the requests for input open for this user (GET /v1/inbox)
+  // ----------------------------------------------------------------------------------------------
+
+  const INBOX_TYPES = new Set(["process.input_required", "process.input_received", "process.completed",
+    "process.failed", "process.cancelled"]);
+  let inboxToken = null; // the token of the current socket
+  let inboxLoading = null; // a fetch in flight; one more is queued behind it at most
+  let inboxAgain = false;
+  let expiryTimer = null;
+
+  async function loadInbox() {
+    if (inboxLoading) {
+      inboxAgain = true;
+      return;
+    }
+    const mine = session;
+    const token = inboxToken;
+    if (!token) return;
+    inboxLoading = (async () => {
+      try {
+        const r = await fetch("/v1/inbox?limit=100", { headers: { Authorization: "Bearer " + token }, cache: "no-store" });
+        const body = await r.json().catch(() => ({}));
+        if (mine !== session) return;
+        if (!r.ok) {
+          logLine("error", "/v1/inbox: " + ((body.error && body.error.message) || "HTTP " + r.status));
+          return;
+        }
+        viewer.inbox = body.requests.map((q) => ({
+          seq: q.seq, scope: q.event.scope, request_id: String(q.event.data.request_id),
+          prompt: String(q.event.data.prompt), expires_at: q.event.data.expires_at || null,
+        }));
+        renderInbox();
+      } catch (e) {
+        logLine("error", "/v1/inbox: " + String(e.message || e));
+      }
+    })();
+    await inboxLoading;
+    inboxLoading = null;
+    if (inboxAgain && mine === session) {
+      inboxAgain = false;
+      loadInbox();
+    }
+  }
+
+  function renderInbox() {
+    if (expiryTimer) clearTimeout(expiryTimer);
+    expiryTimer = null;
+    const now = Date.now();
+    viewer.inbox = viewer.inbox.filter((q) => !q.expires_at || Date.parse(q.expires_at) > now);
+    const next = Math.min(...viewer.inbox.filter((q) => q.expires_at).map((q) => Date.parse(q.expires_at)));
+    if (Number.isFinite(next)) expiryTimer = setTimeout(renderInbox, Math.max(0, next - now) + 50);
+    const n = viewer.inbox.length;
+    for (const id of ["inbox-count", "inbox-badge"]) {
+      $(id).textContent = String(n);
+      $(id).dataset.count = String(n);
+    }
+    $("inbox").replaceChildren(...viewer.inbox.map((q) => {
+      const li = el("li", "inbox-item");
+      li.dataset.request = q.request_id;
+      li.append(el("span", "prompt", q.prompt), el("span", "where", q.scope + " \u00b7 " + q.request_id +
+        (q.expires_at ? " \u00b7 until " + q.expires_at : "")));
+      return li;
+    }));
+    $("inbox-hint").textContent = viewer.principal
+      ? (n ? "Waiting for your answer (assigned to you, one of your groups, or everyone who may see the process)."
+        : "Nothing waits for " + viewer.principal.id + ".")
+      : "Pick a user first.";
   }
 
   // ----------------------------------------------------------------------------------------------

@@ -115,6 +115,8 @@ async function check(page) {
     welcome_panel_events: await page.getAttribute('[data-scope="conversation:welcome"]', 'data-events'),
     welcome_panel: await panelView(page, 'conversation:welcome'), // forbidden: no demo switch on it
     support_panel: await panelView(page, 'conversation:support'), // hers, live: the switch is there
+    inbox: carol.inbox, // the onboarding asks bob's group and alice, never her
+    inbox_badge: await page.textContent('#inbox-badge'),
   };
 
   // bob: viewer of project apollo; answers assemble, tool calls, process progress
@@ -136,6 +138,16 @@ async function check(page) {
     resume_note: await page.textContent('#resume-note'),
   };
   await page.screenshot({ path: config.out });
+
+  // bob's inbox: the onboarding's identity check (asked of group apollo-team) appears, then goes when answered
+  await page.waitForSelector('#inbox .inbox-item[data-request^="verify-"]', { timeout: T });
+  const asked = await state(page);
+  const verify = asked.inbox.find((q) => q.request_id.startsWith('verify-'));
+  out.bob_inbox = { asked: asked.inbox, badge: await page.textContent('#inbox-badge'),
+    item: await page.textContent(`#inbox .inbox-item[data-request="${verify.request_id}"]`) };
+  await page.waitForFunction((id) => !window.viewer.inbox.some((q) => q.request_id === id)
+    && !document.querySelector(`#inbox .inbox-item[data-request="${id}"]`), verify.request_id, { timeout: T });
+  out.bob_inbox.answered = (await state(page)).inbox;
 
   // live revocation: bob loses conversation:welcome, then gets it back
   const revokeButton = '[data-scope="conversation:welcome"] .panel-head button';
