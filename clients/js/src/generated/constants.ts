@@ -2,7 +2,7 @@
 
 export const VERSION = "0.1.0" as const;
 export const SUBPROTOCOL = "wsgateway.v1" as const;
-export const SCOPE_PATTERN = "^(?:\\*|(?:conversation|process|agent):[A-Za-z0-9_-]{1,128})$" as const;
+export const SCOPE_PATTERN = "^(?:\\*|inbox|(?:conversation|process|agent):[A-Za-z0-9_-]{1,128})$" as const;
 export const RESOURCE_SCOPE_PATTERN = "^(?:conversation|process|agent):[A-Za-z0-9_-]{1,128}$" as const;
 export const NAME_PATTERN = "^[A-Za-z0-9_-]{1,128}$" as const;
 export const KINDS = [
