@@ -626,8 +626,10 @@ class Bench:
         cl0 = sum(cpu_seconds(p) for p in ch.client_pids)
         h0 = host_cpu()
         wall0 = time.monotonic()
-        spy = None
-        if profile_dir is not None:
+        spy = perf = None
+        if profile_dir is not None and a.perf:
+            perf = start_perf(server.pid, duration, profile_dir / f"{server.kind}-{pt.connections}.perf.data")
+        elif profile_dir is not None:
             spy = start_py_spy(server.pid, duration, profile_dir / f"{server.kind}-{pt.connections}.txt",
                                a.profile_native)
         time.sleep(max(0.0, w1 - time.time()))
@@ -682,6 +684,9 @@ class Bench:
             st.passed = st.passed and st.achieved >= 0.95 * deliveries  # did not take the step's rate
         if spy is not None:
             self.profiles[f"{server.kind}-{pt.connections}"] = finish_py_spy(spy)
+        if perf is not None:
+            self.profiles[f"{server.kind}-{pt.connections}"] = {**finish_perf(perf), "achieved": st.achieved,
+                                                                 "server_cpu": st.server_cpu}
         log(f"{server.kind:7} n={pt.connections} run {pt.run} step {fraction:g}x: offered {st.offered:,.0f}/s "
             f"achieved {st.achieved:,.0f}/s p50 {st.p50:.1f} ms p99 {st.p99:.1f} ms (max {st.max_ms:.0f}; p50 "
             f"{st.p50_first_s:.0f}->{st.p50_last_s:.0f})"
@@ -708,6 +713,42 @@ class Bench:
 
 
 # --- profiling ---------------------------------------------------------------------------------
+
+
+def start_perf(pid: int, duration: float, out: Path) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """`perf record` (software clock, call graphs) of the server process for the window."""
+    exe = shutil.which("perf")
+    if exe is None:
+        log("perf not found: no profile")
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "record", "-F", "499", "-g", "-p", str(pid), "-o", str(out), "--", "sleep", str(duration)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=child_setup), out
+
+
+def finish_perf(rec: tuple[subprocess.Popen[bytes], Path]) -> dict[str, Any]:
+    """Shares of the server's CPU samples by object (kernel, interpreter, libc, ...) and by symbol."""
+    proc, out = rec
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    if not out.exists():
+        return {"error": err.decode(errors="replace")[-500:]}
+
+    def report(sort: str, limit: float) -> list[tuple[str, float]]:
+        text = subprocess.run(["perf", "report", "-i", str(out), "--stdio", "--no-children", "-g", "none",
+                               "--sort", sort, "-q", "--percent-limit", str(limit)],
+                              capture_output=True, text=True, timeout=300).stdout
+        rows = []
+        for line in text.splitlines():
+            parts = line.split(None, 1)
+            if len(parts) == 2 and parts[0].endswith("%"):
+                rows.append((" ".join(parts[1].split()), float(parts[0].rstrip("%"))))
+        return rows
+
+    return {"file": str(out), "tool": "perf", "by_object": report("dso", 0.5), "self": report("dso,sym", 0.7)}
 
 
 def start_py_spy(
@@ -1072,6 +1113,13 @@ def print_ab(summary: dict[str, Any], args: argparse.Namespace) -> None:
 
 def print_profiles(profiles: dict[str, Any]) -> None:
     for name, prof in profiles.items():
+        if prof.get("tool") == "perf":
+            print(f"\nperf profile of {name} (target step: {prof.get('achieved', 0):,.0f} deliveries/s, server CPU "
+                  f"{prof.get('server_cpu', 0):.0f}%; {prof['file']}); % of the server's CPU samples")
+            print("  by object: " + ", ".join(f"{o} {v:.1f}" for o, v in prof["by_object"]))
+            for f, v in prof["self"][:20]:
+                print(f"  {v:6.1f}   {f}")
+            continue
         print(f"\npy-spy profile of {name} (target step, {prof.get('samples', 0)} samples; "
               f"{prof.get('file', prof.get('error', ''))})")
         if "self" not in prof:
@@ -1140,6 +1188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memprobe", default=None, metavar="DIR",
                    help="after the runs, attribute the gateway's per-connection memory with tracemalloc")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
+    p.add_argument("--perf", default=None, metavar="DIR",
+                   help="after the runs, `perf record` every server (any kind) at the largest count at the target "
+                        "rate (--cpu-rate with peers): CPU samples by object (kernel / user space) and symbol")
     args = p.parse_args(argv)
     requested = (args.servers or "").split(",")
     unknown = [s for s in requested if s and s not in KINDS]
@@ -1202,8 +1253,8 @@ def main(argv: list[str] | None = None) -> int:
                 order = args.servers if run % 2 else list(reversed(args.servers))
                 for kind in order:
                     points.append(bench.point(kind, n, run))
-        if args.profile:
-            prof_dir = Path(args.profile)
+        if args.profile or args.perf:
+            prof_dir = Path(args.perf or args.profile)
             n = max(args.connections)
             for kind in args.servers:
                 bench.point(kind, n, 0, profile_dir=prof_dir)

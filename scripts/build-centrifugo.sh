@@ -38,7 +38,7 @@ if ! mkdir -p "$cache" 2>/dev/null || [[ ! -w "$cache" ]]; then
   mkdir -p "$cache"
 fi
 # RECIPE names the build flags below: change it when they change, so the cache key does.
-RECIPE="trimpath-s-w-cgo0-1"
+RECIPE="trimpath-w-cgo0-1"  # symbols kept (no -s): perf names Go functions
 key="$(cd "$src" && { cat go.mod go.sum; echo "$RECIPE"; } | sha256sum | cut -c1-12)"
 dest="$cache/centrifugo-$VERSION-$key"
 binary="$dest/bin/centrifugo"
@@ -70,7 +70,7 @@ start=$SECONDS
 (cd "$src" && "$GO" mod download)
 # The version stamp the upstream release build sets (centrifugo's Makefile / goreleaser): `centrifugo version`.
 (cd "$src" && "$GO" build -p "$parallel" -trimpath \
-  -ldflags "-s -w -X $MODULE/internal/build.Version=${VERSION#v}" -o "$work/bin/centrifugo" "$MODULE")
+  -ldflags "-w -X $MODULE/internal/build.Version=${VERSION#v}" -o "$work/bin/centrifugo" "$MODULE")
 { echo "centrifugo $VERSION"; echo "go $have"; echo "build seconds $((SECONDS - start))"; } >"$work/versions"
 chmod 755 "$work"
 touch "$work/last-used"
