@@ -86,20 +86,33 @@ def compare(points: list[Any], args: argparse.Namespace,
                 "steps": [step_row(p.run, s) for p in pts for s in p.steps],
                 "pinned": bool(args.pin) and peers.pinned(kind),
             }
-        ratios: dict[str, dict[str, float]] = {}
-        g = servers.get("gateway")
-        for peer in RATIO_PEERS:
-            if g and peer in servers:
-                ratios[peer] = {key: ratio(g["figures"][key]["median"], servers[peer]["figures"][key]["median"])
-                                for key, _, _ in FIGURES}
-        per_count.append({"connections": n, "servers": servers, "ratios": ratios})
-    return {
+        per_count.append({"connections": n, "servers": servers})
+    return derive({
         "slo_ms": args.slo_ms, "cpu_rate": args.cpu_rate, "rates": list(args.peer_rates),
         "rounds": args.runs, "pinned": bool(args.pin), "per_count": per_count,
-        "targets": targets(per_count),
         "figures": [{"key": k, "label": label.format(slo=args.slo_ms, cpu_rate=args.cpu_rate),
                      "higher_is_better": hb} for k, label, hb in FIGURES],
-    }
+    })
+
+
+def derive(rep: dict[str, Any]) -> dict[str, Any]:
+    """The ratios gateway / peer of the medians, and the targets, from the figures of `rep`."""
+    for c in rep["per_count"]:
+        servers = c["servers"]
+        g = servers.get("gateway")
+        c["ratios"] = {}
+        for peer in RATIO_PEERS:
+            if not g or peer not in servers:
+                continue
+            c["ratios"][peer] = {}
+            for key, _, _ in FIGURES:
+                if key == "nats_cpu_s_per_1m" and not peer.endswith("-nats"):
+                    r = float("nan")  # that peer does not use nats-server
+                else:
+                    r = ratio(g["figures"][key]["median"], servers[peer]["figures"][key]["median"])
+                c["ratios"][peer][key] = r
+    rep["targets"] = targets(rep["per_count"])
+    return rep
 
 
 def saturated(step: Any) -> bool:
@@ -133,16 +146,19 @@ def targets(per_count: list[dict[str, Any]]) -> list[dict[str, Any]]:
         c = by_n.get(n)
         if c and peer in c["ratios"]:
             r = c["ratios"][peer]["capacity"]
+            # None: undetermined (the peer met the p99 target at no step, so there is no ratio to judge).
+            met = None if r != r else bool(r >= need)
             out.append({"target": f"max deliveries/s at p99 target, gateway / {LABELS[peer]} at {n:,} connections "
                                   f">= {need:g}x", "connections": n, "peer": peer, "value": r, "threshold": need,
-                        "met": bool(r == r and r >= need)})
+                        "gateway": c["servers"]["gateway"]["figures"]["capacity"]["median"],
+                        "peer_value": c["servers"][peer]["figures"]["capacity"]["median"], "met": met})
     for c in per_count:
         g = c["servers"].get("gateway")
         if g:
             v = g["figures"]["rss_kib_per_conn"]["median"]
             out.append({"target": f"gateway KiB RSS per idle connection at {c['connections']:,} connections <= 10",
                         "connections": c["connections"], "peer": None, "value": v, "threshold": 10.0,
-                        "met": bool(v == v and v <= 10.0)})
+                        "met": None if v != v else bool(v <= 10.0)})
     return out
 
 
@@ -154,6 +170,22 @@ def fmt(key: str, v: float) -> str:
     if key == "max_throughput_p99_ms":
         return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
     return f"{v:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the peer report of a saved run: `bench/peerreport.py bench/results/peers.json`."""
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("json_file", help="a bench/fanout.py --json file of a run with peer servers")
+    args = parser.parse_args(argv)
+    with open(args.json_file) as f:
+        doc = json.load(f)
+    if "peers" not in doc.get("summary", {}):
+        parser.error(f"{args.json_file} has no peer comparison (summary.peers)")
+    print_markdown(derive(doc["summary"]["peers"]), sys.stdout)
+    return 0
 
 
 def print_markdown(rep: dict[str, Any], out: IO[str]) -> None:
@@ -200,8 +232,12 @@ def print_markdown(rep: dict[str, Any], out: IO[str]) -> None:
         print("|---|---|---|", file=out)
         for t in rep["targets"]:
             unit = "x" if t["peer"] else " KiB"
-            v = "n/a" if t["value"] != t["value"] else f"{t['value']:.2f}{unit}"
-            print(f"| {t['target']} | {v} | {'met' if t['met'] else 'NOT met'} |", file=out)
+            if t["value"] == t["value"]:
+                v = f"{t['value']:.2f}{unit}"
+            else:  # a ratio with a zero side: say which
+                v = f"n/a (gateway {t.get('gateway', 0):,.0f}/s, peer {t.get('peer_value', 0):,.0f}/s)"
+            verdict = "undetermined" if t["met"] is None else "met" if t["met"] else "NOT met"
+            print(f"| {t['target']} | {v} | {verdict} |", file=out)
     print("\n### Every step of every round\n", file=out)
     print("rate = offered deliveries/s (nominal); * = other% >= 30 (disturbed); r = the repeat of a disturbed step.\n",
           file=out)
@@ -216,3 +252,7 @@ def print_markdown(rep: dict[str, Any], out: IO[str]) -> None:
                       f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {'y' if s['passed'] else 'n'} | "
                       f"{s['server_cpu']:.0f} | {s['nats_cpu']:.0f} | {s['clients_cpu']:.0f} | "
                       f"{s['other_cpu']:.0f}{mark} |", file=out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
