@@ -1159,7 +1159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="as --gateway-steps, for the naive app")
     p.add_argument("--servers", default=None,
                    help="which servers to measure, alternating their order between runs: gateway, naive, baseline "
-                        "(needs --baseline); default gateway,naive, or gateway,baseline with --baseline")
+                        "(needs --baseline), and the peers nchan, centrifugo1, centrifugo, centrifugo1-nats, "
+                        "centrifugo-nats (bench/peers.py); default gateway,naive, or gateway,baseline with --baseline")
     p.add_argument("--baseline", default=None, metavar="REV",
                    help="also measure the gateway of git revision REV as server 'baseline': gateway/ of REV "
                         "(git archive) first on its PYTHONPATH, everything else as for 'gateway'")

@@ -47,6 +47,13 @@ def test_quick_peer_comparison_reports_every_server(tmp_path: Path) -> None:
     assert [t["connections"] for t in report["targets"]] == [300]  # the ratio targets are at 1k / 5k only
     assert "## Peer comparison" in proc.stdout and "### Targets (issue 13)" in proc.stdout
     assert "gw / Nchan" in proc.stdout and "gw / Centrifugo GOMAXPROCS=1" in proc.stdout
+    # bench/peerreport.py prints the same report again from the saved JSON.
+    again = subprocess.run([sys.executable, str(BENCH / "peerreport.py"), str(out)], capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0, again.stderr
+    printed = set(proc.stdout.splitlines())
+    assert "## Peer comparison" in again.stdout
+    assert [line for line in again.stdout.splitlines() if line not in printed] == []
 
 
 def test_generated_nchan_config_is_accepted_by_nginx(tmp_path: Path) -> None:
