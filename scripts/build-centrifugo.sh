@@ -15,28 +15,13 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 src="$repo/tools/centrifugo"
 say() { echo "build-centrifugo: $*" >&2; }
 
-GO="$(command -v go || true)"
-[[ -z "$GO" && -x /usr/local/go/bin/go ]] && GO=/usr/local/go/bin/go
-need="$(awk '$1=="go"{print $2}' "$src/go.mod")"
-if [[ -z "$GO" ]]; then
-  say "the Go toolchain is missing (need go $need or newer on PATH or at /usr/local/go/bin/go)"
-  exit 1
-fi
-have="$("$GO" env GOVERSION)"; have="${have#go}"
-if [[ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]]; then
-  say "$GO is go $have; tools/centrifugo/go.mod needs go $need or newer"
-  exit 1
-fi
+# shellcheck source=scripts/gobuild.sh
+source "$repo/scripts/gobuild.sh"   # GO, have, cache, modver, prune_unused
 
 MODULE=github.com/centrifugal/centrifugo/v6
-VERSION="$(awk -v m="$MODULE" '$1=="require"{$1=""; $0=$0} $1==m{print $2; exit}' "$src/go.mod")"
+VERSION="$(modver "$MODULE")"
 [[ -n "$VERSION" ]] || { say "cannot read the version of $MODULE from $src/go.mod"; exit 1; }
 
-cache="${WSGATEWAY_CACHE:-/var/cache/wsgateway}"
-if ! mkdir -p "$cache" 2>/dev/null || [[ ! -w "$cache" ]]; then
-  cache="${XDG_CACHE_HOME:-$HOME/.cache}/wsgateway"
-  mkdir -p "$cache"
-fi
 # RECIPE names the build flags below: change it when they change, so the cache key does.
 RECIPE="trimpath-w-cgo0-1"  # symbols kept (no -s): perf names Go functions
 key="$(cd "$src" && { cat go.mod go.sum; echo "$RECIPE"; } | sha256sum | cut -c1-12)"
@@ -78,11 +63,5 @@ rm -rf "$dest"
 mv "$work" "$dest"
 trap - EXIT
 say "done in $((SECONDS - start)) s: $binary"
-for old in "$cache"/centrifugo-*/; do
-  old="${old%/}"
-  if [[ "$old" != "$dest" && -f "$old/last-used" && -n "$(find "$old/last-used" -mtime +30)" ]]; then
-    say "removing $old (unused for 30 days)"
-    rm -rf "$old"
-  fi
-done
+prune_unused centrifugo "$dest"
 echo "$binary"
