@@ -6,7 +6,8 @@ PYTHON ?= python3
 # `make run` needs only nats-server; the test tools come with `make test` (buildah and debootstrap: the image)
 RUN_APT_DEPS := nats-server=nats-server
 APT_DEPS := $(RUN_APT_DEPS) node=nodejs npm=npm promtool=prometheus chromium=chromium gcc=gcc \
-	buildah=buildah debootstrap=debootstrap
+	buildah=buildah debootstrap=debootstrap \
+	nginx=nginx /usr/lib/nginx/modules/ngx_nchan_module.so=libnginx-mod-nchan
 PYTEST_ARGS ?=
 
 .PHONY: run test deps venv run-deps system-deps npm-deps lint bench clean dashboards image js schemas
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 run: venv run-deps
 	$(VENV)/bin/wsgateway dev
 
-test: deps k8s image js
+test: deps k8s centrifugo image js
 	$(VENV)/bin/ruff check gateway operator tests bench dashboards
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -58,6 +59,13 @@ schemas: venv npm-deps
 .PHONY: k8s
 k8s:
 	@scripts/build-k8s.sh >/dev/null
+
+# Centrifugo, a peer server of the fan-out benchmark (bench/fanout.py --servers ...,centrifugo;
+# tests/test_bench_peers.py), built from Go modules (tools/centrifugo) like `k8s`: once per version, cached
+# outside the clone, a no-op when cached. Nchan comes from Debian (APT_DEPS).
+.PHONY: centrifugo
+centrifugo:
+	@scripts/build-centrifugo.sh >/dev/null
 
 lint: venv
 	$(VENV)/bin/ruff check gateway operator tests bench dashboards

@@ -50,8 +50,8 @@ class CLoadClient:
     def send(self, msg: tuple[Any, ...]) -> None:
         cmd, *args = msg
         if cmd == "connect":
-            host, port, path, upto, nscopes, concurrency = args
-            line = f"connect {host} {port} {path} {upto} {nscopes} {concurrency}"
+            host, port, path, upto, nscopes, concurrency, *mode = args
+            line = f"connect {host} {port} {path} {upto} {nscopes} {concurrency} {mode[0] if mode else 'gateway'}"
         elif cmd == "measure":
             line = f"measure {args[0]!r} {args[1]!r}"
         elif cmd in ("report", "count", "disconnect", "exit"):

@@ -1,16 +1,19 @@
-"""Fan-out benchmark: the gateway vs. a naive FastAPI fan-out, measured in the same run.
+"""Fan-out benchmark: the gateway vs. a naive FastAPI fan-out and peer servers, measured in the same run.
 
     .venv/bin/python bench/fanout.py                 # default: 1,000 and 5,000 connections, 3 runs
     .venv/bin/python bench/fanout.py --quick         # small and fast (smoke test)
     .venv/bin/python bench/fanout.py --json out.json --profile bench/results/profile
     .venv/bin/python bench/fanout.py --baseline b2dc77e --servers gateway,baseline   # before/after, alternating
+    .venv/bin/python bench/fanout.py --servers gateway,nchan,centrifugo1,centrifugo  # the peer comparison
 
 Everything runs on this machine, on 127.0.0.1: a private nats-server (JetStream, temp store), a
 JWKS HTTP server with the benchmark's own ES256 key, the server under test as a separate process
 (`wsgateway serve --workers 1`, or uvicorn running bench/naive_app.py), load-client processes
 (bench/wsload.py) and a publisher process (bench/pubload.py). With `--baseline REV`, server kind
 `baseline` is the gateway of git revision REV, run exactly like `gateway` (only the code snapshot on
-PYTHONPATH differs), so a change is measured before and after in the same sitting. See bench/README.md
+PYTHONPATH differs), so a change is measured before and after in the same sitting. The peer servers
+(bench/peers.py: Nchan, Centrifugo) take the same events from the same publisher over their own HTTP
+publish API and serve the same compiled load client. See bench/README.md
 for what the figures mean; speed targets are read from them, nothing here asserts.
 """
 
@@ -44,6 +47,8 @@ if str(BENCH_DIR) not in sys.path:
 
 import cload  # noqa: E402
 import jwt  # noqa: E402
+import peerreport  # noqa: E402
+import peers  # noqa: E402
 import pubload  # noqa: E402
 import wsload  # noqa: E402
 from benchutil import (  # noqa: E402
@@ -68,18 +73,25 @@ TARGETS = {1000: (50_000, 20.0), 5000: (100_000, 50.0)}
 SERVERS = ("gateway", "naive")
 # Server kinds that run `wsgateway serve`: the working tree's gateway/ and, with --baseline REV, REV's.
 GATEWAY_KINDS = ("gateway", "baseline")
-KINDS = ("gateway", "baseline", "naive")  # report order
+KINDS = ("gateway", "baseline", *peers.KINDS, "naive")  # report order
 NCPU = os.cpu_count() or 1
+# --pin (the default on 2+ cores): the server under test alone on SERVER_CPU, everything else of the
+# benchmark (nats-server, load clients, publisher, this driver) on the other cores.
+SERVER_CPU = 0
+# The peer comparison's rate ladder (deliveries/s, the same for every server) and its fixed rate for CPU.
+PEER_RATES = "25000,50000,75000,100000,125000,150000,200000,250000"
+PEER_CPU_RATE = 50_000
+PEER_SLO_MS = 50.0
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def target_for(n: int, rate_override: dict[int, int]) -> tuple[int, float]:
-    """Offered deliveries/s and p99 target (ms) for n connections."""
+def target_for(n: int, rate_override: dict[int, int], slo_ms: float | None = None) -> tuple[int, float]:
+    """Offered deliveries/s and p99 target (ms) for n connections (--slo-ms: the same target at every count)."""
     rate, slo = TARGETS.get(n, (50 * n if n <= 1000 else 20 * n, 20.0 if n <= 1000 else 50.0))
-    return rate_override.get(n, rate), slo
+    return rate_override.get(n, rate), slo_ms or slo
 
 
 # --- identity provider -----------------------------------------------------------------------------
@@ -160,12 +172,20 @@ class Server:
     """The server under test, as a child process: the gateway or the naive app."""
 
     def __init__(self, kind: str, nats_url: str, jwks: Jwks, logdir: Path, extra_env: dict[str, str],
-                 workers: int = 1) -> None:
+                 workers: int = 1, cpus: set[int] | None = None) -> None:
         self.kind = kind
         self.port = free_port()
+        self.pub_port = self.port  # where the publisher's HTTP requests go (peer servers)
+        self.ready_path = "/readyz"
+        self.sink: tuple[str, int, str] | None = None  # the publisher's HTTP sink (peer servers); None: JetStream
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("WSGATEWAY_", "BENCH_")) and k != "PROMETHEUS_MULTIPROC_DIR"}
-        if kind in GATEWAY_KINDS:
+        if kind in peers.KINDS:
+            spec = peers.server_spec(kind, logdir, self.port, nats_url, jwks.url, jwks.issuer, AUDIENCE)
+            cmd, self.pub_port, self.ready_path, self.sink = spec.cmd, spec.pub_port, spec.ready_path, spec.sink
+            env.update(spec.env)
+            extra_env = {}  # --server-env is for the gateway's settings
+        elif kind in GATEWAY_KINDS:
             cmd = [str(Path(sys.executable).parent / "wsgateway"), "serve", "--workers", str(workers),
                    "--host", "127.0.0.1"]
             env.update({
@@ -180,15 +200,20 @@ class Server:
         env.update(extra_env)
         self.logfile = logdir / f"{kind}-{self.port}.log"
         self._log = open(self.logfile, "wb")
+        def setup() -> None:
+            child_setup()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=logdir,
-            preexec_fn=child_setup,
+            preexec_fn=setup,
         )
         self.pid = self.proc.pid
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}/readyz"
+        url = f"http://127.0.0.1:{self.port}{self.ready_path}"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}:\n{self.log_tail()}")
@@ -261,8 +286,13 @@ class Children:
             c.send(cmd)
         return [self.expect(c, answer, timeout) for c in self.clients]
 
-    def connect(self, port: int, per_process: int, nscopes: int, timeout: float) -> tuple[int, Counter[str], float]:
-        replies = self.all(("connect", "127.0.0.1", port, "/v1/ws", per_process, nscopes, 64), "connected", timeout)
+    def connect(self, port: int, per_process: int, nscopes: int, timeout: float,
+                kind: str = "gateway") -> tuple[int, Counter[str], float]:
+        path, mode = peers.ws_endpoint(kind)
+        cmd: tuple[Any, ...] = ("connect", "127.0.0.1", port, path, per_process, nscopes, 64)
+        if mode != "gateway":  # only the compiled client speaks the peers' handshakes
+            cmd = (*cmd, mode)
+        replies = self.all(cmd, "connected", timeout)
         errors: Counter[str] = Counter()
         for r in replies:
             errors.update(r[2])
@@ -378,6 +408,7 @@ class Step:
     drained: bool = True
     drain_s: float = 0.0
     passed: bool = False
+    repeat: int = 0  # 1: the repeat of a disturbed step (both are kept)
 
 
 @dataclass
@@ -447,21 +478,23 @@ class Bench:
     def point(self, kind: str, n: int, run: int, *, profile_dir: Path | None = None) -> Point:
         a = self.args
         ch = self.children
-        rate, slo = target_for(n, a.rate)
+        rate, slo = target_for(n, a.rate, a.slo_ms)
         nscopes = max(1, n // a.fanout)
         per_proc = -(-n // a.clients)
         pt = Point(kind, n, run)
         env = self.baseline_env if kind == "baseline" else a.server_env
-        server = Server(kind, self.nats.url, self.jwks, self.tmp, env, a.workers if kind in GATEWAY_KINDS else 1)
+        cpus = ({SERVER_CPU} if peers.pinned(kind) else set(range(NCPU))) if a.pin else None
+        server = Server(kind, self.nats.url, self.jwks, self.tmp, env, a.workers if kind in GATEWAY_KINDS else 1,
+                        cpus)
         try:
             server.wait_ready()
             # Warm-up connections first (imports, first-use allocations are not per-connection cost),
             # then the RSS baseline, then the rest.
             warm_per_proc = min(4, per_proc)
-            got_warm, errors, _ = ch.connect(server.port, warm_per_proc, nscopes, 60)
+            got_warm, errors, _ = ch.connect(server.port, warm_per_proc, nscopes, 60, kind)
             time.sleep(a.settle)
             pt.rss_before_kib = tree_rss_kib(server.pid)
-            got, more_errors, secs = ch.connect(server.port, per_proc, nscopes, 300)
+            got, more_errors, secs = ch.connect(server.port, per_proc, nscopes, 300, kind)
             errors.update(more_errors)
             pt.connected = got_warm + got
             pt.connect_s = secs
@@ -491,8 +524,26 @@ class Bench:
                         log(f"{kind}: backlog of the previous step not drained after {prev.drain_s:.0f}s")
                 st = self.step(server, pt, f, rate, slo, nscopes, profile_dir)
                 pt.steps.append(st)
+                if st.other_cpu >= DISTURBED_OTHER_PCT and a.repeat_disturbed and profile_dir is None:
+                    # Measured while something else used the machine: measure it again, keep both; the
+                    # figures use the less disturbed of the two (effective_steps).
+                    log(f"{kind}: step {f:g}x disturbed (other CPU {st.other_cpu:.0f}%): repeating it")
+                    st.drained, st.drain_s = self.drain(a.drain_timeout)
+                    again = self.step(server, pt, f, rate, slo, nscopes, profile_dir)
+                    again.repeat = 1
+                    pt.steps.append(again)
+                    st = min(st, again, key=lambda x: x.other_cpu)
                 return st
 
+            if a.peer_mode and profile_dir is None:
+                # The peer comparison: the same absolute rates for every server, ascending until the server
+                # is saturated (achieved < 95% of the step's rate, or a connection lost): the highest
+                # throughput at any latency is then known (a lower bound if even the top step kept up).
+                for f in fractions:
+                    st = run_step(f)
+                    if peerreport.saturated(st):
+                        break
+                return pt
             below = [f for f in fractions if f < 1.0]
             for i, f in enumerate(below):
                 if run_step(f).passed:
@@ -566,7 +617,7 @@ class Bench:
         duration = a.duration if fraction == 1.0 else a.sweep_duration
         w1 = w0 + duration
         st.window_s = duration
-        ch.publisher.send(("run", ev_rate, t_start, w1, nscopes, w0, w1, 1024))
+        ch.publisher.send(("run", ev_rate, t_start, w1, nscopes, w0, w1, 1024, server.sink))
         ch.all(("measure", w0, w1), "measuring", 10)
         pids = {"server": server.pid, "nats": self.nats_pid, "publisher": ch.publisher_pid}
         time.sleep(max(0.0, w0 - time.time()))
@@ -575,8 +626,10 @@ class Bench:
         cl0 = sum(cpu_seconds(p) for p in ch.client_pids)
         h0 = host_cpu()
         wall0 = time.monotonic()
-        spy = None
-        if profile_dir is not None:
+        spy = perf = None
+        if profile_dir is not None and a.perf:
+            perf = start_perf(server.pid, duration, profile_dir / f"{server.kind}-{pt.connections}.perf.data")
+        elif profile_dir is not None:
             spy = start_py_spy(server.pid, duration, profile_dir / f"{server.kind}-{pt.connections}.txt",
                                a.profile_native)
         time.sleep(max(0.0, w1 - time.time()))
@@ -627,8 +680,13 @@ class Bench:
         st.p999, st.max_ms = percentile(values, 99.9), (values[-1] if values else float("nan"))
         st.p50_first_s, st.p50_last_s = percentile(sorted(first), 50), percentile(sorted(last), 50)
         st.passed = st.p99 <= slo and st.achieved >= 0.95 * st.offered and not lost
+        if a.peer_mode:  # a peer's HTTP publish API shares its loop: a server that slows its publisher down
+            st.passed = st.passed and st.achieved >= 0.95 * deliveries  # did not take the step's rate
         if spy is not None:
             self.profiles[f"{server.kind}-{pt.connections}"] = finish_py_spy(spy)
+        if perf is not None:
+            self.profiles[f"{server.kind}-{pt.connections}"] = {**finish_perf(perf), "achieved": st.achieved,
+                                                                 "server_cpu": st.server_cpu}
         log(f"{server.kind:7} n={pt.connections} run {pt.run} step {fraction:g}x: offered {st.offered:,.0f}/s "
             f"achieved {st.achieved:,.0f}/s p50 {st.p50:.1f} ms p99 {st.p99:.1f} ms (max {st.max_ms:.0f}; p50 "
             f"{st.p50_first_s:.0f}->{st.p50_last_s:.0f})"
@@ -655,6 +713,42 @@ class Bench:
 
 
 # --- profiling ---------------------------------------------------------------------------------
+
+
+def start_perf(pid: int, duration: float, out: Path) -> tuple[subprocess.Popen[bytes], Path] | None:
+    """`perf record` (software clock, call graphs) of the server process for the window."""
+    exe = shutil.which("perf")
+    if exe is None:
+        log("perf not found: no profile")
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [exe, "record", "-F", "499", "-g", "-p", str(pid), "-o", str(out), "--", "sleep", str(duration)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=child_setup), out
+
+
+def finish_perf(rec: tuple[subprocess.Popen[bytes], Path]) -> dict[str, Any]:
+    """Shares of the server's CPU samples by object (kernel, interpreter, libc, ...) and by symbol."""
+    proc, out = rec
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    if not out.exists():
+        return {"error": err.decode(errors="replace")[-500:]}
+
+    def report(sort: str, limit: float) -> list[tuple[str, float]]:
+        text = subprocess.run(["perf", "report", "-i", str(out), "--stdio", "--no-children", "-g", "none",
+                               "--sort", sort, "-q", "--percent-limit", str(limit)],
+                              capture_output=True, text=True, timeout=300).stdout
+        rows = []
+        for line in text.splitlines():
+            parts = line.split(None, 1)
+            if len(parts) == 2 and parts[0].endswith("%"):
+                rows.append((" ".join(parts[1].split()), float(parts[0].rstrip("%"))))
+        return rows
+
+    return {"file": str(out), "tool": "perf", "by_object": report("dso", 0.5), "self": report("dso,sym", 0.7)}
 
 
 def start_py_spy(
@@ -770,7 +864,7 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
             rss = med([p.rss_per_conn_kib for p in pts])
             fractions = sorted({s.fraction for p in pts for s in p.steps})
             for f in fractions:
-                steps = [s for p in pts for s in p.steps if s.fraction == f]
+                steps = [s for p in pts for s in effective_steps(p) if s.fraction == f]
                 rows.append({
                     "server": kind, "connections": n, "fraction": f, "target_rate": steps[0].target_rate,
                     "slo_ms": steps[0].slo_ms, "runs": len(steps),
@@ -784,7 +878,7 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
                     "rss_kib_per_conn": rss, "passed": sum(s.passed for s in steps),
                 })
             # Capacity at the p99 target: per run, the highest achieved rate among passing steps.
-            per_run = [max((s.achieved for s in p.steps if s.passed), default=0.0) for p in pts]
+            per_run = [max((s.achieved for s in effective_steps(p) if s.passed), default=0.0) for p in pts]
             below = min((s.offered for p in pts for s in p.steps), default=0.0)
             caps[(kind, n)] = {"capacity": med(per_run), "per_run": per_run, "lowest_offered": below,
                                "rss_kib_per_conn": rss}
@@ -799,7 +893,7 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
             r = next((r for r in rows if r["server"] == kind and r["connections"] == n and r["fraction"] == 1.0), None)
             at_target[kind] = r["achieved"] if r else float("nan")
         summary["capacity"].append({
-            "connections": n, "slo_ms": target_for(n, args.rate)[1],
+            "connections": n, "slo_ms": target_for(n, args.rate, args.slo_ms)[1],
             "gateway_capacity": g["capacity"], "naive_capacity": nv["capacity"],
             "naive_lowest_offered": nv["lowest_offered"], "gateway_lowest_offered": g["lowest_offered"],
             "ratio": ratio,
@@ -808,7 +902,18 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
         })
     if any(p.server == "baseline" for p in points):
         summary["ab"], summary["ab_steps"] = compare_baseline(points, args)
+    if args.peer_mode:
+        summary["peers"] = peerreport.compare(points, args, effective_steps)
     return summary
+
+
+def effective_steps(p: Point) -> list[Step]:
+    """One step per rate: of a disturbed step and its repeat (--repeat-disturbed), the less disturbed."""
+    best: dict[float, Step] = {}
+    for s in p.steps:
+        if s.fraction not in best or s.other_cpu < best[s.fraction].other_cpu:
+            best[s.fraction] = s
+    return sorted(best.values(), key=lambda s: s.fraction)
 
 
 # A step whose busy CPU outside the benchmark's processes (other%, % of one core) reaches this is marked
@@ -827,8 +932,9 @@ def headline_per_run(pts: list[Point]) -> dict[str, list[float]]:
     """The headline figures of one server at one connection count, one value per run (in run order)."""
     out: dict[str, list[float]] = {key: [] for key, _, _ in HEADLINE}
     for p in sorted(pts, key=lambda p: p.run):
-        target = next((s for s in p.steps if s.fraction == 1.0), None)
-        out["capacity"].append(max((s.achieved for s in p.steps if s.passed), default=0.0))
+        steps = effective_steps(p)
+        target = next((s for s in steps if s.fraction == 1.0), None)
+        out["capacity"].append(max((s.achieved for s in steps if s.passed), default=0.0))
         out["p99_at_target_ms"].append(target.p99 if target else float("nan"))
         # µs of server CPU per delivery = s per 1,000,000 deliveries.
         out["cpu_s_per_1m"].append(target.cpu_us_per_delivery if target else float("nan"))
@@ -857,7 +963,7 @@ def compare_baseline(
         b = [p for p in points if p.server == "baseline" and p.connections == n]
         if not g or not b:
             continue
-        rate, slo = target_for(n, args.rate)
+        rate, slo = target_for(n, args.rate, args.slo_ms)
         runs = sorted({p.run for p in g + b})
         gv, bv = headline_per_run(g), headline_per_run(b)
         figures: dict[str, Any] = {}
@@ -921,6 +1027,8 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
               file=out)
     if summary.get("ab"):
         print_ab(summary, args)
+    if summary.get("peers"):
+        peerreport.print_markdown(summary["peers"], out)
     if not summary["capacity"]:
         return
     head = (f"\n{'conns':>6} {'p99 target':>10} {'gateway/s':>10} {'naive/s':>10} {'gw/naive':>9} "
@@ -1005,6 +1113,13 @@ def print_ab(summary: dict[str, Any], args: argparse.Namespace) -> None:
 
 def print_profiles(profiles: dict[str, Any]) -> None:
     for name, prof in profiles.items():
+        if prof.get("tool") == "perf":
+            print(f"\nperf profile of {name} (target step: {prof.get('achieved', 0):,.0f} deliveries/s, server CPU "
+                  f"{prof.get('server_cpu', 0):.0f}%; {prof['file']}); % of the server's CPU samples")
+            print("  by object: " + ", ".join(f"{o} {v:.1f}" for o, v in prof["by_object"]))
+            for f, v in prof["self"][:20]:
+                print(f"  {v:6.1f}   {f}")
+            continue
         print(f"\npy-spy profile of {name} (target step, {prof.get('samples', 0)} samples; "
               f"{prof.get('file', prof.get('error', ''))})")
         if "self" not in prof:
@@ -1044,13 +1159,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="as --gateway-steps, for the naive app")
     p.add_argument("--servers", default=None,
                    help="which servers to measure, alternating their order between runs: gateway, naive, baseline "
-                        "(needs --baseline); default gateway,naive, or gateway,baseline with --baseline")
+                        "(needs --baseline), and the peers nchan, centrifugo1, centrifugo, centrifugo1-nats, "
+                        "centrifugo-nats (bench/peers.py); default gateway,naive, or gateway,baseline with --baseline")
     p.add_argument("--baseline", default=None, metavar="REV",
                    help="also measure the gateway of git revision REV as server 'baseline': gateway/ of REV "
                         "(git archive) first on its PYTHONPATH, everything else as for 'gateway'")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the server processes (experiments, e.g. "
                         "WSGATEWAY_FLUSH_INTERVAL_MS=2); printed with the results")
+    p.add_argument("--slo-ms", type=float, default=None,
+                   help="p99 target in ms at every connection count (default: 20 ms up to 1,000 connections, 50 "
+                        f"ms above; {PEER_SLO_MS:g} ms at every count when a peer server is measured)")
+    p.add_argument("--peer-rates", default=PEER_RATES,
+                   help="with a peer server (nchan, centrifugo*): the rate ladder in deliveries/s, the same for "
+                        "every server and count, ascending until the server is saturated")
+    p.add_argument("--cpu-rate", type=int, default=PEER_CPU_RATE,
+                   help="with a peer server: the fixed rate (deliveries/s) at which CPU per delivery is compared "
+                        "(its step gets the --duration window); added to --peer-rates")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=NCPU >= 2,
+                   help=f"server under test alone on core {SERVER_CPU}, the rest of the benchmark on the other "
+                        "cores (default on 2+ cores); kinds centrifugo and centrifugo-nats are never pinned")
+    p.add_argument("--repeat-disturbed", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure a step again when other%% >= 30 (busy CPU outside the benchmark); both are "
+                        "kept, the figures use the less disturbed one")
     p.add_argument("--quick", action="store_true", help="small and fast: 300 connections, 1 run, short windows")
     p.add_argument("--json", dest="json_out", default=None, help="also write all results to this file")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -1058,21 +1189,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memprobe", default=None, metavar="DIR",
                    help="after the runs, attribute the gateway's per-connection memory with tracemalloc")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
+    p.add_argument("--perf", default=None, metavar="DIR",
+                   help="after the runs, `perf record` every server (any kind) at the largest count at the target "
+                        "rate (--cpu-rate with peers): CPU samples by object (kernel / user space) and symbol")
     args = p.parse_args(argv)
+    requested = (args.servers or "").split(",")
+    unknown = [s for s in requested if s and s not in KINDS]
+    if unknown:
+        p.error(f"unknown server kind(s) {unknown}: choose from {', '.join(KINDS)}")
+    args.peer_mode = any(s in peers.KINDS for s in requested)
+    if args.peer_mode and args.client != "c":
+        p.error("the peer servers need the compiled load client (--client c)")
     if args.quick:
         args.connections, args.runs, args.duration, args.warmup, args.settle = "300", 1, 3.0, 1.0, 1.0
         args.sweep_duration = 3.0
         args.gateway_steps, args.naive_steps, args.rate = "1", "1", args.rate or "300=15000"
+        if args.peer_mode:
+            args.peer_rates, args.cpu_rate = "15000", 15000
     args.connections = [int(x) for x in str(args.connections).split(",") if x.strip()]
     args.rate = {int(k): int(v) for k, v in (kv.split("=") for kv in args.rate.split(",") if kv.strip())}
     args.gateway_steps = sorted({float(x) for x in args.gateway_steps.split(",")} | {1.0})
     args.naive_steps = sorted({float(x) for x in args.naive_steps.split(",")} | {1.0})
+    if args.peer_mode:
+        # One ladder for every server: absolute rates; the fixed CPU rate is the "target" (fraction 1).
+        ladder = {int(x) for x in str(args.peer_rates).split(",") if x.strip()} | {args.cpu_rate}
+        args.peer_rates = sorted(ladder)
+        args.rate = {n: args.cpu_rate for n in args.connections}
+        args.gateway_steps = args.naive_steps = [r / args.cpu_rate for r in args.peer_rates]
+        if args.slo_ms is None:
+            args.slo_ms = PEER_SLO_MS
     if args.servers is None:
         args.servers = "gateway,baseline" if args.baseline else "gateway,naive"
     requested = args.servers.split(",")
     if "baseline" in requested and not args.baseline:
         p.error("--servers baseline needs --baseline REV")
     args.servers = [s for s in requested if s in KINDS]
+    if "gateway" not in args.servers and args.peer_mode:
+        p.error("the peer comparison measures the gateway beside the peers: add gateway to --servers")
     args.user_env = dict(kv.split("=", 1) for kv in args.server_env)
     args.server_env = dict(args.user_env)
     return args
@@ -1089,6 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
     if limit < need:
         log(f"warning: file-descriptor limit {limit} < {need}: connections will fail")
     signal.signal(signal.SIGTERM, _terminate)
+    if args.pin:  # inherited by nats-server, the load clients and the publisher; servers set their own
+        os.sched_setaffinity(0, set(range(NCPU)) - {SERVER_CPU})
     started = time.monotonic()
     points: list[Point] = []
     profiles: dict[str, Any] = {}
@@ -1099,8 +1254,8 @@ def main(argv: list[str] | None = None) -> int:
                 order = args.servers if run % 2 else list(reversed(args.servers))
                 for kind in order:
                     points.append(bench.point(kind, n, run))
-        if args.profile:
-            prof_dir = Path(args.profile)
+        if args.profile or args.perf:
+            prof_dir = Path(args.perf or args.profile)
             n = max(args.connections)
             for kind in args.servers:
                 bench.point(kind, n, 0, profile_dir=prof_dir)

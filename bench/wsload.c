@@ -7,12 +7,23 @@
  * It behaves like wsload.py: a real client handshake (`Authorization: Bearer <own token>`, status
  * 101 checked; the Sec-WebSocket-Accept value is not verified), one masked `subscribe` frame per
  * connection, server frames parsed from the received bytes (length header, opcode, one memmem of
- * `"t":` and one strtod per event frame), pings answered with masked pongs. Latency samples are
- * the receive time of the TCP chunk minus the publish time carried in the event, in ms.
+ * `"t":` and one strtod per event in a text frame), pings answered with masked pongs. Latency
+ * samples are the receive time of the TCP chunk minus the publish time carried in the event, in ms.
+ *
+ * MODE (of `connect`) adapts only the URL and the subscribe handshake to the server under test:
+ *   gateway     PATH as given (/v1/ws); frame {"op":"subscribe","id":1,"scope":"conversation:c<k>"};
+ *               open at the reply carrying "subscribed"
+ *   nchan       PATH + "c<k>" (the channel in the URL, e.g. /sub/c7); open at the 101 (Nchan subscribes
+ *               the connection at the upgrade; no frame)
+ *   centrifugo  PATH as given (/connection/websocket); Centrifugo's JSON protocol: {"id":1,"connect":
+ *               {"token":...}}, at its reply {"id":2,"subscribe":{"channel":"c<k>"}}, open at the reply
+ *               to id 2; the server's application-level pings (a `{}` line) are answered with `{}`.
+ * A text frame may carry several events (Centrifugo joins queued pushes with newlines): each `"t":` in
+ * it is one delivery.
  *
  * Usage: wsload INDEX NPROCS TOKENS_FILE   (tokens of this process's connections, one per line)
  * Driven over stdin/stdout by bench/cload.py (one command per line; replies below):
- *   connect HOST PORT PATH UPTO NSCOPES CONCURRENCY
+ *   connect HOST PORT PATH UPTO NSCOPES CONCURRENCY MODE      (MODE: gateway, nchan, centrifugo)
  *                            -> connected OK SECONDS {"reason": count, ...}
  *   measure W0 W1            -> measuring
  *   report                   -> report WINDOW_EVENTS NSAMPLES TOTAL LOST BAD {"code": count}
@@ -40,7 +51,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { CONNECTING, HANDSHAKE, SUBSCRIBING, OPEN, DEAD };
+enum { CONNECTING, HANDSHAKE, AUTHENTICATING, SUBSCRIBING, OPEN, DEAD };
 
 typedef struct {
     int fd, state, local;
@@ -49,7 +60,9 @@ typedef struct {
     size_t len, cap;
 } conn_t;
 
-static char host[64], path[256];
+enum { MODE_GATEWAY, MODE_NCHAN, MODE_CENTRIFUGO };
+static char host[64], path[256], mode_name[32];
+static int mode;
 static int port, nscopes, index_, nprocs;
 static char **tokens;
 static int ntokens;
@@ -186,6 +199,9 @@ static void start_one(int local) {
     epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
 }
 
+/* The scope (channel) of a connection: global index mod NSCOPES, as the tokens are dealt. */
+static int scope_of(const conn_t *c) { return (c->local * nprocs + index_) % nscopes; }
+
 static void send_request(conn_t *c) {
     static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     unsigned char raw[18] = {0};
@@ -199,23 +215,48 @@ static void send_request(conn_t *c) {
     }
     key[22] = key[23] = '=';
     key[24] = 0;
-    char req[8192];
+    char req[8192], url[300];
+    if (mode == MODE_NCHAN) snprintf(url, sizeof url, "%sc%d", path, scope_of(c));
+    else snprintf(url, sizeof url, "%s", path);
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n",
-                     path, host, port, key, tokens[c->local]);
+                     url, host, port, key, tokens[c->local]);
     send_all(c->fd, req, (size_t)n);
     c->state = HANDSHAKE;
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
     epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
+static void subscribed(conn_t *c) {
+    c->state = OPEN;
+    if (connecting) finish_attempt(c, NULL);
+}
+
+static void on_centrifugo_text(conn_t *c, const unsigned char *p, size_t n) {
+    /* a line `{}` is the server's ping (alone in the frame or joined to others by newlines) */
+    if ((n == 2 && p[0] == '{' && p[1] == '}') || (n > 2 && memcmp(p, "{}\n", 3) == 0) || memmem(p, n, "\n{}", 3))
+        send_frame(c->fd, 1, (const unsigned char *)"{}", 2);
+    if (c->state == OPEN) return;
+    if (memmem(p, n, "\"error\"", 7)) {
+        kill_conn(c, "error reply from the server");
+    } else if (c->state == AUTHENTICATING && memmem(p, n, "\"connect\"", 9)) {
+        char sub[128];
+        int sn = snprintf(sub, sizeof sub, "{\"id\":2,\"subscribe\":{\"channel\":\"c%d\"}}", scope_of(c));
+        c->state = SUBSCRIBING;
+        send_frame(c->fd, 1, (unsigned char *)sub, (size_t)sn);
+    } else if (c->state == SUBSCRIBING && memmem(p, n, "\"id\":2", 6)) {
+        subscribed(c);
+    }
+}
+
 static void on_control_text(conn_t *c, const unsigned char *p, size_t n) {
+    if (mode == MODE_CENTRIFUGO) {
+        on_centrifugo_text(c, p, n);
+        return;
+    }
     if (memmem(p, n, "\"subscribed\"", 12)) {
-        if (c->state == SUBSCRIBING) {
-            c->state = OPEN;
-            if (connecting) finish_attempt(c, NULL);
-        }
+        if (c->state == SUBSCRIBING) subscribed(c);
     } else if (memmem(p, n, "\"error\"", 7)) {
         kill_conn(c, "error frame from the server");
     }
@@ -244,20 +285,23 @@ static size_t parse(conn_t *c, const unsigned char *data, size_t n, double now) 
         int op = data[pos] & 0x0f;
         pos = end;
         if (op == 1) {
-            const unsigned char *t = memmem(data + start, ln, "\"t\":", 4);
-            if (t) {
+            const unsigned char *p = data + start, *fend = data + end;
+            const unsigned char *t = memmem(p, ln, "\"t\":", 4);
+            if (!t || mode == MODE_CENTRIFUGO) {
+                on_control_text(c, p, ln); /* Centrifugo: a ping may share the frame with events */
+                if (c->state == DEAD) return n;
+            }
+            for (; t; t = memmem(p, (size_t)(fend - p), "\"t\":", 4)) {
                 events++;
+                p = t + 4;
                 if (rec) {
-                    double sent = strtod((const char *)t + 4, NULL);
+                    double sent = strtod((const char *)p, NULL);
                     if (nsamples == samples_cap) {
                         samples_cap = samples_cap ? samples_cap * 2 : 1 << 20;
                         samples = realloc(samples, samples_cap * sizeof *samples);
                     }
                     samples[nsamples++] = (float)((now - sent) * 1000.0);
                 }
-            } else {
-                on_control_text(c, data + start, ln);
-                if (c->state == DEAD) return n;
             }
         } else if (op == 9) {
             send_frame(c->fd, 0xA, data + start, ln);
@@ -308,12 +352,21 @@ static void on_readable(conn_t *c) {
                     kill_conn(c, "handshake refused");
                     return;
                 }
-                c->state = SUBSCRIBING;
-                char sub[128];
-                int sn = snprintf(sub, sizeof sub, "{\"op\":\"subscribe\",\"id\":1,\"scope\":\"conversation:c%d\"}",
-                                  (c->local * nprocs + index_) % nscopes);
-                send_frame(c->fd, 1, (unsigned char *)sub, (size_t)sn);
                 used = (size_t)(e - data) + 4;
+                if (mode == MODE_NCHAN) {
+                    subscribed(c); /* the channel is in the URL: subscribed at the upgrade */
+                } else if (mode == MODE_CENTRIFUGO) {
+                    char cmd[8192];
+                    int cn = snprintf(cmd, sizeof cmd, "{\"id\":1,\"connect\":{\"token\":\"%s\"}}", tokens[c->local]);
+                    c->state = AUTHENTICATING;
+                    send_frame(c->fd, 1, (unsigned char *)cmd, (size_t)cn);
+                } else {
+                    c->state = SUBSCRIBING;
+                    char sub[128];
+                    int sn = snprintf(sub, sizeof sub, "{\"op\":\"subscribe\",\"id\":1,\"scope\":\"conversation:c%d\"}",
+                                      scope_of(c));
+                    send_frame(c->fd, 1, (unsigned char *)sub, (size_t)sn);
+                }
                 used += parse(c, data + used, n - used, now);
             }
         } else {
@@ -379,11 +432,15 @@ static int command(char *line) {
     char cmd[32];
     if (sscanf(line, "%31s", cmd) != 1) return 0;
     if (!strcmp(cmd, "connect")) {
-        if (sscanf(line, "%*s %63s %d %255s %d %d %d", host, &port, path, &upto, &nscopes, &concurrency) != 6
-            || inet_pton(AF_INET, host, &addr.sin_addr) != 1 || nscopes < 1 || concurrency < 1) {
+        if (sscanf(line, "%*s %63s %d %255s %d %d %d %31s", host, &port, path, &upto, &nscopes, &concurrency,
+                   mode_name) != 7
+            || inet_pton(AF_INET, host, &addr.sin_addr) != 1 || nscopes < 1 || concurrency < 1
+            || (strcmp(mode_name, "gateway") && strcmp(mode_name, "nchan") && strcmp(mode_name, "centrifugo"))) {
             out("connected 0 0 {\"bad connect command\": 1}\n");
             return 0;
         }
+        mode = !strcmp(mode_name, "nchan") ? MODE_NCHAN : !strcmp(mode_name, "centrifugo") ? MODE_CENTRIFUGO
+                                                                                             : MODE_GATEWAY;
         addr.sin_family = AF_INET;
         addr.sin_port = htons((uint16_t)port);
         if (upto > ntokens) upto = ntokens;

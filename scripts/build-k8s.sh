@@ -19,32 +19,15 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 src="$repo/tools/k8s"
 say() { echo "build-k8s: $*" >&2; }
 
-# The Go toolchain: on PATH, or where the machine image installs it.
-GO="$(command -v go || true)"
-[[ -z "$GO" && -x /usr/local/go/bin/go ]] && GO=/usr/local/go/bin/go
-if [[ -z "$GO" ]]; then
-  say "the Go toolchain is missing (need go $(awk '$1=="go"{print $2}' "$src/go.mod") or newer on PATH or at /usr/local/go/bin/go)"
-  exit 1
-fi
-need="$(awk '$1=="go"{print $2}' "$src/go.mod")"
-have="$("$GO" env GOVERSION)"; have="${have#go}"
-if [[ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]]; then
-  say "$GO is go $have; tools/k8s/go.mod needs go $need or newer"
-  exit 1
-fi
+# shellcheck source=scripts/gobuild.sh
+source "$repo/scripts/gobuild.sh"   # GO, have, cache, modver, prune_unused
 
 # Versions come from go.mod (k8s.io/kubernetes and helm are required indirectly, through `tool`).
-modver() { awk -v m="$1" '$1=="require"{$1=""; $0=$0} $1==m{print $2; exit}' "$src/go.mod"; }
 K8S_VERSION="$(modver k8s.io/kubernetes)"
 HELM_VERSION="$(modver helm.sh/helm/v4)"
 ETCD_VERSION="$(modver go.etcd.io/etcd/server/v3)"
 [[ -n "$K8S_VERSION" && -n "$HELM_VERSION" && -n "$ETCD_VERSION" ]] || { say "cannot read the versions from $src/go.mod"; exit 1; }
 
-cache="${WSGATEWAY_CACHE:-/var/cache/wsgateway}"
-if ! mkdir -p "$cache" 2>/dev/null || [[ ! -w "$cache" ]]; then
-  cache="${XDG_CACHE_HOME:-$HOME/.cache}/wsgateway"
-  mkdir -p "$cache"
-fi
 # RECIPE names the build flags below: change it when they change, so the cache key does.
 RECIPE="trimpath-s-w-cgo0-stamped-2"
 key="$(cd "$src" && { cat go.mod go.sum $(find cmd -type f | LC_ALL=C sort); echo "$RECIPE"; } | sha256sum | cut -c1-12)"
@@ -119,11 +102,5 @@ mv "$work" "$dest"
 trap - EXIT
 say "done in $((SECONDS - start)) s: $dest/bin"
 # Other pins (older clones, branches) keep their builds until they were unused for 30 days.
-for old in "$cache"/k8s-*/; do
-  old="${old%/}"
-  if [[ "$old" != "$dest" && -f "$old/last-used" && -n "$(find "$old/last-used" -mtime +30)" ]]; then
-    say "removing $old (unused for 30 days)"
-    rm -rf "$old"
-  fi
-done
+prune_unused k8s "$dest"
 echo "$dest/bin"

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install the Debian packages the project needs when their commands are missing.
 # Usage: scripts/ensure-apt.sh CMD=PACKAGE [CMD=PACKAGE ...]   e.g. nats-server=nats-server
+#        CMD may be an absolute path (a package without a command, e.g. an nginx module): it must exist.
 set -euo pipefail
 missing=()
 for pair in "$@"; do
   cmd=${pair%%=*}; pkg=${pair#*=}
-  if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ] && [ ! -x "/usr/bin/$cmd" ]; then
+  if [[ "$cmd" == /* ]]; then
+    [ -e "$cmd" ] || missing+=("$pkg")
+  elif ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ] && [ ! -x "/usr/bin/$cmd" ]; then
     missing+=("$pkg")
   fi
 done
