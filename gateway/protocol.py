@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
 from wsproto.frame_protocol import FrameProtocol
 
 from gateway.events import SCOPE_BODY
@@ -66,6 +66,14 @@ class Subscribe(_Frame):
     id: RequestId | None = None
     scope: Annotated[str, Field(pattern=_SCOPE_FIELD_PATTERN)]
     since: Annotated[int, Field(ge=0)] | None = None
+    presence: StrictBool = False  # also receive the scope's `presence` frames (docs/protocol.md, Presence)
+    listed: StrictBool = True  # false: watch without appearing in the scope's presence
+
+    @model_validator(mode="after")
+    def _presence_of_a_scope(self) -> Subscribe:
+        if self.presence and self.scope == WILDCARD:
+            raise ValueError("presence is per scope: subscribe to the scope itself, not to *")
+        return self
 
 
 class Unsubscribe(_Frame):
@@ -143,6 +151,17 @@ def parse_seq(text: str, name: str) -> int:
     if not _DIGITS_RE.fullmatch(text) or int(text) > MAX_SEQ:
         raise FrameError(ERR_BAD_REQUEST, f"{name} must be a stream sequence (a non-negative integer)")
     return int(text)
+
+
+def parse_flag(text: str | None, name: str, default: bool) -> bool:
+    """A boolean URL parameter: `true`/`1` or `false`/`0` (absent: `default`)."""
+    if text is None:
+        return default
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise FrameError(ERR_BAD_REQUEST, f"{name} must be true or false")
 
 
 # --- server frames -----------------------------------------------------------------------------

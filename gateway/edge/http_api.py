@@ -1,4 +1,5 @@
-"""HTTP read APIs beside the WebSocket: the history API, the caller's visible scopes and Server-Sent Events.
+"""HTTP read APIs beside the WebSocket: the history API, the caller's visible scopes, presence and Server-Sent
+Events.
 
 All use the same token rules as the socket (Authorization header, or `access_token` in the query)
 and the same permission check; history and SSE read the same JetStream stream, so what they return
@@ -24,6 +25,7 @@ from gateway.edge.openapi import (
     UNAUTHORIZED,
     UNAVAILABLE,
     HistoryBody,
+    PresenceBody,
     ScopesBody,
     integer,
     sequence,
@@ -129,6 +131,25 @@ def build_router(gw: Gateway) -> APIRouter:
             "scopes": [{"scope": scope, "via": why} for scope, why in visible],
             "next_after": visible[-1][0] if visible else after,
         })
+
+    @router.get("/v1/presence", openapi_extra={"security": SECURITY},
+                responses={200: {"model": PresenceBody}, **BAD_REQUEST, **UNAUTHORIZED, **FORBIDDEN, **UNAVAILABLE})
+    async def presence(
+        request: Request,
+        scope: Annotated[str, Query(description="`<conversation|process|agent>:<id>`", json_schema_extra=SCOPE)] = "",
+    ) -> Response:
+        """Who is watching a scope now (cluster-wide) and which agents are active in it: the presence snapshot."""
+        principal = await authenticate(gw, request)
+        if isinstance(principal, JSONResponse):
+            return principal
+        if not is_scope(scope) or scope == WILDCARD:
+            return error_response(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
+        kind, _, rid = scope.partition(":")
+        if not gw.acl.may_see(principal, principal.tenant, kind, rid):
+            return error_response(403, "forbidden", "not allowed to see this scope")
+        if not gw.hub.presence.synced:
+            return error_response(503, "unavailable", "presence is unavailable right now (NATS); retry shortly")
+        return JSONResponse({"tenant": principal.tenant, **gw.hub.presence.current(principal.tenant, scope)})
 
     @router.get("/v1/sse", openapi_extra={"security": SECURITY}, responses={
         200: {"description": "The stream: `id:` is the stream sequence; ends after an `event: close`",

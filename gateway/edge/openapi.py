@@ -55,6 +55,26 @@ class ScopesBody(BaseModel):
     next_after: str = Field(description="`after` of the next page")
 
 
+class PresenceMember(BaseModel):
+    id: str = Field(description="The watcher's principal id, `user:<sub>`")
+    name: str | None = Field(None, description="The token's `name` claim, when it had a valid one")
+    picture: str | None = Field(None, description="The token's `picture` claim (an https URL), when valid")
+
+
+class PresenceAgent(BaseModel):
+    run_id: str
+    agent_id: str | None = Field(None, description="`data.agent_id` of run.started, when given")
+    since: str = Field(description="The `time` of run.started (RFC 3339)")
+
+
+class PresenceBody(BaseModel):
+    tenant: str
+    scope: str
+    count: int = Field(description="Distinct watchers (principals) of the scope, listed or beyond the cap")
+    members: list[PresenceMember] = Field(description="Watchers by id, at most WSGATEWAY_PRESENCE_MAX_MEMBERS")
+    agents: list[PresenceAgent] = Field(description="Runs started and not finished, oldest first (capped alike)")
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
@@ -102,6 +122,7 @@ def parameters(history_max_limit: int, scopes_max_limit: int) -> dict[tuple[str,
         ("/v1/history", "scope"): (SCOPE, True),
         ("/v1/history", "after"): (sequence(0), False),
         ("/v1/history", "limit"): (integer(1, history_max_limit, 100), False),
+        ("/v1/presence", "scope"): (SCOPE, True),
         ("/v1/scopes", "after"): (SCOPE_OR_EMPTY, False),
         ("/v1/scopes", "limit"): (integer(1, scopes_max_limit, 100), False),
         ("/v1/sse", "scope"): (SCOPE_LIST, False),
@@ -146,6 +167,7 @@ __all__ = [
     "UNAVAILABLE",
     "ErrorBody",
     "HistoryBody",
+    "PresenceBody",
     "Responses",
     "ScopesBody",
     "integer",

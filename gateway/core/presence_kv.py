@@ -1,0 +1,237 @@
+"""Presence across instances: this instance's entries and heartbeat in the presence bucket, and the watch
+that brings every other instance's into `Presence`.
+
+The bucket (`WSGATEWAY_PRESENCE_BUCKET`, memory storage, history 1) holds two kinds of keys:
+
+* `i.<instance>`: the instance's heartbeat, written every third of `WSGATEWAY_PRESENCE_TTL_S`;
+* `m.<instance>.<tenant>.<kind>.<id>`: the instance's entry for one scope (its listed members with their
+  connection counts, and the runs its consumer saw start), written when it changes (at most once per
+  flush interval) and deleted when it becomes empty.
+
+Every instance watches the whole bucket (one ordered consumer: the current value of every key first,
+then every change as it happens), so a change reaches the other instances at once. An instance that is
+not heard of (no heartbeat, no entry) for the TTL is dead: every instance drops its entries (its
+members leave, within 4/3 of the TTL of the kill), and the first live instance by id deletes its keys
+from the bucket. An instance that finds its own keys deleted (it was taken for dead, or the NATS
+server lost the bucket's memory) writes them again; after a reconnect it writes everything again.
+A graceful stop deletes this instance's keys, so its members leave at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+from gateway import provisioning
+from gateway.config import Settings
+from gateway.core.presence import INSTANCE_RE, Entry, Key, Presence, kv_key, parse_kv_key
+from gateway.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256  # writes in flight at once
+PURGE_EVERY_S = 300.0  # delete markers older than the TTL are removed (by the first live instance) this often
+
+
+async def ensure_presence_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    config = provisioning.presence_bucket_config(settings.presence_bucket, replicas=settings.stream_replicas)
+    try:
+        kv, created = await provisioning.ensure_bucket(js, config, create=settings.create_stream)
+    except BucketNotFoundError:
+        raise RuntimeError(
+            f"presence bucket {settings.presence_bucket!r} does not exist and stream creation is disabled"
+        ) from None
+    if created:
+        log.info("created presence bucket %s", settings.presence_bucket)
+    return kv
+
+
+class PresenceSync:
+    """The I/O side of presence: write this instance's entries and heartbeat, follow everyone else's."""
+
+    def __init__(self, settings: Settings, presence: Presence, metrics: Metrics) -> None:
+        self.settings = settings
+        self.presence = presence
+        self.metrics = metrics
+        self.kv: KeyValue | None = None
+        self.js: JetStreamContext | None = None
+        self._pending: dict[str, bytes | None] = {}  # key -> value (None: delete), the latest wins
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watch_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        presence.publish = self._publish
+
+    # --- life cycle -----------------------------------------------------------------------------
+
+    async def start(self, js: JetStreamContext) -> None:
+        """Create the bucket if allowed, write the heartbeat, read every instance's entries once, then follow."""
+        self.js = js
+        self.kv = await ensure_presence_bucket(js, self.settings)
+        await self._heartbeat()
+        loaded = asyncio.Event()
+        self._restart_watch(loaded)
+        await asyncio.wait_for(loaded.wait(), timeout=30)
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="wsgateway-presence-writer"),
+            asyncio.create_task(self._beat(), name="wsgateway-presence-heartbeat"),
+        ]
+
+    def reconnected(self) -> None:
+        """After a NATS reconnect: follow the bucket again and write everything again (the server may have lost
+        the bucket's memory)."""
+        if self.kv is None or self._stopping:
+            return
+        for key, raw in self.presence.entries().items():
+            self._publish(key, raw)
+        self._restart_watch(asyncio.Event())
+        asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def stop(self) -> None:
+        """Graceful: this instance's keys go, so its members leave everywhere at once."""
+        self._stopping = True
+        if self.kv is not None:
+            self.presence.flush()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._drain(), timeout=2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._delete_instance(self.presence.instance), timeout=2)
+        for t in [*self._tasks, self._watch_task]:
+            if t is not None:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        self._tasks = []
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def _publish(self, key: Key, raw: bytes | None) -> None:
+        self._pending[kv_key(self.presence.instance, key)] = raw
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        kv = self.kv
+        while self._pending and kv is not None:
+            batch = list(self._pending.items())[:CHUNK]
+            for k, _ in batch:
+                del self._pending[k]
+            results = await asyncio.gather(*(self._write(kv, k, v) for k, v in batch), return_exceptions=True)
+            failed = [(k, v) for (k, v), r in zip(batch, results, strict=True) if r is not None]
+            for k, v in failed:
+                self._pending.setdefault(k, v)  # retried, unless a newer value came meanwhile
+            self.metrics.presence_kv_writes.inc(len(batch) - len(failed))
+            if failed:
+                self.metrics.presence_kv_errors.inc(len(failed))
+                log.warning("presence: %d bucket write(s) failed (%r); retrying", len(failed),
+                            next(r for r in results if r is not None))
+                await asyncio.sleep(0.5)
+
+    @staticmethod
+    async def _write(kv: KeyValue, key: str, value: bytes | None) -> None:
+        if value is None:
+            await kv.delete(key)
+        else:
+            await kv.put(key, value)
+
+    async def _heartbeat(self) -> None:
+        if self.kv is not None:
+            with contextlib.suppress(Exception):
+                await self.kv.put(f"i.{self.presence.instance}", orjson.dumps({"t": time.time()}))
+
+    async def _delete_instance(self, instance: str) -> None:
+        """Remove an instance's keys from the bucket (no delete markers: the watchers drop it themselves)."""
+        if self.js is None or self.kv is None:
+            return
+        stream = f"KV_{self.settings.presence_bucket}"
+        prefix = f"$KV.{self.settings.presence_bucket}"
+        await self.js.purge_stream(stream, subject=f"{prefix}.m.{instance}.>")
+        await self.js.purge_stream(stream, subject=f"{prefix}.i.{instance}")
+
+    async def _beat(self) -> None:
+        """Every third of the TTL: the heartbeat, and the sweep of dead instances."""
+        ttl = self.settings.presence_ttl_s
+        every = ttl / 3
+        last_purge = last_beat = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(every)
+            await self._heartbeat()
+            now = time.monotonic()
+            if now - last_beat > ttl:  # this loop was stalled: the others may have taken us for dead
+                for key, raw in self.presence.entries().items():
+                    self._publish(key, raw)
+            last_beat = now
+            dead = self.presence.sweep(now)
+            self.metrics.presence_instances.set(len(self.presence.alive()))
+            leader = self.presence.alive()[0] == self.presence.instance
+            if dead:
+                log.info("presence: instance(s) %s not heard of for %.1fs: their watchers left",
+                         ", ".join(sorted(dead)), self.settings.presence_ttl_s)
+                if leader:
+                    for inst in dead:
+                        with contextlib.suppress(Exception):
+                            await self._delete_instance(inst)
+            if leader and self.kv is not None and now - last_purge > PURGE_EVERY_S:
+                last_purge = now
+                with contextlib.suppress(Exception):
+                    await self.kv.purge_deletes(olderthan=max(1, int(self.settings.presence_ttl_s)))
+
+    # --- following -------------------------------------------------------------------------------
+
+    def _restart_watch(self, loaded: asyncio.Event) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        self._watch_task = asyncio.create_task(self._follow(loaded), name="wsgateway-presence-watch")
+
+    async def _follow(self, loaded: asyncio.Event) -> None:
+        assert self.kv is not None
+        watcher = await self.kv.watchall()
+        presence = self.presence
+        me = presence.instance
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    presence.synced = True
+                    loaded.set()
+                    continue
+                now = time.monotonic()
+                deleted = entry.operation in ("DEL", "PURGE")
+                key = entry.key
+                if key.startswith("i."):
+                    inst = key[2:]
+                    if inst == me:
+                        if deleted and not self._stopping:
+                            asyncio.get_running_loop().create_task(self._heartbeat())
+                    elif INSTANCE_RE.fullmatch(inst) and not deleted:
+                        presence.heartbeat(inst, now)
+                    continue
+                parsed = parse_kv_key(key)
+                if parsed is None:
+                    continue
+                inst, scope_key = parsed
+                if inst == me:
+                    # our own entry deleted by someone else (we were taken for dead): write it again
+                    raw = presence.entry_of(scope_key) if deleted and not self._stopping else None
+                    if raw is not None:
+                        self._publish(scope_key, raw)
+                    continue
+                value = None if deleted or entry.value is None else Entry.decode(entry.value)
+                presence.apply(inst, scope_key, value, now)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+
+__all__ = ["PresenceSync", "ensure_presence_bucket"]
