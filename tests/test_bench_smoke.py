@@ -95,3 +95,18 @@ def test_hotpath_benchmark_measures_the_working_tree_and_a_revision() -> None:
     assert any(line.strip().startswith("working tree") for line in lines), out.stdout
     assert any(line.strip().startswith("baseline HEAD") for line in lines), out.stdout
     assert any(line.strip().startswith("ratio working tree / baseline") for line in lines), out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_quick_presence_benchmark_reports_frames_and_cpu(tmp_path: Path) -> None:
+    """bench/presence.py (a reconnect burst against presence, in-process) runs and reports its figures."""
+    out = tmp_path / "presence.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "presence.py"), "--quick", "--spread", "3", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    for scenario in ("reconnect", "join"):
+        m = doc[scenario]["median"]
+        assert 0 < m["frames"] < m["uncoalesced"] and m["cpu_ms"] > 0 and m["kv_writes"] > 0, (scenario, m)
