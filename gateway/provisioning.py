@@ -60,6 +60,7 @@ def bucket_config(name: str, *, replicas: int) -> KeyValueConfig:
     )
 
 
+PRESENCE_BUCKET: Final = "wsgateway-presence"  # WSGATEWAY_PRESENCE_BUCKET's default (the operator creates this one)
 PRESENCE_BUCKET_DESCRIPTION: Final = "wsgateway presence: watchers per instance and scope, instance heartbeats"
 
 
