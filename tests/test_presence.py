@@ -19,9 +19,10 @@ from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import GatewayEndpoint, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
-from tests.support.procs import gateway_processes
+from tests.support.ports import free_port
+from tests.support.procs import gateway_processes, start_nats
 from tests.support.wait import HANG_S, eventually
-from tests.support.wsclient import connect, nothing_before, recv, recv_type, subscribe, welcome
+from tests.support.wsclient import closed, connect, nothing_before, recv, recv_type, subscribe, welcome
 
 ADMIN = {"admins": ["user:alice"]}
 C1 = "conversation:c1"
@@ -166,8 +167,6 @@ async def test_unlisted_watcher_receives_but_is_not_listed(
     snap = await recv_type(ws, "presence")
     assert snap["snapshot"] is True and {m["id"] for m in snap["members"]} == {"user:alice", "user:dan"}
     bad = await connect(f"{gw.ws}?scope={C1}&listed=no", idp.mint("erin"))
-    from tests.support.wsclient import closed
-
     assert await closed(bad) == (4400, "listed must be true or false")
     await dan.close()
     await alice.members_are("user:alice")
@@ -331,3 +330,74 @@ async def test_agents_active_from_run_events(nats_server: NatsProcess, idp: Test
 
 async def _equals(get: Any, want: object) -> bool:
     return bool(await get() == want)
+
+
+async def test_presence_fields_are_checked(gw: GatewayEndpoint, idp: TestIdP, platform: Platform) -> None:
+    await platform.grant("acme.org", ADMIN)
+    ws = await connect(gw.ws, idp.mint("alice"))
+    await welcome(ws)
+    for extra, message in [
+        ({"scope": C1, "presence": "yes"}, "presence: Input should be a valid boolean"),
+        ({"scope": C1, "listed": 0}, "listed: Input should be a valid boolean"),
+        ({"scope": "*", "presence": True},
+         "subscribe: Value error, presence is per scope: subscribe to the scope itself, not to *"),
+    ]:
+        await ws.send(json.dumps({"op": "subscribe", "id": "x", **extra}))
+        assert await recv(ws) == {"type": "error", "id": "x", "code": "bad_request", "message": message}
+    assert (await subscribe(ws, "*", listed=False))["type"] == "subscribed"  # `*` is never listed anyway
+    await ws.close()
+    bad = await connect(f"{gw.ws}?scope={C1}&presence=maybe", idp.mint("alice"))
+    assert await closed(bad) == (4400, "presence must be true or false")
+
+
+async def test_bucket_leftovers_and_garbage_heal(nats_server: NatsProcess, idp: TestIdP, platform: Platform) -> None:
+    """An entry of an instance that never beats (a leftover) counts until the TTL, then goes, from the views and
+    from the bucket; what is no entry is ignored."""
+    await platform.grant("acme.org", ADMIN)
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, presence_ttl_s=1, **FAST) as g:
+        alice = await Watcher.open(g.ws, idp.mint("alice"))
+        await alice.members_are("user:alice")
+        kv = await platform.js.key_value("wsgateway-presence")
+        ghost = "0" * 32
+        await kv.put(f"m.{'1' * 32}.acme.conversation.c1", b"not json")
+        await kv.put(f"m.{'2' * 32}.acme.conversation.c1", b'{"m": [["user:x", null, null, true]]}')
+        await kv.put("m.not-an-instance.acme.conversation.c1", b'{"m": [["user:y", null, null, 1]]}')
+        await kv.put(f"m.{ghost}.acme.conversation.c1", b'{"m": [["user:ghost", "G", "javascript:x", 2]], "a": []}')
+        await alice.members_are("user:alice", "user:ghost")
+        assert alice.members["user:ghost"] == {"id": "user:ghost", "name": "G"}  # the bad picture is dropped
+        await alice.members_are("user:alice")  # never heard of again: dead after the TTL
+
+        async def ghost_keys() -> list[str]:
+            return [k for k in await kv.keys() if ghost in k]  # alice's own keys are there: never NoKeysError
+
+        await eventually(lambda: _equals(ghost_keys, []), what="the ghost's keys deleted from the bucket")
+        assert alice.other == []
+        await alice.ws.close()
+
+
+async def test_nats_restart_presence_comes_back(idp: TestIdP, tmp_path: Any) -> None:
+    natsd = NatsProcess(free_port(), tmp_path / "nats")
+    await start_nats(natsd)
+    try:
+        platform = await Platform.connect(natsd.url)
+        await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
+        await platform.close()
+        async with (
+            run_gateway(natsd.url, idp.issuer, audience=idp.audience, **FAST) as g1,
+            run_gateway(natsd.url, idp.issuer, audience=idp.audience, **FAST) as g2,
+        ):
+            alice = await Watcher.open(g1.ws, idp.mint("alice"))
+            bob = await watching(g2.ws, idp.mint("bob"))
+            await alice.members_are("user:alice", "user:bob")
+            await asyncio.to_thread(natsd.stop)
+            await start_nats(natsd)
+            # both write their part again and follow the bucket again: one truth, nobody lost or doubled
+            for g in (g1, g2):
+                await eventually(lambda g=g: _equals(lambda: presence_ids(g, idp.mint("alice")),
+                                                     {"user:alice", "user:bob"}),
+                                 what="presence after the restart", ignore=(AssertionError, httpx.HTTPError))
+            await bob.close()
+            await alice.members_are("user:alice")
+            await alice.ws.close()
+    finally:
+        natsd.stop()

@@ -197,7 +197,7 @@ class Bus:
         self._kv = await ensure_bucket(self.js, s)
         self._start_acl_watch(self._kv)
         await asyncio.wait_for(self.acl_ready.wait(), timeout=30)
-        await self.presence.start(self.js)
+        await self.presence.start(self.js, lambda: bool(self.nc and self.nc.is_connected))
         # Start right after the stream's current end: the hub's cursor is exact from the first event.
         self.hub.skip(last)
         self._sub = await self._subscribe(last + 1)

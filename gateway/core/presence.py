@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 Key = tuple[str, str]  # (tenant, scope)
 RUN_EDGES = frozenset({"run.started", "run.finished"})
 MAX_RUNS_PER_SCOPE = 1024  # runs remembered per scope (a publisher that never finishes its runs is bounded)
+MAX_ENTRY_MEMBERS = 10_000  # members one entry names (well under NATS's 1 MB payload); the rest are counted
 _ID_MAX = 256
 INSTANCE_RE = re.compile(r"[0-9a-f]{32}")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -58,23 +59,29 @@ class Agent(NamedTuple):
 
 
 class Entry:
-    """One instance's contribution to one scope: its listed members (with connection counts) and runs."""
+    """One instance's contribution to one scope: its listed members (with connection counts) and runs;
+    `extra`: members beyond MAX_ENTRY_MEMBERS, only counted."""
 
-    __slots__ = ("agents", "members")
+    __slots__ = ("agents", "extra", "members")
 
     def __init__(self, members: dict[str, tuple[Member, int]] | None = None,
-                 agents: dict[str, Agent] | None = None) -> None:
+                 agents: dict[str, Agent] | None = None, extra: int = 0) -> None:
         self.members = members or {}
         self.agents = agents or {}
+        self.extra = extra
 
     def __bool__(self) -> bool:
-        return bool(self.members or self.agents)
+        return bool(self.members or self.agents or self.extra)
 
     def encode(self) -> bytes:
-        return orjson.dumps({
-            "m": [[pid, m.name, m.picture, n] for pid, (m, n) in self.members.items()],
+        named = list(self.members.items())[:MAX_ENTRY_MEMBERS]
+        doc: dict[str, Any] = {
+            "m": [[pid, m.name, m.picture, n] for pid, (m, n) in named],
             "a": [[rid, a.agent_id, a.since] for rid, a in self.agents.items()],
-        })
+        }
+        if len(self.members) > len(named) or self.extra:
+            doc["x"] = self.extra + len(self.members) - len(named)
+        return orjson.dumps(doc)
 
     @classmethod
     def decode(cls, raw: bytes) -> Entry | None:
@@ -89,7 +96,7 @@ class Entry:
             return None
         members: dict[str, tuple[Member, int]] = {}
         for item in doc.get("m", []):
-            if not (isinstance(item, list) and len(item) == 4 and _ident(item[0]) and isinstance(item[3], int)
+            if not (isinstance(item, list) and len(item) == 4 and _ident(item[0]) and type(item[3]) is int
                     and item[3] > 0):
                 return None
             members[item[0]] = (Member(profile_name(item[1]), profile_picture(item[2])), item[3])
@@ -99,7 +106,10 @@ class Entry:
                     and len(item[2]) <= 64):
                 return None
             agents[item[0]] = Agent(item[1] if _ident(item[1]) else None, item[2])
-        return cls(members, agents)
+        extra = doc.get("x", 0)
+        if not isinstance(extra, int) or isinstance(extra, bool) or not 0 <= extra <= 10**9:
+            return None
+        return cls(members, agents, extra)
 
 
 def _ident(v: object) -> bool:
@@ -375,6 +385,11 @@ class Presence:
         self._dirty_view.add(key)
         self._schedule()
 
+    def grace(self, now: float) -> None:
+        """Nobody could be heard (this instance's NATS connection was down): every instance gets a fresh TTL."""
+        for inst in self.seen:
+            self.seen[inst] = now
+
     def heartbeat(self, instance: str, now: float) -> None:
         if instance != self.instance:
             self.seen[instance] = now
@@ -423,14 +438,16 @@ class Presence:
         """The scope's presence as the union of every live instance's entry (this one's as of the last flush)."""
         members: dict[str, Member] = {}
         agents: dict[str, Agent] = {}
+        extra = 0
         for entry in self.view.get(key, {}).values():
+            extra += entry.extra
             for pid, (m, _) in entry.members.items():
                 members.setdefault(pid, m)
             for rid, a in entry.agents.items():
                 agents.setdefault(rid, a)
         listed = {pid: members[pid] for pid in sorted(members)[: self.cap]}
         running = dict(sorted(agents.items(), key=lambda kv: (kv[1].since, kv[0]))[: self.cap])
-        return State(len(members), listed, running)
+        return State(len(members) + extra, listed, running)
 
     def current(self, tenant: str, scope: str) -> dict[str, Any]:
         """GET /v1/presence: the snapshot of a scope, now."""

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import orjson
 from nats.js import JetStreamContext
@@ -67,13 +68,18 @@ class PresenceSync:
         self._tasks: list[asyncio.Task[None]] = []
         self._watch_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._connected: Callable[[], bool] = lambda: True
         presence.publish = self._publish
 
     # --- life cycle -----------------------------------------------------------------------------
 
-    async def start(self, js: JetStreamContext) -> None:
-        """Create the bucket if allowed, write the heartbeat, read every instance's entries once, then follow."""
+    async def start(self, js: JetStreamContext, connected: Callable[[], bool]) -> None:
+        """Create the bucket if allowed, write the heartbeat, read every instance's entries once, then follow.
+        `connected` says whether NATS is reachable now (while it is not, nobody is taken for dead)."""
+        for t in self._tasks:  # a retried start-up
+            t.cancel()
         self.js = js
+        self._connected = connected
         self.kv = await ensure_presence_bucket(js, self.settings)
         await self._heartbeat()
         loaded = asyncio.Event()
@@ -85,14 +91,12 @@ class PresenceSync:
         ]
 
     def reconnected(self) -> None:
-        """After a NATS reconnect: follow the bucket again and write everything again (the server may have lost
-        the bucket's memory)."""
+        """After a NATS reconnect: follow the bucket again and write everything again (a restarted server has
+        lost the memory bucket's contents); the others get a fresh TTL, since nobody was heard meanwhile."""
         if self.kv is None or self._stopping:
             return
-        for key, raw in self.presence.entries().items():
-            self._publish(key, raw)
-        self._restart_watch(asyncio.Event())
-        asyncio.get_running_loop().create_task(self._heartbeat())
+        self.presence.grace(time.monotonic())
+        self._restart_watch(asyncio.Event(), rewrite=True)
 
     async def stop(self) -> None:
         """Graceful: this instance's keys go, so its members leave everywhere at once."""
@@ -173,6 +177,9 @@ class PresenceSync:
                 for key, raw in self.presence.entries().items():
                     self._publish(key, raw)
             last_beat = now
+            if not self._connected():  # nobody can be heard: nobody is taken for dead
+                self.presence.grace(now)
+                continue
             dead = self.presence.sweep(now)
             self.metrics.presence_instances.set(len(self.presence.alive()))
             leader = self.presence.alive()[0] == self.presence.instance
@@ -190,10 +197,33 @@ class PresenceSync:
 
     # --- following -------------------------------------------------------------------------------
 
-    def _restart_watch(self, loaded: asyncio.Event) -> None:
+    def _restart_watch(self, loaded: asyncio.Event, *, rewrite: bool = False) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
-        self._watch_task = asyncio.create_task(self._follow(loaded), name="wsgateway-presence-watch")
+        self._watch_task = asyncio.create_task(self._keep_following(loaded, rewrite), name="wsgateway-presence-watch")
+
+    async def _keep_following(self, loaded: asyncio.Event, rewrite: bool) -> None:
+        """Follow the bucket until stopped; a watch that fails (the bucket gone with a restarted server, a
+        timeout) is started again, the bucket re-created if allowed and this instance's part written again."""
+        delay = 0.2
+        while not self._stopping:
+            try:
+                if rewrite:
+                    assert self.js is not None
+                    self.kv = await ensure_presence_bucket(self.js, self.settings)
+                    await self._heartbeat()
+                    for key, raw in self.presence.entries().items():
+                        self._publish(key, raw)
+                await self._follow(loaded)
+                delay = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("presence: following the bucket failed (%s: %s); retrying in %.1fs",
+                            type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            rewrite = True
 
     async def _follow(self, loaded: asyncio.Event) -> None:
         assert self.kv is not None
