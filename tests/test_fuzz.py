@@ -55,14 +55,16 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     paths = doc["paths"]
     for path, codes in {"/v1/history": {"200", "400", "401", "403", "503"}, "/v1/scopes": {"200", "400", "401"},
-                        "/v1/sse": {"200", "400", "401", "503"}}.items():
+                        "/v1/sse": {"200", "400", "401", "503"},
+                        "/v1/presence": {"200", "400", "401", "403", "503"}}.items():
         op = paths[path]["get"]
         assert set(op["responses"]) == codes, path
         for code in codes - {"200"}:
             assert op["responses"][code]["content"]["application/json"]["schema"] == error_ref, (path, code)
         assert op["security"] == [{"bearer": []}, {"accessToken": []}]
     sse_params = {(p["name"], p["in"]) for p in paths["/v1/sse"]["get"]["parameters"]}
-    assert sse_params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header")}
+    assert sse_params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header"), ("presence", "query"),
+                          ("listed", "query")}
     assert "text/event-stream" in paths["/v1/sse"]["get"]["responses"]["200"]["content"]
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
 

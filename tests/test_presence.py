@@ -401,3 +401,29 @@ async def test_nats_restart_presence_comes_back(idp: TestIdP, tmp_path: Any) -> 
             await alice.ws.close()
     finally:
         natsd.stop()
+
+
+async def test_sse_presence_events_and_unlisted_stream(gw: GatewayEndpoint, idp: TestIdP, platform: Platform) -> None:
+    """SSE takes `presence` and `listed` like the WebSocket URL: named `presence` events, and a stream that is
+    not listed."""
+    from tests.test_history_sse import _sse_events
+
+    await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
+    alice = await Watcher.open(gw.ws, idp.mint("alice"))
+    await alice.members_are("user:alice")
+    params = {"scope": C1, "presence": "true", "listed": "false", "access_token": idp.mint("bob")}
+    async with httpx.AsyncClient(base_url=gw.http, timeout=HANG_S) as c:
+        assert (await c.get("/v1/sse", params={**params, "presence": "yes"})).status_code == 400
+        async with c.stream("GET", "/v1/sse", params=params) as r:
+            lines = r.aiter_lines()
+            first = await asyncio.wait_for(_sse_events(lines, 3), HANG_S)
+            assert [e["event"] for e in first] == ["welcome", "subscribed", "presence"]
+            snap = first[2]["data"]
+            assert snap["snapshot"] is True and [m["id"] for m in snap["members"]] == ["user:alice"]
+            dan = await watching(gw.ws, idp.mint("bob"))  # bob's WebSocket is listed; his SSE stream is not
+            await alice.members_are("user:alice", "user:bob")
+            (delta,) = await asyncio.wait_for(_sse_events(lines, 1), HANG_S)
+            assert delta["event"] == "presence" and delta["data"]["joined"] == [{"id": "user:bob"}]
+            await dan.close()
+            await alice.members_are("user:alice")  # the SSE stream (still open) never counted
+    await alice.ws.close()

@@ -163,6 +163,8 @@ def build_router(gw: Gateway) -> APIRouter:
         since: Annotated[str | None, Query(description="Resume after this stream sequence")] = None,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", description="As `since`, set by "
                                                     "EventSource when it reconnects")] = None,
+        presence: Annotated[str | None, Query(description="`true`: the scopes' `presence` events too")] = None,
+        listed: Annotated[str | None, Query(description="`false`: watch without being listed in presence")] = None,
     ) -> Response:
         """The live stream as Server-Sent Events: `id:` is the stream sequence; resume with Last-Event-ID."""
         return await sse_stream(gw, request)

@@ -90,6 +90,7 @@ OVER_LIMIT: Responses = {503: _error("This instance is at WSGATEWAY_MAX_CONNECTI
 # plain strings, so FastAPI never refuses one with a 422: the gateway's own 400 does, with its message.
 SCOPE: dict[str, Any] = {"type": "string", "pattern": f"^{SCOPE_BODY}$"}
 SCOPE_OR_EMPTY: dict[str, Any] = {"type": "string", "pattern": f"^(?:{SCOPE_BODY})?$"}
+FLAG: dict[str, Any] = {"type": "string", "enum": ["true", "false", "1", "0"]}  # protocol.parse_flag
 SCOPE_LIST: dict[str, Any] = {"type": "array", "items": {
     "type": "string", "pattern": rf"^(?:\*|{SCOPE_BODY})(?:,(?:\*|{SCOPE_BODY}))*$"}}
 
@@ -128,6 +129,8 @@ def parameters(history_max_limit: int, scopes_max_limit: int) -> dict[tuple[str,
         ("/v1/sse", "scope"): (SCOPE_LIST, False),
         ("/v1/sse", "since"): (sequence(), False),
         ("/v1/sse", "Last-Event-ID"): (sequence(), False),
+        ("/v1/sse", "presence"): (FLAG, False),
+        ("/v1/sse", "listed"): (FLAG, False),
     }
 
 
