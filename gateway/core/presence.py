@@ -206,7 +206,7 @@ class Presence:
         self.ttl_s = settings.presence_ttl_s
         self.metrics = metrics
         self.watches: dict[Connection, dict[str, Watch]] = {}
-        self.local: dict[Key, dict[str, list[Any]]] = {}  # pid -> [Member, connections]
+        self.local: dict[Key, dict[str, tuple[Member, int]]] = {}  # pid -> (Member, connections)
         self.runs: dict[Key, dict[str, Agent]] = {}
         self.view: dict[Key, dict[str, Entry]] = {}  # instance -> entry, this instance's included
         self.receivers: dict[Key, dict[Connection, None]] = {}
@@ -316,10 +316,7 @@ class Presence:
     def _join(self, key: Key, p: Principal) -> None:
         members = self.local.setdefault(key, {})
         item = members.get(p.name)
-        if item is None:
-            members[p.name] = [Member(p.display_name, p.picture), 1]
-        else:
-            item[1] += 1
+        members[p.name] = (Member(p.display_name, p.picture), 1) if item is None else (item[0], item[1] + 1)
         self.listed_connections += 1
         self.metrics.presence_members.inc()
         self._touch(key)
@@ -329,8 +326,9 @@ class Presence:
         item = members.get(pid) if members is not None else None
         if members is None or item is None:
             return
-        item[1] -= 1
-        if item[1] <= 0:
+        if item[1] > 1:
+            members[pid] = (item[0], item[1] - 1)
+        else:
             del members[pid]
             if not members:
                 del self.local[key]
@@ -475,8 +473,8 @@ class Presence:
             self._timer = loop.call_later(self.flush_s, self.flush)
 
     def _own(self, key: Key) -> Entry:
-        members = self.local.get(key, {})
-        return Entry({pid: (item[0], item[1]) for pid, item in members.items()}, dict(self.runs.get(key, {})))
+        # the live dicts, not copies: the view sees this instance's changes at once, and memory holds them once
+        return Entry(self.local.get(key), self.runs.get(key))
 
     def flush(self) -> int:
         """Publish this instance's changed entries and send one delta per changed scope; returns frames queued."""
