@@ -99,20 +99,24 @@ class PresenceSync:
         self._restart_watch(asyncio.Event(), rewrite=True)
 
     async def stop(self) -> None:
-        """Graceful: this instance's keys go, so its members leave everywhere at once."""
+        """Graceful: this instance's keys are deleted (the others' watches see its members and runs go at once),
+        then purged with its heartbeat."""
         self._stopping = True
-        if self.kv is not None:
-            self.presence.flush()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._drain(), timeout=2)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._delete_instance(self.presence.instance), timeout=2)
-        for t in [*self._tasks, self._watch_task]:
+        for t in [*self._tasks, self._watch_task]:  # no write of ours in flight after this
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
         self._tasks = []
+        if self.kv is not None:
+            self.presence.flush()
+            self._pending = {k: None for k in self._pending}
+            for key in self.presence.entries():
+                self._pending[kv_key(self.presence.instance, key)] = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._drain(), timeout=2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._delete_instance(self.presence.instance), timeout=2)
 
     # --- writing ---------------------------------------------------------------------------------
 
