@@ -16,6 +16,11 @@ CPU time of the burst (subscriptions, flushes, merges), and the bucket writes th
     .venv/bin/python bench/presence.py                    # 5,000 clients, 100 scopes, 3 runs, medians
     .venv/bin/python bench/presence.py --quick            # 500 clients, 10 scopes, 1 run (smoke test)
     .venv/bin/python bench/presence.py --spread 8 --json bench/results/presence.json
+    .venv/bin/python bench/presence.py --kill --kill-ttl 15    # real processes: SIGKILL to the watchers' leave
+
+`--kill` measures the other promise, with real processes (nats-server, two `wsgateway serve`, the tests'
+identity provider): the time from SIGKILLing the instance a watcher's peer is on to the `presence` delta
+in which that peer leaves, against the documented bound of 4/3 of WSGATEWAY_PRESENCE_TTL_S.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from gateway.config import Settings  # noqa: E402
 from gateway.core.connection import Connection  # noqa: E402
 from gateway.core.hub import Hub  # noqa: E402
 from gateway.core.presence import Entry, Member  # noqa: E402
+from gateway.devtools.natsproc import NatsProcess  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
 from gateway.permissions import AclStore  # noqa: E402
 from gateway.principal import Principal  # noqa: E402
@@ -167,6 +173,40 @@ async def run_once(clients: int, scopes: int, spread: int, flush_ms: float, cap:
     }
 
 
+async def kill_to_leave(ttl: float, runs: int) -> list[float]:
+    """Seconds from SIGKILL of bob's instance to the delta in which alice (on the other instance) sees him leave."""
+    sys.path.insert(0, str(ROOT))
+    from tests.support.idp import TestIdP
+    from tests.support.platform import Platform
+    from tests.support.procs import gateway_processes
+    from tests.support.wsclient import connect, recv, recv_type, welcome
+
+    figures: list[float] = []
+    with TestIdP() as idp, NatsProcess() as natsd:
+        platform = await Platform.connect(natsd.url)
+        await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
+        await platform.close()
+        for _ in range(runs):
+            env = {"presence_ttl_s": str(ttl), "presence_flush_ms": "50"}
+            async with gateway_processes(2, natsd.url, idp.issuer, idp.audience, **env) as (a, b):
+                alice = await connect(a.ws, idp.mint("alice"))
+                await welcome(alice)
+                await alice.send(json.dumps({"op": "subscribe", "scope": "conversation:c1", "presence": True}))
+                await recv_type(alice, "subscribed")
+                bob = await connect(b.ws, idp.mint("bob"))
+                await welcome(bob)
+                await bob.send(json.dumps({"op": "subscribe", "scope": "conversation:c1"}))
+                while "user:bob" not in [m["id"] for m in (await recv(alice)).get("joined", [])]:
+                    pass
+                t0 = time.monotonic()
+                b.kill()
+                while "user:bob" not in (await recv(alice, timeout=ttl * 3 + 30)).get("left", []):
+                    pass
+                figures.append(time.monotonic() - t0)
+                await alice.close()
+    return figures
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=5000)
@@ -177,7 +217,20 @@ def main() -> int:
     p.add_argument("--cap", type=int, default=100, help="WSGATEWAY_PRESENCE_MAX_MEMBERS")
     p.add_argument("--quick", action="store_true", help="500 clients, 10 scopes, 1 run")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--kill", action="store_true", help="measure SIGKILL-to-leave with real processes instead")
+    p.add_argument("--kill-ttl", type=float, default=15.0, help="WSGATEWAY_PRESENCE_TTL_S of the --kill runs")
     args = p.parse_args()
+    if args.kill:
+        runs = 1 if args.quick else args.runs
+        figures = asyncio.run(kill_to_leave(args.kill_ttl, runs))
+        print(f"SIGKILL to the watchers' leave delta, WSGATEWAY_PRESENCE_TTL_S={args.kill_ttl:g} "
+              f"(documented bound {args.kill_ttl * 4 / 3:.1f} s, plus the flush interval):")
+        print(f"  median {statistics.median(figures):.2f} s, max {max(figures):.2f} s; runs: "
+              + " ".join(f"{f:.2f}" for f in figures))
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"kill_ttl_s": args.kill_ttl, "seconds": figures}, indent=2))
+        return 0
     if args.quick:
         args.clients, args.scopes, args.runs = 500, 10, 1
     keys = ("frames", "deltas", "snapshots", "uncoalesced", "cpu_ms", "cpu_us_per_client", "kv_writes")

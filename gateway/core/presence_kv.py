@@ -23,7 +23,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import orjson
 from nats.js import JetStreamContext
@@ -69,6 +70,7 @@ class PresenceSync:
         self._watch_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._connected: Callable[[], bool] = lambda: True
+        self._side: set[asyncio.Task[None]] = set()  # bucket writes running beside the heartbeat loop
         presence.publish = self._publish
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -102,7 +104,7 @@ class PresenceSync:
         """Graceful: this instance's keys are deleted (the others' watches see its members and runs go at once),
         then purged with its heartbeat."""
         self._stopping = True
-        for t in [*self._tasks, self._watch_task]:  # no write of ours in flight after this
+        for t in [*self._tasks, self._watch_task, *self._side]:  # no write of ours in flight after this
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -169,35 +171,50 @@ class PresenceSync:
         await self.js.purge_stream(stream, subject=f"{prefix}.i.{instance}")
 
     async def _beat(self) -> None:
-        """Every third of the TTL: the heartbeat, and the sweep of dead instances."""
+        """Every sixth of the TTL the sweep of dead instances, every third the heartbeat; a dead instance is
+        dropped within TTL + TTL/6 of its last heartbeat, so within 4/3 of the TTL of its end. The bucket
+        writes run beside the loop, so a slow NATS does not slow the sweep."""
         ttl = self.settings.presence_ttl_s
-        every = ttl / 3
-        last_purge = last_beat = time.monotonic()
+        tick = ttl / 6
+        started = last_purge = last_tick = last_beat = time.monotonic()
         while not self._stopping:
-            await asyncio.sleep(every)
-            await self._heartbeat()
+            await asyncio.sleep(tick)
             now = time.monotonic()
-            if now - last_beat > ttl:  # this loop was stalled: the others may have taken us for dead
+            if now - last_tick > ttl:  # this loop was stalled: the others may have taken us for dead
                 for key, raw in self.presence.entries().items():
                     self._publish(key, raw)
-            last_beat = now
+            last_tick = now
+            if now - last_beat >= ttl / 3 - tick / 2:
+                last_beat = now
+                self._background(self._heartbeat())
             if not self._connected():  # nobody can be heard: nobody is taken for dead
                 self.presence.grace(now)
                 continue
             dead = self.presence.sweep(now)
-            self.metrics.presence_instances.set(len(self.presence.alive()))
-            leader = self.presence.alive()[0] == self.presence.instance
+            alive = self.presence.alive()
+            self.metrics.presence_instances.set(len(alive))
+            leader = alive[0] == self.presence.instance
             if dead:
                 log.info("presence: instance(s) %s not heard of for %.1fs: their watchers left",
-                         ", ".join(sorted(dead)), self.settings.presence_ttl_s)
+                         ", ".join(sorted(dead)), ttl)
                 if leader:
                     for inst in dead:
-                        with contextlib.suppress(Exception):
-                            await self._delete_instance(inst)
-            if leader and self.kv is not None and now - last_purge > PURGE_EVERY_S:
+                        self._background(self._delete_instance(inst))
+            if leader and self.kv is not None and now - max(last_purge, started) > PURGE_EVERY_S:
                 last_purge = now
-                with contextlib.suppress(Exception):
-                    await self.kv.purge_deletes(olderthan=max(1, int(self.settings.presence_ttl_s)))
+                self._background(self.kv.purge_deletes(olderthan=max(1, int(ttl))))
+
+    def _background(self, work: Coroutine[Any, Any, object]) -> None:
+        """A bucket write beside the loop. A failure is not fatal: the next heartbeat comes a third of the TTL
+        later, and a dead instance's leftover keys are dropped again, after the TTL, by whoever reads them."""
+
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                await work
+
+        task = asyncio.create_task(run())
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
 
     # --- following -------------------------------------------------------------------------------
 
