@@ -508,7 +508,7 @@ class Presence:
                 continue
             self.sent[key] = new
             scope = key[1]
-            for c in receivers:
+            for c in list(receivers):  # a copy: sending never changes the set today; the loop must not care
                 sub = c.subs.get(scope)
                 if sub is not None and sub.allowed:
                     self.send(c, frame)
