@@ -297,6 +297,11 @@ async def test_a_burst_of_joins_is_coalesced_and_exact(
         assert deltas < n
         r = await get_presence(g, idp.mint("alice"))
         assert r.json()["count"] == n + 1 and {m["id"] for m in r.json()["members"]} == listed
+        await g.metric_reaches("wsgateway_presence_members", n + 1)  # listed memberships on this process
+        assert await g.metric("wsgateway_presence_snapshots_total") == 1  # alice's
+        assert await g.metric("wsgateway_presence_deltas_total") == alice.deltas
+        assert await g.metric("wsgateway_presence_kv_writes_total") >= 1
+        await g.metric_reaches("wsgateway_presence_instances", 1)
         # everyone leaves at once: the same, down to alice alone
         before = alice.deltas
         await asyncio.gather(*(ws.close() for ws in clients))
