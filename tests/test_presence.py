@@ -433,3 +433,31 @@ async def test_sse_presence_events_and_unlisted_stream(gw: GatewayEndpoint, idp:
             await dan.close()
             await alice.members_are("user:alice")  # the SSE stream (still open) never counted
     await alice.ws.close()
+
+
+async def test_resume_then_snapshot_and_unsubscribe_leaves(
+    gw: GatewayEndpoint, idp: TestIdP, platform: Platform
+) -> None:
+    """With a cursor the snapshot comes after the replay's `subscribed` and events (the held live frames),
+    then the client's own join; `unsubscribe` leaves the scope."""
+    await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
+    alice = await Watcher.open(gw.ws, idp.mint("alice"))
+    await alice.members_are("user:alice")
+    seqs = [await platform.publish("acme", C1) for _ in range(3)]
+    ws = await connect(f"{gw.ws}?scope={C1}&since=0&presence=true", idp.mint("bob"))
+    await welcome(ws)
+    sub = await recv_type(ws, "subscribed")
+    assert sub["since"] == 0 and sub["recovered"] is True
+    got = [await recv_type(ws, "event") for _ in seqs]
+    assert [f["seq"] for f in got] == seqs
+    bob = Watcher(ws, C1)
+    snap = await recv_type(ws, "presence")
+    assert snap["snapshot"] is True
+    bob.apply(snap)
+    await bob.members_are("user:alice", "user:bob")
+    await alice.members_are("user:alice", "user:bob")
+    await ws.send(json.dumps({"op": "unsubscribe", "id": "u", "scope": C1}))
+    assert await recv(ws) == {"type": "unsubscribed", "id": "u", "scope": C1}
+    await alice.members_are("user:alice")
+    await ws.close()
+    await alice.ws.close()
