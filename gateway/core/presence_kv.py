@@ -110,7 +110,7 @@ class PresenceSync:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
         self._tasks = []
-        if self.kv is not None:
+        if self.kv is not None and self._connected():  # NATS down: the others will find us dead instead
             self.presence.flush()
             self._pending = {k: None for k in self._pending}
             for key in self.presence.entries():
