@@ -34,6 +34,7 @@ from nats.js.kv import KeyValue
 from gateway import provisioning
 from gateway.config import Settings
 from gateway.core.presence import INSTANCE_RE, Entry, Key, Presence, kv_key, parse_kv_key
+from gateway.logs import BackoffLog
 from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class PresenceSync:
         self._stopping = False
         self._connected: Callable[[], bool] = lambda: True
         self._side: set[asyncio.Task[None]] = set()  # bucket writes running beside the heartbeat loop
+        self._failures = BackoffLog()
         presence.publish = self._publish
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -133,21 +135,28 @@ class PresenceSync:
             await self._drain()
 
     async def _drain(self) -> None:
+        """Write what is pending, CHUNK writes in flight at once. While NATS is unreachable nothing is tried:
+        the reconnect writes everything again. A failed write is retried (unless a newer value came meanwhile),
+        its failures logged at most once per back-off interval."""
         kv = self.kv
-        while self._pending and kv is not None:
+        while self._pending and kv is not None and self._connected():
             batch = list(self._pending.items())[:CHUNK]
             for k, _ in batch:
                 del self._pending[k]
             results = await asyncio.gather(*(self._write(kv, k, v) for k, v in batch), return_exceptions=True)
             failed = [(k, v) for (k, v), r in zip(batch, results, strict=True) if r is not None]
             for k, v in failed:
-                self._pending.setdefault(k, v)  # retried, unless a newer value came meanwhile
+                self._pending.setdefault(k, v)
             self.metrics.presence_kv_writes.inc(len(batch) - len(failed))
-            if failed:
-                self.metrics.presence_kv_errors.inc(len(failed))
-                log.warning("presence: %d bucket write(s) failed (%r); retrying", len(failed),
-                            next(r for r in results if r is not None))
-                await asyncio.sleep(0.5)
+            if not failed:
+                self._failures.reset()
+                continue
+            self.metrics.presence_kv_errors.inc(len(failed))
+            report = self._failures.failed()
+            if report is not None:
+                log.warning("presence: %d bucket write(s) failed (%r); retrying (%d failed rounds since the last "
+                            "report)", len(failed), next(r for r in results if r is not None), report[0])
+            await asyncio.sleep(0.5)
 
     @staticmethod
     async def _write(kv: KeyValue, key: str, value: bytes | None) -> None:
@@ -235,6 +244,7 @@ class PresenceSync:
                     await self._heartbeat()
                     for key, raw in self.presence.entries().items():
                         self._publish(key, raw)
+                    self._wake.set()  # also what waited while NATS was unreachable (a delete, say)
                 await self._follow(loaded)
                 delay = 0.2
             except asyncio.CancelledError:
