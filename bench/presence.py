@@ -31,6 +31,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from gateway.config import Settings  # noqa: E402
 from gateway.core.connection import Connection  # noqa: E402
 from gateway.core.hub import Hub  # noqa: E402
 from gateway.core.presence import Entry, Member  # noqa: E402
+from gateway.core.queue import OutFrame  # noqa: E402
 from gateway.devtools.natsproc import NatsProcess  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
 from gateway.permissions import AclStore  # noqa: E402
@@ -60,20 +62,24 @@ class Channel:
 
     kind = "websocket"
     frames_are_wire = True
-    writable = True
 
     def __init__(self) -> None:
-        self.on_writable = self.on_lost = self.on_shutdown = None
+        self.on_writable: Callable[[], None] | None = None
+        self.on_lost: Callable[[], None] | None = None
+        self.on_shutdown: Callable[[], None] | None = None
         self.flag = Flag()
+
+    @property
+    def writable(self) -> bool:
+        return True
 
     def write(self, data: bytes) -> bool:
         return True
 
-    def fast_path(self) -> tuple[Any, Flag]:
+    def fast_path(self) -> tuple[Callable[[bytes], object], Any]:
         return self.write, self.flag
 
-    @staticmethod
-    def encode(frames: list[Any]) -> bytes:
+    def encode(self, frames: Sequence[OutFrame]) -> bytes:
         return b"".join([f.data for f in frames])
 
     def close(self, code: int, reason: str = "") -> None:
@@ -143,7 +149,7 @@ async def run_once(clients: int, scopes: int, spread: int, flush_ms: float, cap:
             join(i)
         presence.flush()
         hub.writer.flush()
-    snaps0 = metrics.presence_snapshots._value.get()  # type: ignore[attr-defined]
+    snaps0 = metrics.presence_snapshots._value.get()
     frames = 0
     writes0 = writes[0]
     groups = [list(range(clients))[g::spread] for g in range(spread)]
@@ -162,7 +168,7 @@ async def run_once(clients: int, scopes: int, spread: int, flush_ms: float, cap:
         frames += presence.flush()
         hub.writer.flush()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    snapshots = int(metrics.presence_snapshots._value.get() - snaps0)  # type: ignore[attr-defined]
+    snapshots = int(metrics.presence_snapshots._value.get() - snaps0)
     state = presence.state(("t", "conversation:shared"))
     assert state.total == clients, (state.total, clients)  # the end state is exact
     return {
@@ -187,7 +193,7 @@ async def kill_to_leave(ttl: float, runs: int) -> list[float]:
         await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
         await platform.close()
         for _ in range(runs):
-            env = {"presence_ttl_s": str(ttl), "presence_flush_ms": "50"}
+            env: dict[str, Any] = {"presence_ttl_s": str(ttl), "presence_flush_ms": "50"}
             async with gateway_processes(2, natsd.url, idp.issuer, idp.audience, **env) as (a, b):
                 alice = await connect(a.ws, idp.mint("alice"))
                 await welcome(alice)
