@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -197,8 +198,6 @@ class Presence:
 
     def __init__(self, send: Callable[[Connection, OutFrame], None], settings: Settings, metrics: Metrics,
                  *, instance: str | None = None) -> None:
-        import uuid
-
         self.send = send  # the hub's: queue a frame behind what is queued, schedule a write
         self.instance = instance or uuid.uuid4().hex
         self.flush_s = settings.presence_flush_ms / 1000
