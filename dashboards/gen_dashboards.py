@@ -328,6 +328,23 @@ def overview() -> dict[str, Any]:
         target(f"sum by (code) (rate(wsgateway_client_frames_rejected_total{{{GW}}}[{RATE}]))", "{{code}}")],
         unit="reqps", stack=True, description="Bad client frames answered with an error frame."), 12)
 
+    lay.row("Presence")
+    lay.add(timeseries("Presence: listed watchers and scopes", [
+        target(f"sum by (job) (wsgateway_presence_members{{{GW}}})", "{{job}} listed memberships"),
+        target(f"max by (job) (wsgateway_presence_scopes{{{GW}}})", "{{job}} scopes with presence"),
+        target(f"min by (job) (wsgateway_presence_instances{{{GW}}})", "{{job}} instances alive (fewest seen)"),
+    ], description="Listed memberships (allowed, listed subscriptions) of all pods; scopes with watchers or "
+                   "active agents in the cluster-wide view; the gateway processes each pod sees alive in the "
+                   "presence bucket (fewer than the pods running: a pod does not reach the bucket)."), 12)
+    lay.add(timeseries("Presence frames and bucket writes", [
+        target(f"sum(rate(wsgateway_presence_deltas_total{{{GW}}}[{RATE}]))", "deltas"),
+        target(f"sum(rate(wsgateway_presence_snapshots_total{{{GW}}}[{RATE}]))", "snapshots"),
+        target(f"sum(rate(wsgateway_presence_kv_writes_total{{{GW}}}[{RATE}]))", "bucket writes"),
+        target(f"sum(rate(wsgateway_presence_kv_errors_total{{{GW}}}[{RATE}]))", "bucket write errors"),
+    ], unit="ops", description="Presence frames queued to clients (deltas are coalesced: at most one per "
+                               "watcher, scope and WSGATEWAY_PRESENCE_FLUSH_MS) and this gateway's writes to "
+                               "the presence bucket; errors are retried."), 12)
+
     lay.row("NATS")
     lay.add(timeseries("NATS connected per pod", [
         target(f"min by (pod) (wsgateway_nats_connected{{{GW}}})", "{{pod}}")],

@@ -34,7 +34,7 @@ import jwt
 from jwt import exceptions as jwt_errors
 
 from gateway.events import NAME_PATTERN, NAME_RE
-from gateway.principal import AUTH_FAILURE_REASONS, Principal
+from gateway.principal import AUTH_FAILURE_REASONS, Principal, profile_name, profile_picture
 
 if TYPE_CHECKING:
     from jwt.types import Options
@@ -536,4 +536,5 @@ class TokenVerifier:
         else:
             raise AuthError("missing_claim", f"token {self.groups_claim!r} claim must be a string list")
         exp = claims["exp"]
-        return Principal(subject=sub, tenant=tenant, groups=groups, expires_at=float(exp))
+        return Principal(subject=sub, tenant=tenant, groups=groups, expires_at=float(exp),
+                         display_name=profile_name(claims.get("name")), picture=profile_picture(claims.get("picture")))

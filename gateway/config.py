@@ -103,6 +103,22 @@ class Settings(BaseSettings):
         0, ge=0, le=50, description="Extra batching delay before writing queued frames (0: next loop turn)."
     )
 
+    # Presence (docs/protocol.md, Presence)
+    presence_bucket: str = Field(
+        "wsgateway-presence", description="NATS KV bucket (memory storage) where every instance lists its watchers.",
+    )
+    presence_ttl_s: float = Field(
+        15, ge=0.5, le=300,
+        description="An instance not heard from for this long is dead: its watchers leave every scope (within "
+                    "4/3 of it). Each instance refreshes its heartbeat every third of it.",
+    )
+    presence_flush_ms: float = Field(
+        250, ge=10, le=10_000, description="Presence changes of a scope are coalesced into one delta per interval.",
+    )
+    presence_max_members: int = Field(
+        100, ge=1, le=10_000, description="Watchers (and agents) listed per scope in presence frames; beyond: counted.",
+    )
+
     # Tracing (OpenTelemetry; off unless an endpoint is set: docs/operations.md, Tracing)
     otel_endpoint: str | None = Field(
         None, description="OTLP/HTTP base URL of a collector (`/v1/traces` is appended); unset: no tracing."

@@ -127,6 +127,32 @@ class Metrics:
             "wsgateway_consumer_lag", "Stream messages not yet delivered to this instance's consumer.",
             registry=reg, multiprocess_mode="livemax",
         )
+        self.presence_members = Gauge(
+            "wsgateway_presence_members", "Connections listed in the presence of a scope (one per listed "
+            "subscription), on this process.", registry=reg, multiprocess_mode="livesum",
+        )
+        self.presence_scopes = Gauge(
+            "wsgateway_presence_scopes", "Scopes with presence (watchers or active agents) in this process's "
+            "cluster-wide view.", registry=reg, multiprocess_mode="livemax",
+        )
+        self.presence_instances = Gauge(
+            "wsgateway_presence_instances", "Gateway processes alive in the presence bucket, as this one sees them.",
+            registry=reg, multiprocess_mode="livemax",
+        )
+        self.presence_snapshots = Counter(
+            "wsgateway_presence_snapshots", "Presence snapshot frames queued to clients.", registry=reg,
+        )
+        self.presence_deltas = Counter(
+            "wsgateway_presence_deltas", "Presence delta frames queued to clients (one per receiver and flush).",
+            registry=reg,
+        )
+        self.presence_kv_writes = Counter(
+            "wsgateway_presence_kv_writes", "This process's presence entries written to (or deleted from) the bucket.",
+            registry=reg,
+        )
+        self.presence_kv_errors = Counter(
+            "wsgateway_presence_kv_errors", "Presence bucket writes that failed (retried).", registry=reg,
+        )
         # Pre-create labelled children so every series exists from the start (rates work, alerts see 0).
         for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)

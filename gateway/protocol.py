@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
 from wsproto.frame_protocol import FrameProtocol
 
 from gateway.events import SCOPE_BODY, Envelope
@@ -31,6 +31,11 @@ _SCOPE_FIELD_PATTERN = rf"^(?:{_SCOPE_ALTERNATIVES})$"
 def is_scope(text: str) -> bool:
     """Whether `text` is a subscription scope (`<kind>:<id>`, `*` or `inbox`), all of it (no trailing newline)."""
     return SCOPE_RE.fullmatch(text) is not None
+
+
+def is_resource_scope(text: str) -> bool:
+    """Whether `text` is one resource's scope (`<kind>:<id>`): not `*`, not `inbox` (history, presence)."""
+    return text not in (WILDCARD, INBOX) and is_scope(text)
 
 
 # Close codes (documented in docs/protocol.md).
@@ -67,6 +72,14 @@ class Subscribe(_Frame):
     id: RequestId | None = None
     scope: Annotated[str, Field(pattern=_SCOPE_FIELD_PATTERN)]
     since: Annotated[int, Field(ge=0)] | None = None
+    presence: StrictBool = False  # also receive the scope's `presence` frames (docs/protocol.md, Presence)
+    listed: StrictBool = True  # false: watch without appearing in the scope's presence
+
+    @model_validator(mode="after")
+    def _presence_of_a_scope(self) -> Subscribe:
+        if self.presence and self.scope in (WILDCARD, INBOX):
+            raise ValueError(f"presence is per resource scope: subscribe to the scope itself, not to {self.scope}")
+        return self
 
 
 class Unsubscribe(_Frame):
@@ -144,6 +157,17 @@ def parse_seq(text: str, name: str) -> int:
     if not _DIGITS_RE.fullmatch(text) or int(text) > MAX_SEQ:
         raise FrameError(ERR_BAD_REQUEST, f"{name} must be a stream sequence (a non-negative integer)")
     return int(text)
+
+
+def parse_flag(text: str | None, name: str, default: bool) -> bool:
+    """A boolean URL parameter: `true`/`1` or `false`/`0` (absent: `default`)."""
+    if text is None:
+        return default
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise FrameError(ERR_BAD_REQUEST, f"{name} must be true or false")
 
 
 # --- server frames -----------------------------------------------------------------------------
@@ -252,12 +276,45 @@ class CloseFrame(_ServerFrame):
     reason: str
 
 
+class PresenceMember(_ServerFrame):
+    """One listed watcher of a scope."""
+
+    id: str = Field(description="The watcher's principal id, `user:<sub>`")
+    name: str | None = Field(None, description="The token's `name` claim, when it had a valid one")
+    picture: str | None = Field(None, description="The token's `picture` claim (an https URL), when valid")
+
+
+class PresenceAgent(_ServerFrame):
+    """One agent run active in a scope (from its `run.started` to its `run.finished`)."""
+
+    run_id: str
+    agent_id: str | None = Field(None, description="`data.agent_id` of run.started, when given")
+    since: str = Field(description="The `time` of run.started (RFC 3339)")
+
+
+class PresenceFrame(_ServerFrame):
+    """Who watches a scope and which agents run in it (subscribe with `presence: true`): a snapshot
+    (`snapshot: true`, `members`, `agents`) after `subscribed`, then deltas relative to it."""
+
+    type: Literal["presence"]
+    scope: ScopeField
+    count: int = Field(ge=0, description="Distinct members of the scope now, listed or not")
+    snapshot: bool | None = Field(None, description="true on the snapshot; absent on deltas")
+    members: list[PresenceMember] | None = Field(None, description="snapshot: the listed members (capped)")
+    agents: list[PresenceAgent] | None = Field(None, description="snapshot: active runs, oldest first (capped)")
+    joined: list[PresenceMember] | None = Field(None, description="delta: members now listed")
+    left: list[str] | None = Field(None, description="delta: ids no longer listed")
+    agents_started: list[PresenceAgent] | None = Field(None, description="delta: runs that started")
+    agents_finished: list[str] | None = Field(None, description="delta: run ids that finished")
+
+
 SERVER_FRAMES: tuple[type[BaseModel], ...] = (
-    Welcome, Subscribed, Unsubscribed, Revoked, ErrorFrame, Pong, Refreshed, EventFrame, CloseFrame,
+    Welcome, Subscribed, Unsubscribed, Revoked, ErrorFrame, Pong, Refreshed, EventFrame, CloseFrame, PresenceFrame,
 )
 CLIENT_FRAMES: tuple[type[BaseModel], ...] = (Subscribe, Unsubscribe, Refresh, Ping)
 ServerFrame = Annotated[
-    Welcome | Subscribed | Unsubscribed | Revoked | ErrorFrame | Pong | Refreshed | EventFrame | CloseFrame,
+    Welcome | Subscribed | Unsubscribed | Revoked | ErrorFrame | Pong | Refreshed | EventFrame | CloseFrame
+    | PresenceFrame,
     Field(discriminator="type"),
 ]
 

@@ -1,4 +1,5 @@
-"""The JetStream resources a gateway needs, built in one place: the events stream and the ACL bucket.
+"""The JetStream resources a gateway needs, built in one place: the events stream, the ACL bucket and the
+presence bucket.
 
 Two programs create them: the gateway at start-up (`WSGATEWAY_CREATE_STREAM`, gateway/core/bus.py) and
 the operator on every reconcile (operator/wsgateway_operator/natsops.py). Both build their configs with
@@ -56,6 +57,19 @@ def bucket_config(name: str, *, replicas: int) -> KeyValueConfig:
     return KeyValueConfig(
         bucket=name, history=ACL_BUCKET_HISTORY, replicas=replicas, storage=StorageType.FILE,
         description=ACL_BUCKET_DESCRIPTION,
+    )
+
+
+PRESENCE_BUCKET: Final = "wsgateway-presence"  # WSGATEWAY_PRESENCE_BUCKET's default (the operator creates this one)
+PRESENCE_BUCKET_DESCRIPTION: Final = "wsgateway presence: watchers per instance and scope, instance heartbeats"
+
+
+def presence_bucket_config(name: str, *, replicas: int) -> KeyValueConfig:
+    """The presence bucket: memory storage (volatile by nature: every instance writes its part again after a
+    reconnect), the current value of each key only, `replicas` like the stream. No TTL: the instances
+    themselves remove a dead instance's keys (gateway/core/presence_kv.py)."""
+    return KeyValueConfig(
+        bucket=name, history=1, replicas=replicas, storage=StorageType.MEMORY, description=PRESENCE_BUCKET_DESCRIPTION,
     )
 
 

@@ -103,3 +103,32 @@ def test_inbox_benchmark_loads_every_request() -> None:
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "registry: 60 requests" in out.stdout and "process events read" in out.stdout, out.stdout
+
+
+@pytest.mark.timeout(120)
+def test_quick_presence_benchmark_reports_frames_and_cpu(tmp_path: Path) -> None:
+    """bench/presence.py (a reconnect burst against presence, in-process) runs and reports its figures."""
+    out = tmp_path / "presence.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "presence.py"), "--quick", "--spread", "3", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    for scenario in ("reconnect", "join"):
+        m = doc[scenario]["median"]
+        assert 0 < m["frames"] < m["uncoalesced"] and m["cpu_ms"] > 0 and m["kv_writes"] > 0, (scenario, m)
+
+
+@pytest.mark.timeout(120)
+def test_quick_presence_kill_benchmark_reports_the_delay(tmp_path: Path) -> None:
+    """bench/presence.py --kill (real processes: SIGKILL to the watchers' leave) runs and reports its figure."""
+    out = tmp_path / "kill.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "presence.py"), "--kill", "--quick", "--kill-ttl", "1", "--json",
+         str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (seconds,) = json.loads(out.read_text())["seconds"]
+    assert seconds > 0

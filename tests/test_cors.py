@@ -32,7 +32,8 @@ from tests.support.ports import free_port
 APP = "http://127.0.0.1:5173"  # listed
 OTHER = "http://127.0.0.1:5174"  # not listed
 ADMIN = {"admins": ["user:alice"]}
-CORS_PATHS = ["/v1/history?scope=conversation:c1", "/v1/scopes", "/v1/inbox", "/v1/sse?scope=conversation:c1",
+CORS_PATHS = ["/v1/history?scope=conversation:c1", "/v1/scopes", "/v1/inbox", "/v1/presence?scope=conversation:c1",
+              "/v1/sse?scope=conversation:c1",
               "/v1/agui?scope=conversation:c1"]
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
 

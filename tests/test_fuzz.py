@@ -56,15 +56,17 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
     paths = doc["paths"]
     for path, codes in {"/v1/history": {"200", "400", "401", "403", "503"}, "/v1/scopes": {"200", "400", "401"},
                         "/v1/inbox": {"200", "400", "401", "503"}, "/v1/sse": {"200", "400", "401", "503"},
-                        "/v1/agui": {"200", "400", "401", "403", "503"}}.items():
+                        "/v1/agui": {"200", "400", "401", "403", "503"},
+                        "/v1/presence": {"200", "400", "401", "403", "503"}}.items():
         op = paths[path]["get"]
         assert set(op["responses"]) == codes, path
         for code in codes - {"200"}:
             assert op["responses"][code]["content"]["application/json"]["schema"] == error_ref, (path, code)
         assert op["security"] == [{"bearer": []}, {"accessToken": []}]
-    for stream in ("/v1/sse", "/v1/agui"):
+    streams = {"/v1/sse": {("presence", "query"), ("listed", "query")}, "/v1/agui": set()}
+    for stream, extra in streams.items():
         params = {(p["name"], p["in"]) for p in paths[stream]["get"]["parameters"]}
-        assert params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header")}
+        assert params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header")} | extra, stream
         assert set(paths[stream]["get"]["responses"]["200"]["content"]) == {"text/event-stream"}  # never JSON
     assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}

@@ -144,6 +144,23 @@ async def test_scopes_limit(gw: RunningGateway, token: str) -> None:
     await _all_400(gw, token, "/v1/scopes?limit={}", "limit", _values(NUMBERS, extra={"zero": "0"}))
 
 
+# --- GET /v1/presence ------------------------------------------------------------------------------
+
+
+async def test_presence_scope(gw: RunningGateway, token: str) -> None:
+    await _all_400(gw, token, "/v1/presence?scope={}", "scope", _values(SCOPES, extra={"wildcard": "*"}))
+
+
+# Values for a boolean parameter (`presence`, `listed`): only true, false, 1 and 0 are.
+FLAGS = {"yes": "yes", "upper case": "TRUE", "two": "2", "trailing newline": "true%0A", "NUL": "1%00",
+         "unicode one": "%EF%BC%91", "invalid UTF-8": "%FF", "very long": "t" * 10000, "empty": ""}
+
+
+async def test_sse_presence_flags(gw: RunningGateway, token: str) -> None:
+    for param in ("presence", "listed"):
+        await _all_400(gw, token, f"/v1/sse?scope=conversation:c1&{param}={{}}", param, FLAGS)
+
+
 # --- GET /v1/sse ----------------------------------------------------------------------------------
 
 
@@ -226,6 +243,11 @@ async def test_ws_url_scope(gw: RunningGateway, token: str) -> None:
 
 async def test_ws_url_since(gw: RunningGateway, token: str) -> None:
     await _ws_all_refused(gw, token, "scope=conversation:c1&since={}", "since", _values(NUMBERS, drop=("empty",)))
+
+
+async def test_ws_url_presence_flags(gw: RunningGateway, token: str) -> None:
+    for param in ("presence", "listed"):
+        await _ws_all_refused(gw, token, f"scope=conversation:c1&{param}={{}}", param, FLAGS)
 
 
 # --- no harmed neighbour --------------------------------------------------------------------------

@@ -4,7 +4,8 @@ The browser test is the newcomer's path: `wsgateway dev` (here on free ports, wi
 traffic), the page, a demo user. It checks what a person would see: events render for an allowed
 user and never for a denied one, the drop button loses nothing (the page's seqs equal what
 GET /v1/history holds for the same range), a live revocation shows `revoked` and a grant restarts
-the scope, the demo switch is never offered on a forbidden panel, banners show protocol names as code
+the scope, a panel shows who else watches it (presence), the demo switch is never offered on a forbidden
+panel, banners show protocol names as code
 (no literal backticks), and at phone width (390 px) nothing is wider than the screen. Chromium is
 Debian's `chromium`, driven by npm `playwright-core` from tools/ (tests/support/browser.py); both are
 installed here when missing.
@@ -142,6 +143,11 @@ def test_viewer_in_headless_chromium(tmp_path: Path) -> None:
         assert inbox["badge"] == str(len(inbox["asked"])) != "0"
         assert not any(q["request_id"].startswith("approve-") for q in inbox["asked"] + inbox["answered"])
         assert verify not in inbox["answered"]
+        # presence: bob's panel lists who else watches it (alice, on another socket), then that she left
+        presence = out["presence"]
+        assert {"user:alice", "user:bob"} <= set(presence["model"]["members"]) and presence["model"]["count"] >= 2
+        assert "watching: " in presence["text"] and "alice" in presence["text"] and "bob" not in presence["text"]
+        assert "alice" not in presence["after"]
 
         # live revocation, then the grant back
         revoke = out["revoke"]

@@ -25,6 +25,7 @@ from gateway import provisioning, tracing
 from gateway.config import Settings
 from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
+from gateway.core.presence_kv import PresenceSync
 from gateway.events import InvalidEvent, parse_event
 from gateway.logs import BackoffLog, safe_urls
 from gateway.metrics import Metrics
@@ -91,6 +92,7 @@ class Bus:
         self._stopping = False
         self._last_invalid_log = 0.0
         self._invalid_unlogged = 0
+        self.presence = PresenceSync(settings, hub.presence, metrics)  # the presence bucket
 
     @property
     def ready(self) -> bool:
@@ -101,6 +103,7 @@ class Bus:
 
     async def stop(self) -> None:
         self._stopping = True
+        await self.presence.stop()
         for t in (self._watchdog_task, self._recover_task, self._watch_task, self._task):
             if t is not None:
                 t.cancel()
@@ -154,6 +157,7 @@ class Bus:
             self.check_consumer("reconnected")  # a restarted server has lost our in-memory consumer
             if self._kv is not None:
                 self._start_acl_watch(self._kv)  # ... and the ACL watch's: revocations must not wait for it
+            self.presence.reconnected()
             failed = failures.reset()
             log.info("NATS reconnected to %s%s", server_url(True),
                      f" after {failed} failed attempt{'s' if failed != 1 else ''}" if failed else "")
@@ -196,6 +200,7 @@ class Bus:
         await asyncio.wait_for(self.acl_ready.wait(), timeout=30)
         # The inbox's requests from the retained process events, before the live ones (gateway/core/inbox.py)
         await self.hub.index.inbox.load(StreamReader(self.js, s.stream), s.subject_prefix, last)
+        await self.presence.start(self.js, lambda: bool(self.nc and self.nc.is_connected))
         # Start right after the stream's current end: the hub's cursor is exact from the first event.
         self.hub.skip(last)
         self._sub = await self._subscribe(last + 1)

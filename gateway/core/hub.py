@@ -25,6 +25,7 @@ from gateway.core.channel import Channel
 from gateway.core.connection import Connection, ConnState
 from gateway.core.expiry import Expiry
 from gateway.core.index import AnySubscription, Change, Subscription, SubscriptionIndex
+from gateway.core.presence import RUN_EDGES, Presence
 from gateway.core.queue import Bounds, OutFrame, SendQueue, control, event_frame, shrink
 from gateway.core.writer import Writer
 from gateway.events import Envelope
@@ -66,6 +67,7 @@ class Hub:
         self.bounds = Bounds(settings.queue_max_messages, settings.queue_max_bytes)
         self.last_seq = 0  # stream sequence of the last event processed: every client's cursor base
         self.connections: dict[str, Connection] = {}
+        self.presence = Presence(self.send, settings, metrics)  # who watches which scope (core/presence.py)
         # Plain-int mirrors of three counters, bumped only where the metric is: the traced delivery path
         # (gateway.core.bus) reads them around one dispatch to tell what that dispatch did, so dispatch
         # itself neither returns more nor knows about tracing.
@@ -101,6 +103,7 @@ class Hub:
         conn.replay_queue = None
         conn.expires = 0.0
         self.index.remove_all(conn)
+        self.presence.drop(conn)
         ch = conn.channel
         ch.on_writable = ch.on_shutdown = ch.on_lost = None
         if conn.waiter is not None:
@@ -189,6 +192,7 @@ class Hub:
         if conn.closed:
             return
         self.index.remove(conn, scope)
+        self.presence.unwatch(conn, scope)
         self.send(conn, control("unsubscribed", id=request_id, scope=scope))
 
     def recheck_all(self) -> None:
@@ -210,6 +214,7 @@ class Hub:
                 self.send(c, control("subscribed", scope=scope, seq=self.last_seq))
             else:
                 self.send(c, control("revoked", scope=scope))
+            self.presence.permission(c, scope)  # a revoked watcher leaves; a granted one gets a snapshot
 
     # --- the replay seam -------------------------------------------------------------------
 
@@ -292,6 +297,8 @@ class Hub:
             return 0  # redelivered after a consumer reset: already handled
         self.last_seq = seq
         self.index.inbox.observe(seq, env, raw)  # the request registry follows every event (core/inbox.py)
+        if env.type in RUN_EDGES:
+            self.presence.on_run(env)  # agents active per scope
         targets, denied = self.index.targets(env)
         if denied:
             self.metrics.events_denied.inc(denied)

@@ -89,6 +89,7 @@ class Replayer:
     async def _one(self, conn: Connection, request_id: str | int | None, scopes: list[str], since: int) -> None:
         hub = self.hub
         plan = hub.begin_replay(conn, request_id, scopes, since)
+        hub.presence.settle(conn, scopes)  # presence snapshots now queue behind the replay's `subscribed`
         if plan is None:
             return
         stats = ReplayStats(plan.recovered)

@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 from gateway import provisioning
 from gateway.app import create_app, uvicorn_options
 from gateway.config import ConfigError, load_settings
+from gateway.core.bus import ensure_stream
 from gateway.devtools.devidp import DevIdentityProvider
 from gateway.devtools.natsproc import NatsProcess
 from gateway.devtools.simulator import DEMO_ACLS, DEMO_USERS, TENANT, Simulator, seed_acls
@@ -145,6 +146,7 @@ async def _main(host: str, port: int, nats_port: int | None, simulate: bool, pac
             js, provisioning.bucket_config(settings.acl_bucket, replicas=settings.stream_replicas)
         )
         await seed_acls(kv)
+        await ensure_stream(js, settings)  # before the simulator publishes (the gateway's bus connects meanwhile)
         app.include_router(demo_router(kv), prefix="/dev/demo")
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_options(settings)))  # type: ignore[arg-type]
         serve = asyncio.create_task(server.serve(sockets=[sock]))

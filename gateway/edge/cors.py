@@ -1,5 +1,5 @@
 """CORS for the browser read APIs: pages of the origins in WSGATEWAY_CORS_ORIGINS may call
-`GET /v1/history`, `/v1/scopes`, `/v1/inbox`, `/v1/sse` and `/v1/agui` (docs/protocol.md, CORS).
+`GET /v1/history`, `/v1/scopes`, `/v1/inbox`, `/v1/presence`, `/v1/sse` and `/v1/agui` (docs/protocol.md, CORS).
 
 A small ASGI middleware rather than Starlette's CORSMiddleware, for three reasons: it answers only on
 these paths (not /metrics, /readyz or the dev routes), an origin that is not listed gets no CORS
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-CORS_PATHS = frozenset({"/v1/history", "/v1/scopes", "/v1/inbox", "/v1/sse", "/v1/agui"})
+CORS_PATHS = frozenset({"/v1/history", "/v1/scopes", "/v1/inbox", "/v1/presence", "/v1/sse", "/v1/agui"})
 ALLOW_METHODS = ("GET",)
 ALLOW_HEADERS = ("Authorization", "Last-Event-ID")
 MAX_AGE_S = 600  # how long a browser may cache a successful preflight (Chromium caps it at 7200)

@@ -1,4 +1,5 @@
-"""HTTP read APIs beside the WebSocket: the history API, the caller's visible scopes and Server-Sent Events.
+"""HTTP read APIs beside the WebSocket: the history API, the caller's visible scopes, presence and Server-Sent
+Events.
 
 All use the same token rules as the socket (Authorization header, or `access_token` in the query)
 and the same permission check; history and SSE read the same JetStream stream, so what they return
@@ -26,13 +27,14 @@ from gateway.edge.openapi import (
     UNAVAILABLE,
     HistoryBody,
     InboxBody,
+    PresenceBody,
     ScopesBody,
     integer,
     sequence,
 )
 from gateway.edge.sse import sse_stream
 from gateway.events import InvalidEvent, parse_event, subject_for
-from gateway.protocol import INBOX, WILDCARD, FrameError, is_scope, parse_int, parse_seq
+from gateway.protocol import FrameError, is_resource_scope, parse_int, parse_seq
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -82,7 +84,7 @@ def build_router(gw: Gateway) -> APIRouter:
         principal = await authenticate(gw, request)
         if isinstance(principal, JSONResponse):
             return principal
-        if not is_scope(scope) or scope in (WILDCARD, INBOX):
+        if not is_resource_scope(scope):
             return error_response(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
         try:
             after_seq = parse_seq(after, "after")
@@ -118,7 +120,7 @@ def build_router(gw: Gateway) -> APIRouter:
         principal = await authenticate(gw, request)
         if isinstance(principal, JSONResponse):
             return principal
-        if after and (not is_scope(after) or after in (WILDCARD, INBOX)):
+        if after and not is_resource_scope(after):
             return error_response(400, "bad_request", "after must be a scope <conversation|process|agent>:<id>")
         try:
             count = parse_int(limit, "limit", 1, SCOPES_MAX_LIMIT)
@@ -165,6 +167,25 @@ def build_router(gw: Gateway) -> APIRouter:
             gw.hub.last_seq, page[-1].seq if page else after_seq, bounds.earliest)
         return Response(body, media_type="application/json")
 
+    @router.get("/v1/presence", openapi_extra={"security": SECURITY},
+                responses={200: {"model": PresenceBody}, **BAD_REQUEST, **UNAUTHORIZED, **FORBIDDEN, **UNAVAILABLE})
+    async def presence(
+        request: Request,
+        scope: Annotated[str, Query(description="`<conversation|process|agent>:<id>`", json_schema_extra=SCOPE)] = "",
+    ) -> Response:
+        """Who is watching a scope now (cluster-wide) and which agents are active in it: the presence snapshot."""
+        principal = await authenticate(gw, request)
+        if isinstance(principal, JSONResponse):
+            return principal
+        if not is_resource_scope(scope):
+            return error_response(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
+        kind, _, rid = scope.partition(":")
+        if not gw.acl.may_see(principal, principal.tenant, kind, rid):
+            return error_response(403, "forbidden", "not allowed to see this scope")
+        if not gw.hub.presence.synced:
+            return error_response(503, "unavailable", "presence is unavailable right now (NATS); retry shortly")
+        return JSONResponse({"tenant": principal.tenant, **gw.hub.presence.current(principal.tenant, scope)})
+
     @router.get("/v1/sse", openapi_extra={"security": SECURITY}, responses={
         200: {"description": "The stream: `id:` is the stream sequence; ends after an `event: close`",
               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
@@ -177,6 +198,8 @@ def build_router(gw: Gateway) -> APIRouter:
         since: Annotated[str | None, Query(description="Resume after this stream sequence")] = None,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", description="As `since`, set by "
                                                     "EventSource when it reconnects")] = None,
+        presence: Annotated[str | None, Query(description="`true`: the scopes' `presence` events too")] = None,
+        listed: Annotated[str | None, Query(description="`false`: watch without being listed in presence")] = None,
     ) -> Response:
         """The live stream as Server-Sent Events: `id:` is the stream sequence; resume with Last-Event-ID."""
         return await sse_stream(gw, request)

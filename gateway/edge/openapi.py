@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from gateway.events import SCOPE_BODY
-from gateway.protocol import INBOX, MAX_SEQ
+from gateway.protocol import INBOX, MAX_SEQ, PresenceAgent, PresenceMember
 
 
 class ErrorDetail(BaseModel):
@@ -76,6 +76,14 @@ class ReadyBody(BaseModel):
     jwks_loaded: bool = Field(description="The identity provider's keys are loaded")
 
 
+class PresenceBody(BaseModel):
+    tenant: str
+    scope: str
+    count: int = Field(description="Distinct watchers (principals) of the scope, listed or beyond the cap")
+    members: list[PresenceMember] = Field(description="Watchers by id, at most WSGATEWAY_PRESENCE_MAX_MEMBERS")
+    agents: list[PresenceAgent] = Field(description="Runs started and not finished, oldest first (capped alike)")
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorBody, "description": description}
 
@@ -91,6 +99,7 @@ OVER_LIMIT: Responses = {503: _error("This instance is at WSGATEWAY_MAX_CONNECTI
 # plain strings, so FastAPI never refuses one with a 422: the gateway's own 400 does, with its message.
 SCOPE: dict[str, Any] = {"type": "string", "pattern": f"^{SCOPE_BODY}$"}
 SCOPE_OR_EMPTY: dict[str, Any] = {"type": "string", "pattern": f"^(?:{SCOPE_BODY})?$"}
+FLAG: dict[str, Any] = {"type": "string", "enum": ["true", "false", "1", "0"]}  # protocol.parse_flag
 SCOPE_LIST: dict[str, Any] = {"type": "array", "items": {
     "type": "string", "pattern": rf"^(?:\*|{INBOX}|{SCOPE_BODY})(?:,(?:\*|{INBOX}|{SCOPE_BODY}))*$"}}
 
@@ -125,6 +134,7 @@ def parameters(
         ("/v1/history", "scope"): (SCOPE, True),
         ("/v1/history", "after"): (sequence(0), False),
         ("/v1/history", "limit"): (integer(1, history_max_limit, 100), False),
+        ("/v1/presence", "scope"): (SCOPE, True),
         ("/v1/scopes", "after"): (SCOPE_OR_EMPTY, False),
         ("/v1/scopes", "limit"): (integer(1, scopes_max_limit, 100), False),
         ("/v1/inbox", "after"): (sequence(0), False),
@@ -135,6 +145,8 @@ def parameters(
         ("/v1/agui", "scope"): (SCOPE, True),
         ("/v1/agui", "since"): (sequence(), False),
         ("/v1/agui", "Last-Event-ID"): (sequence(), False),
+        ("/v1/sse", "presence"): (FLAG, False),
+        ("/v1/sse", "listed"): (FLAG, False),
     }
 
 
@@ -183,6 +195,7 @@ __all__ = [
     "ErrorBody",
     "HistoryBody",
     "InboxBody",
+    "PresenceBody",
     "ReadyBody",
     "Responses",
     "ScopesBody",

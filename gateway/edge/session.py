@@ -36,6 +36,7 @@ from gateway.protocol import (
     Unsubscribe,
     is_scope,
     parse_client_frame,
+    parse_flag,
     parse_seq,
 )
 
@@ -106,7 +107,8 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
                 _bad(gw, conn, exc, bad_frames)
                 continue
             if isinstance(frame, Subscribe):
-                start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since)
+                start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since, presence=frame.presence,
+                                    listed=frame.listed)
             elif isinstance(frame, Unsubscribe):
                 hub.unsubscribe(conn, frame.id, frame.scope)
             elif isinstance(frame, Ping):
@@ -139,7 +141,8 @@ async def _handshake(
         channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
         return Refused("unauthorized", CLOSE_UNAUTHORIZED, exc.reason)
     try:
-        initial = parse_initial(ws.query_params.getlist("scope"), ws.query_params.get("since"))
+        q = ws.query_params
+        initial = parse_initial(q.getlist("scope"), q.get("since"), q.get("presence"), q.get("listed"))
     except FrameError as exc:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_BAD_REQUEST, exc.message)
@@ -161,17 +164,23 @@ def open_connection(gw: Gateway, channel: Channel, principal: Principal, initial
         "welcome", connection_id=conn.id, principal=principal_info(principal),
         expires_at=int(principal.expires_at), heartbeat_s=heartbeat,
     ))
-    start_subscriptions(gw, conn, None, initial.scopes, initial.since)
+    start_subscriptions(gw, conn, None, initial.scopes, initial.since, presence=initial.presence,
+                        listed=initial.listed)
     return conn
 
 
 class Initial(NamedTuple):
     scopes: list[str]
     since: int | None
+    presence: bool = False  # `?presence=true`: the URL scopes' presence frames too
+    listed: bool = True  # `?listed=false`: watch the URL scopes without being listed in their presence
 
 
-def parse_initial(scopes: list[str], since: str | None) -> Initial:
-    """`?scope=...&scope=...&since=N` on the connection URL: subscriptions made at connect time.
+def parse_initial(
+    scopes: list[str], since: str | None, presence: str | None = None, listed: str | None = None
+) -> Initial:
+    """`?scope=...&scope=...&since=N&presence=true&listed=false` on the connection URL: subscriptions made
+    at connect time.
 
     With `since`, the connection has a cursor: these and all later subscriptions resume from it.
     """
@@ -182,11 +191,13 @@ def parse_initial(scopes: list[str], since: str | None) -> Initial:
                 raise FrameError(ERR_BAD_REQUEST, f"bad scope in URL: {scope[:40]!r}")
             if scope not in wanted:
                 wanted.append(scope)
-    return Initial(wanted, None if since is None else parse_seq(since, "since"))
+    return Initial(wanted, None if since is None else parse_seq(since, "since"),
+                   parse_flag(presence, "presence", False), parse_flag(listed, "listed", True))
 
 
 def start_subscriptions(
-    gw: Gateway, conn: Connection, request_id: str | int | None, scopes: list[str], since: int | None
+    gw: Gateway, conn: Connection, request_id: str | int | None, scopes: list[str], since: int | None,
+    *, presence: bool = False, listed: bool = True,
 ) -> None:
     """Live subscriptions, or (with a cursor) one replay for all of them followed by live delivery.
 
@@ -195,9 +206,11 @@ def start_subscriptions(
         return
     if since is None and conn.cursor is not None:
         since = max(conn.cursor, conn.last_seq)
+    watch = gw.hub.presence.watch
     if since is None:
         for scope in scopes:
             gw.hub.subscribe(conn, request_id, scope)
+            watch(conn, scope, listed=listed, frames=presence)
         return
     try:
         replayer = gw.replayer
@@ -205,6 +218,8 @@ def start_subscriptions(
         gw.hub.send(conn, control("error", id=request_id, code=ERR_UNAVAILABLE,
                                   message="history is unavailable right now (NATS); retry shortly"))
         return
+    for scope in scopes:
+        watch(conn, scope, listed=listed, frames=presence, settle=False)  # the replay settles them
     replayer.start(conn, request_id, scopes, since)
 
 

@@ -109,7 +109,8 @@ async def sse_stream(gw: Gateway, request: Request) -> Response:
         return principal
     since = request.headers.get("last-event-id") or request.query_params.get("since")
     try:
-        initial = parse_initial(request.query_params.getlist("scope") or [WILDCARD], since)
+        q = request.query_params
+        initial = parse_initial(q.getlist("scope") or [WILDCARD], since, q.get("presence"), q.get("listed"))
     except FrameError as exc:
         attempts.labels("rejected").inc()
         return error_response(400, "bad_request", exc.message)

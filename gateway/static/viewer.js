@@ -15,7 +15,7 @@
 //   hidden once its `expires_at` passes (the gateway sends no frame for that).
 //
 // `window.viewer` exposes the state (tests read it): state, principal, lastSeq, startSeq, seqs,
-// events, duplicates, scopes {scope: {status, events, via}}, resumes, drops, log,
+// events, duplicates, scopes {scope: {status, events, via, presence}}, resumes, drops, log,
 // inbox [{seq, scope, request_id, prompt, expires_at}].
 "use strict";
 
@@ -197,7 +197,7 @@
     const url = new URL("/v1/ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     const c = new GatewayClient({
-      url: url.href, scopes, transport: "websocket", backoff: { initialMs: 1000, maxMs: 10000 },
+      url: url.href, scopes, transport: "websocket", presence: true, backoff: { initialMs: 1000, maxMs: 10000 },
       token: async () => {
         const t = first || (await getToken());
         first = null;
@@ -323,6 +323,9 @@
       case "event":
         onEvent(f);
         break;
+      case "presence":
+        onPresence(f);
+        break;
       default:
         break; // pong, refreshed, and types this viewer does not know
     }
@@ -350,6 +353,48 @@
     render(scope, ev);
     updatePanelHead(scope);
     updateStats();
+  }
+
+  /**
+   * A `presence` frame: a snapshot replaces the panel's model, a delta changes it (docs/protocol.md,
+   * Presence). viewer.scopes[scope].presence = {count, members: {id: {id, name?}}, agents: {run_id: {...}}}.
+   */
+  function onPresence(f) {
+    const scope = String(f.scope || "");
+    const s = viewer.scopes[scope];
+    if (!s) return;
+    let m = s.presence;
+    if (f.snapshot || !m) {
+      m = s.presence = { count: 0, members: {}, agents: {} };
+      for (const x of f.members || []) m.members[x.id] = x;
+      for (const a of f.agents || []) m.agents[a.run_id] = a;
+    }
+    if (!f.snapshot) {
+      for (const id of f.left || []) delete m.members[id];
+      for (const x of f.joined || []) m.members[x.id] = x;
+      for (const id of f.agents_finished || []) delete m.agents[id];
+      for (const a of f.agents_started || []) m.agents[a.run_id] = a;
+    }
+    m.count = Number(f.count) || 0;
+    renderPresence(scope);
+  }
+
+  function renderPresence(scope) {
+    const p = panels.get(scope);
+    const m = viewer.scopes[scope] && viewer.scopes[scope].presence;
+    if (!p || !m) return;
+    const me = viewer.principal ? viewer.principal.id : null;
+    const others = Object.values(m.members).filter((x) => x.id !== me);
+    const names = others.map((x) => short(x.name || String(x.id).replace(/^user:/, ""), 40));
+    const hidden = Math.max(0, m.count - Object.keys(m.members).length);
+    const agents = Object.values(m.agents).map((a) => short(a.agent_id || a.run_id, 40));
+    const parts = [];
+    parts.push(names.length || hidden ? "watching: " + names.join(", ") + (hidden ? " (+" + hidden + " more)" : "")
+                                      : "nobody else watching");
+    if (agents.length) parts.push("agents active: " + agents.join(", "));
+    p.presence.textContent = parts.join(" \u00b7 ");
+    p.presence.dataset.count = String(m.count);
+    p.presence.hidden = false;
   }
 
   // ----------------------------------------------------------------------------------------------
@@ -427,18 +472,20 @@
       action.type = "button";
       action.addEventListener("click", () => toggleAccess(scope, action));
     }
+    const pres = el("div", "presence");
+    pres.hidden = true;
     const ban = el("div", "banner");
     ban.hidden = true;
     const feed = el("div", "feed");
     feed.append(el("div", "waiting", "waiting for events\u2026"));
-    root.append(head, ban, feed);
+    root.append(head, pres, ban, feed);
     const container = $("panels");
     const empty = container.querySelector(".empty");
     if (empty) empty.remove();
     container.append(root);
     const s = viewer.scopes[scope];
     panels.set(scope, {
-      root, head, feed, badge, count, action, banner: ban, runs: new Map(), msgs: new Map(), tools: new Map(),
+      root, head, feed, badge, count, action, banner: ban, presence: pres, runs: new Map(), msgs: new Map(), tools: new Map(),
       streams: new Map(), proc: null, requests: new Map(),
       visible: s.status === "live" || (!!s.via && s.via !== "followed"), // listed by /v1/scopes or seen live
     });

@@ -146,6 +146,17 @@ async def ensure_jetstream(js: JetStreamContext, plan: JetStreamPlan) -> JetStre
         ) from exc
     if bucket_created:
         log.info("created ACL bucket %s", plan.bucket.name)
+    try:  # the pods' presence bucket (WSGATEWAY_PRESENCE_BUCKET's default): they do not create it either
+        _, presence_created = await provisioning.ensure_bucket(
+            js, provisioning.presence_bucket_config(provisioning.PRESENCE_BUCKET, replicas=plan.bucket.replicas)
+        )
+    except APIError as exc:
+        raise NatsProblem(
+            "BucketRejected", f"JetStream rejected presence bucket {provisioning.PRESENCE_BUCKET!r}: "
+            f"{exc.description or exc}"
+        ) from exc
+    if presence_created:
+        log.info("created presence bucket %s", provisioning.PRESENCE_BUCKET)
     return JetStreamReport(stream=stream_state, bucket="created" if bucket_created else "unchanged", warnings=warnings)
 
 
@@ -194,11 +205,12 @@ async def cleanup_consumers(js: JetStreamContext, plan: JetStreamPlan) -> list[s
 
 
 async def delete_jetstream(js: JetStreamContext, plan: JetStreamPlan) -> list[str]:
-    """deletionPolicy Delete: remove the ACL bucket and the stream (events and ACLs are gone)."""
+    """deletionPolicy Delete: remove the ACL bucket, the presence bucket and the stream (events and ACLs are gone)."""
     gone = []
-    with contextlib.suppress(NotFoundError, BucketNotFoundError):
-        await js.delete_key_value(plan.bucket.name)
-        gone.append(f"bucket {plan.bucket.name}")
+    for bucket in (plan.bucket.name, provisioning.PRESENCE_BUCKET):
+        with contextlib.suppress(NotFoundError, BucketNotFoundError):
+            await js.delete_key_value(bucket)
+            gone.append(f"bucket {bucket}")
     with contextlib.suppress(NotFoundError):
         await js.delete_stream(plan.stream.name)
         gone.append(f"stream {plan.stream.name}")

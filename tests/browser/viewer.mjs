@@ -148,6 +148,23 @@ async function check(page) {
   await page.waitForFunction((id) => !window.viewer.inbox.some((q) => q.request_id === id)
     && !document.querySelector(`#inbox .inbox-item[data-request="${id}"]`), verify.request_id, { timeout: T });
   out.bob_inbox.answered = (await state(page)).inbox;
+  // presence: alice (another socket, opened in the page) watches conversation:welcome; bob's panel shows her
+  const { access_token: aliceToken } = await (await fetch(new URL('/dev/idp/token?sub=alice', config.url))).json();
+  await page.evaluate((tok) => {
+    const url = new URL('/v1/ws?scope=conversation:welcome', location.href);
+    url.protocol = 'ws:';
+    window.__alice = new WebSocket(url, ['wsgateway.v1', 'bearer.' + tok]);
+  }, aliceToken);
+  await page.waitForFunction(() => !!window.viewer.scopes['conversation:welcome'].presence?.members['user:alice'],
+    null, { timeout: T });
+  out.presence = {
+    model: (await state(page)).scopes['conversation:welcome'].presence,
+    text: await page.textContent('[data-scope="conversation:welcome"] .presence'),
+  };
+  await page.evaluate(() => window.__alice.close());
+  await page.waitForFunction(() => !window.viewer.scopes['conversation:welcome'].presence.members['user:alice'],
+    null, { timeout: T });
+  out.presence.after = await page.textContent('[data-scope="conversation:welcome"] .presence');
 
   // live revocation: bob loses conversation:welcome, then gets it back
   const revokeButton = '[data-scope="conversation:welcome"] .panel-head button';

@@ -156,7 +156,7 @@ async def test_reconcile_rollout_drift_restart_and_deletion(
         assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"] for c in status["conditions"])
         status_writers = {m["manager"] for m in gw["metadata"]["managedFields"] if m.get("subresource") == "status"}
         assert status_writers, "the status was not written through the status subresource"
-        assert await stream_names(nats_server.url) == ["EVENTS", "KV_wsgateway-acl"]
+        assert await stream_names(nats_server.url) == ["EVENTS", "KV_wsgateway-acl", "KV_wsgateway-presence"]
 
         # --- the controller-manager: a ReplicaSet for the Deployment, its pods Pending (no kubelet) ---
         deployment = await admin.get(child_path(ns, "apps/v1", "deployments", "gw"))
@@ -260,7 +260,7 @@ async def test_reconcile_rollout_drift_restart_and_deletion(
             "deleted 1 gateway consumer(s) on stream EVENTS",
             "kept stream EVENTS and ACL bucket wsgateway-acl (deletionPolicy Retain)"}), what="the Deleting events")
     assert await consumer_count(nats_server.url) == 0
-    assert await stream_names(nats_server.url) == ["EVENTS", "KV_wsgateway-acl"]  # Retain
+    assert await stream_names(nats_server.url) == ["EVENTS", "KV_wsgateway-acl", "KV_wsgateway-presence"]  # Retain
 
 
 async def warned(admin: Kube, namespace: str, uid: str, reason: str, text: str) -> bool:
@@ -346,7 +346,7 @@ async def test_delete_policy_and_shared_streams(admin: Kube, operator_rbac: Oper
             await eventually(lambda: _gone(admin, child_path(ns, "v1", "configmaps", "gw-config")),
                              what="the garbage collector deleting gw's ConfigMap")
             await eventually(functools.partial(deletion_events, admin, ns, doomed["metadata"]["uid"], {
-                "deleted bucket wsgateway-acl, stream EVENTS"}), what="the Deleting event")
+                "deleted bucket wsgateway-acl, bucket wsgateway-presence, stream EVENTS"}), what="the Deleting event")
         assert await stream_names(server.url) == []
 
 
@@ -423,7 +423,7 @@ async def test_nats_unreachable_then_back(admin: Kube, operator_rbac: OperatorRb
             await eventually(lambda: op.output().count("failed temporarily") >= 2, what="two retries")
             server.start()
             await when_condition(admin, ns, "gw", "NatsReady", "True", "StreamReady")
-            assert await stream_names(server.url) == ["EVENTS", "KV_wsgateway-acl"]
+            assert await stream_names(server.url) == ["EVENTS", "KV_wsgateway-acl", "KV_wsgateway-presence"]
             assert op.running
         assert "NatsReady=False (NatsUnreachable)" in op.output()
     finally:

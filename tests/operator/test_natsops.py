@@ -11,6 +11,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
+from gateway.config import Settings
 from gateway.devtools.natsproc import NatsProcess
 from wsgateway_operator.builders import Owner, jetstream_plan
 from wsgateway_operator.natsops import (
@@ -67,6 +68,9 @@ async def test_stream_and_bucket_are_created_then_left_alone(nats_server: NatsPr
         second = await ensure_jetstream(js, plan)
         info = await js.stream_info("EVENTS")
         await js.key_value("wsgateway-acl")
+        presence = await js.stream_info("KV_wsgateway-presence")  # the pods' presence bucket, memory storage
+    assert presence.config.storage == StorageType.MEMORY
+    assert Settings.model_fields["presence_bucket"].default == "wsgateway-presence"
     assert (first.stream, first.bucket) == ("created", "created")
     assert (second.stream, second.bucket) == ("unchanged", "unchanged") and second.warnings == []
     assert info.config.subjects == ["events.>"] and info.config.max_age == 3600
@@ -117,7 +121,8 @@ async def test_delete_policy_removes_stream_and_bucket(nats_server: NatsProcess)
     plan = plan_for(nats_server.url, deletionPolicy="Delete")
     async with jetstream([nats_server.url], None) as js:
         await ensure_jetstream(js, plan)
-        assert await delete_jetstream(js, plan) == ["bucket wsgateway-acl", "stream EVENTS"]
+        gone = await delete_jetstream(js, plan)
+        assert gone == ["bucket wsgateway-acl", "bucket wsgateway-presence", "stream EVENTS"]
         assert await delete_jetstream(js, plan) == []
         names = [s.config.name for s in await js.streams_info()]
     assert names == []

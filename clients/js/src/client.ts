@@ -21,7 +21,7 @@ import { checkTokenProvider, resolveToken } from "./http.js";
 import type { TokenProvider } from "./http.js";
 import { SseParser } from "./sse.js";
 import { AsyncQueue, Emitter } from "./stream.js";
-import { checkInt, checkScope, checkScopes, checkSeq, gatewayUrls } from "./validate.js";
+import { checkInt, checkScope, checkScopes, checkSeq, gatewayUrls, isResourceScope } from "./validate.js";
 import type { GatewayUrls } from "./validate.js";
 
 /** What the client needs of a WebSocket (the browser's, Node's `ws` package, or an injected one). */
@@ -63,6 +63,11 @@ export interface GatewayClientOptions {
   refreshLeadS?: number;
   /** Give up on a connection that has not said `welcome` within this time, milliseconds (default 15000). */
   openTimeoutMs?: number;
+  /** Also receive each resource scope's `presence` frames: a snapshot after `subscribed`, then deltas
+   * (docs/protocol.md, Presence). Default false. */
+  presence?: boolean;
+  /** `false`: watch without being listed among the scopes' watchers (default true). */
+  listed?: boolean;
 }
 
 /** The gateway could not fill a resume's gap (`recovered: false`): rebuild the scope from its source of
@@ -157,6 +162,8 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
   private readonly maxMs: number;
   private readonly refreshLeadS: number;
   private readonly openTimeoutMs: number;
+  private readonly presenceOption: boolean;
+  private readonly listedOption: boolean;
 
   private cursorValue: number | null;
   private stateValue: ConnectionState = "idle";
@@ -191,6 +198,13 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
     this.tokenProvider = checkTokenProvider(options.token);
     this.scopeList = checkScopes(options.scopes ?? ["*"]);
     this.cursorValue = options.since === undefined || options.since === null ? null : checkSeq(options.since);
+    for (const flag of ["presence", "listed"] as const) {
+      if (options[flag] !== undefined && typeof options[flag] !== "boolean") {
+        throw new GatewayInputError(flag, `must be a boolean (got ${JSON.stringify(options[flag])})`);
+      }
+    }
+    this.presenceOption = options.presence ?? false;
+    this.listedOption = options.listed ?? true;
     const transport = options.transport ?? "auto";
     if (!["auto", "websocket", "sse"].includes(transport)) {
       throw new GatewayInputError("transport", `must be "auto", "websocket" or "sse" (got ${JSON.stringify(transport)})`);
@@ -298,7 +312,12 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
     if (this.stopped) return Promise.reject(new Error("the client is closed"));
     if (!this.scopeList.includes(scope)) this.scopeList.push(scope);
     const since = this.cursorValue;
-    return this.request({ op: "subscribe", scope, ...(since !== null ? { since } : {}) }) as Promise<Subscribed | ErrorFrame | null>;
+    const resource = isResourceScope(scope); // presence is per resource scope (not `*`, not `inbox`)
+    return this.request({
+      op: "subscribe", scope, ...(since !== null ? { since } : {}),
+      ...(resource && this.presenceOption ? { presence: true } : {}),
+      ...(resource && !this.listedOption ? { listed: false } : {}),
+    }) as Promise<Subscribed | ErrorFrame | null>;
   }
 
   /** Stop following a scope (`unsubscribe`); resolves with the answer, or `null` when not connected. */
@@ -397,6 +416,8 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
     const url = new URL(base.href);
     if (this.scopeList.length) url.searchParams.set("scope", this.scopeList.join(","));
     if (withSince && this.cursorValue !== null) url.searchParams.set("since", String(this.cursorValue));
+    if (this.presenceOption) url.searchParams.set("presence", "true");
+    if (!this.listedOption) url.searchParams.set("listed", "false");
     return url;
   }
 

@@ -22,6 +22,11 @@ export function checkScope(scope: unknown, parameter = "scope"): string {
 }
 
 /** One resource scope (no `*`), as the history API wants it. */
+/** A single resource's scope (`<kind>:<id>`): not `*`, not `inbox`. */
+export function isResourceScope(scope: unknown): scope is string {
+  return typeof scope === "string" && RESOURCE_SCOPE_RE.test(scope);
+}
+
 export function checkResourceScope(scope: unknown, parameter = "scope"): string {
   if (typeof scope !== "string" || !RESOURCE_SCOPE_RE.test(scope)) {
     throw new GatewayInputError(parameter, `${JSON.stringify(scope)} is not a scope: ` +

@@ -14,7 +14,7 @@ import { FINAL_CLOSE_CODES, SUBPROTOCOL } from "./generated/constants.js";
 import { checkTokenProvider, resolveToken } from "./http.js";
 import { SseParser } from "./sse.js";
 import { AsyncQueue, Emitter } from "./stream.js";
-import { checkInt, checkScope, checkScopes, checkSeq, gatewayUrls } from "./validate.js";
+import { checkInt, checkScope, checkScopes, checkSeq, gatewayUrls, isResourceScope } from "./validate.js";
 /** Whether `event` is of the catalogue type `type` (narrows `event.data` to its model). */
 export function isEventType(event, type) {
     return event.type === type;
@@ -45,6 +45,8 @@ export class GatewayClient extends Emitter {
     maxMs;
     refreshLeadS;
     openTimeoutMs;
+    presenceOption;
+    listedOption;
     cursorValue;
     stateValue = "idle";
     link = null;
@@ -76,6 +78,13 @@ export class GatewayClient extends Emitter {
         this.tokenProvider = checkTokenProvider(options.token);
         this.scopeList = checkScopes(options.scopes ?? ["*"]);
         this.cursorValue = options.since === undefined || options.since === null ? null : checkSeq(options.since);
+        for (const flag of ["presence", "listed"]) {
+            if (options[flag] !== undefined && typeof options[flag] !== "boolean") {
+                throw new GatewayInputError(flag, `must be a boolean (got ${JSON.stringify(options[flag])})`);
+            }
+        }
+        this.presenceOption = options.presence ?? false;
+        this.listedOption = options.listed ?? true;
         const transport = options.transport ?? "auto";
         if (!["auto", "websocket", "sse"].includes(transport)) {
             throw new GatewayInputError("transport", `must be "auto", "websocket" or "sse" (got ${JSON.stringify(transport)})`);
@@ -186,7 +195,12 @@ export class GatewayClient extends Emitter {
         if (!this.scopeList.includes(scope))
             this.scopeList.push(scope);
         const since = this.cursorValue;
-        return this.request({ op: "subscribe", scope, ...(since !== null ? { since } : {}) });
+        const resource = isResourceScope(scope); // presence is per resource scope (not `*`, not `inbox`)
+        return this.request({
+            op: "subscribe", scope, ...(since !== null ? { since } : {}),
+            ...(resource && this.presenceOption ? { presence: true } : {}),
+            ...(resource && !this.listedOption ? { listed: false } : {}),
+        });
     }
     /** Stop following a scope (`unsubscribe`); resolves with the answer, or `null` when not connected. */
     unsubscribe(scope) {
@@ -288,6 +302,10 @@ export class GatewayClient extends Emitter {
             url.searchParams.set("scope", this.scopeList.join(","));
         if (withSince && this.cursorValue !== null)
             url.searchParams.set("since", String(this.cursorValue));
+        if (this.presenceOption)
+            url.searchParams.set("presence", "true");
+        if (!this.listedOption)
+            url.searchParams.set("listed", "false");
         return url;
     }
     async run() {

@@ -17,6 +17,10 @@ export function checkScope(scope, parameter = "scope") {
     return scope;
 }
 /** One resource scope (no `*`), as the history API wants it. */
+/** A single resource's scope (`<kind>:<id>`): not `*`, not `inbox`. */
+export function isResourceScope(scope) {
+    return typeof scope === "string" && RESOURCE_SCOPE_RE.test(scope);
+}
 export function checkResourceScope(scope, parameter = "scope") {
     if (typeof scope !== "string" || !RESOURCE_SCOPE_RE.test(scope)) {
         throw new GatewayInputError(parameter, `${JSON.stringify(scope)} is not a scope: ` +

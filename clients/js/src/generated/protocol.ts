@@ -14,7 +14,7 @@ export type ClientFrame = (Subscribe | Unsubscribe | Refresh | Ping)
  * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
  * via the `definition` "ServerFrame".
  */
-export type ServerFrame = (Welcome | Subscribed | Unsubscribed | Revoked | ErrorFrame | Pong | Refreshed | EventFrame | CloseFrame)
+export type ServerFrame = (Welcome | Subscribed | Unsubscribed | Revoked | ErrorFrame | Pong | Refreshed | EventFrame | CloseFrame | PresenceFrame)
 
 export interface WsgatewayProtocol {
 [k: string]: unknown
@@ -134,6 +134,86 @@ type: "pong"
 id?: (string | number)
 }
 /**
+ * One agent run active in a scope (from its `run.started` to its `run.finished`).
+ * 
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "PresenceAgent".
+ */
+export interface PresenceAgent {
+run_id: string
+/**
+ * `data.agent_id` of run.started, when given
+ */
+agent_id?: (string | null)
+/**
+ * The `time` of run.started (RFC 3339)
+ */
+since: string
+}
+/**
+ * Who watches a scope and which agents run in it (subscribe with `presence: true`): a snapshot
+ * (`snapshot: true`, `members`, `agents`) after `subscribed`, then deltas relative to it.
+ * 
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "PresenceFrame".
+ */
+export interface PresenceFrame {
+type: "presence"
+scope: string
+/**
+ * Distinct members of the scope now, listed or not
+ */
+count: number
+/**
+ * true on the snapshot; absent on deltas
+ */
+snapshot?: boolean
+/**
+ * snapshot: the listed members (capped)
+ */
+members?: PresenceMember[]
+/**
+ * snapshot: active runs, oldest first (capped)
+ */
+agents?: PresenceAgent[]
+/**
+ * delta: members now listed
+ */
+joined?: PresenceMember[]
+/**
+ * delta: ids no longer listed
+ */
+left?: string[]
+/**
+ * delta: runs that started
+ */
+agents_started?: PresenceAgent[]
+/**
+ * delta: run ids that finished
+ */
+agents_finished?: string[]
+}
+/**
+ * One listed watcher of a scope.
+ * 
+ * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
+ * via the `definition` "PresenceMember".
+ */
+export interface PresenceMember {
+/**
+ * The watcher's principal id, `user:<sub>`
+ */
+id: string
+/**
+ * The token's `name` claim, when it had a valid one
+ */
+name?: (string | null)
+/**
+ * The token's `picture` claim (an https URL), when valid
+ */
+picture?: (string | null)
+}
+/**
  * Who the connection is: `user:<sub>`, the token's subject, tenant and groups.
  * 
  * This interface was referenced by `WsgatewayProtocol`'s JSON-Schema
@@ -209,6 +289,8 @@ op: "subscribe"
 id?: (string | number | null)
 scope: string
 since?: (number | null)
+presence?: boolean
+listed?: boolean
 }
 /**
  * A subscription started (an answer, a URL scope, or access granted later); `since`, `recovered` and
