@@ -255,7 +255,7 @@ async def test_get_presence_auth_and_parameters(gw: GatewayEndpoint, idp: TestId
     assert r.json()["error"]["code"] == "unauthorized"
     r = await get_presence(gw, "x.y.z")
     assert r.status_code == 401
-    for bad in ("", "*", "tenant:x", "conversation:", "conversation:c1\n", "conversation:" + "a" * 129):
+    for bad in ("", "*", "inbox", "tenant:x", "conversation:", "conversation:c1\n", "conversation:" + "a" * 129):
         r = await get_presence(gw, idp.mint("bob"), bad)
         assert r.status_code == 400, bad
         assert r.json() == {"error": {"code": "bad_request",
@@ -356,7 +356,9 @@ async def test_presence_fields_are_checked(gw: GatewayEndpoint, idp: TestIdP, pl
         ({"scope": C1, "presence": "yes"}, "presence: Input should be a valid boolean"),
         ({"scope": C1, "listed": 0}, "listed: Input should be a valid boolean"),
         ({"scope": "*", "presence": True},
-         "subscribe: Value error, presence is per scope: subscribe to the scope itself, not to *"),
+         "subscribe: Value error, presence is per resource scope: subscribe to the scope itself, not to *"),
+        ({"scope": "inbox", "presence": True},
+         "subscribe: Value error, presence is per resource scope: subscribe to the scope itself, not to inbox"),
     ]
     for extra, message in cases:
         await ws.send(json.dumps({"op": "subscribe", "id": "x", **extra}))

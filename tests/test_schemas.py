@@ -106,8 +106,14 @@ async def test_real_frames_fit_the_server_frame_models(
             check(await recv(ws))
         await ws.send(json.dumps({"op": "subscribe", "id": 1, "scope": "conversation:nope"}))
         check(await recv_type(ws, "error"))
-        await ws.send(json.dumps({"op": "subscribe", "id": "s2", "scope": "conversation:c2"}))
+        await ws.send(json.dumps({"op": "subscribe", "id": "s2", "scope": "conversation:c2", "presence": True}))
         check(await recv_type(ws, "subscribed"))
+        snapshot = await recv_type(ws, "presence")
+        check(snapshot)
+        assert snapshot["snapshot"] is True
+        delta = await recv_type(ws, "presence")  # the subscriber itself joins in the next delta
+        check(delta)
+        assert [m["id"] for m in delta["joined"]] == ["user:alice"]
         await ws.send(json.dumps({"op": "ping", "id": 7}))
         check(await recv_type(ws, "pong"))
         await ws.send(json.dumps({"op": "refresh", "id": "r", "token": idp.mint("alice")}))
