@@ -24,6 +24,7 @@ from opentelemetry.trace import Tracer
 from gateway import provisioning, tracing
 from gateway.config import Settings
 from gateway.core.hub import Hub
+from gateway.core.window import RecentWindow
 from gateway.events import InvalidEvent, parse_event
 from gateway.logs import BackoffLog, safe_urls
 from gateway.metrics import Metrics
@@ -70,11 +71,13 @@ class Bus:
     """Connects to NATS and feeds the hub; `ready` when connected, consuming and ACLs loaded."""
 
     def __init__(
-        self, settings: Settings, hub: Hub, acl: AclStore, metrics: Metrics, *, tracer: Tracer | None = None
+        self, settings: Settings, hub: Hub, acl: AclStore, metrics: Metrics, *, tracer: Tracer | None = None,
+        window: RecentWindow | None = None,
     ) -> None:
         self.settings = settings
         self.tracer = tracer  # None: tracing off, and the delivery path does no tracing work at all
         self.hub = hub
+        self.window = window  # fed with every valid event in the step that dispatches it (core/window.py)
         self.acl = acl
         self.metrics = metrics
         self.nc: NATS | None = None
@@ -195,6 +198,8 @@ class Bus:
         await asyncio.wait_for(self.acl_ready.wait(), timeout=30)
         # Start right after the stream's current end: the hub's cursor is exact from the first event.
         self.hub.skip(last)
+        if self.window is not None:
+            self.window.reset(self.hub.last_seq)
         self._sub = await self._subscribe(last + 1)
         self.consuming = True
         self._watchdog_task = asyncio.create_task(self._watchdog(), name="wsgateway-consumer-watchdog")
@@ -292,6 +297,8 @@ class Bus:
         except InvalidEvent as exc:
             self._invalid(seq, msg.subject, exc)
             return
+        if self.window is not None:
+            self.window.add(seq, env, msg.data)
         self.hub.dispatch(seq, env, msg.data)
 
     def _deliver_traced(self, tracer: Tracer, msg: Msg, seq: int) -> None:
@@ -305,6 +312,8 @@ class Bus:
                 self._invalid(seq, msg.subject, exc)
                 tracing.record_invalid(span, exc.reason)
                 return
+            if self.window is not None:
+                self.window.add(seq, env, msg.data)
             denied, coalesced, closed = hub.denied_total, hub.coalesced_total, hub.slow_closed_total
             recipients = hub.dispatch(seq, env, msg.data)
             tracing.record_delivery(
