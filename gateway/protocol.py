@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from wsproto.frame_protocol import FrameProtocol
 
 from gateway.events import SCOPE_BODY
@@ -66,6 +66,7 @@ class Subscribe(_Frame):
     id: RequestId | None = None
     scope: Annotated[str, Field(pattern=_SCOPE_FIELD_PATTERN)]
     since: Annotated[int, Field(ge=0)] | None = None
+    compact: Annotated[bool, Strict()] = False  # JSON true/false only: merge the replayed range's deltas
 
 
 class Unsubscribe(_Frame):
@@ -143,6 +144,16 @@ def parse_seq(text: str, name: str) -> int:
     if not _DIGITS_RE.fullmatch(text) or int(text) > MAX_SEQ:
         raise FrameError(ERR_BAD_REQUEST, f"{name} must be a stream sequence (a non-negative integer)")
     return int(text)
+
+
+_BOOL_RE = re.compile(r"true|false")
+
+
+def parse_bool(text: str, name: str) -> bool:
+    """A query parameter that is a flag: exactly `true` or `false` (URL `compact`)."""
+    if not _BOOL_RE.fullmatch(text):
+        raise FrameError(ERR_BAD_REQUEST, f"{name} must be true or false")
+    return text == "true"
 
 
 # --- server frames -----------------------------------------------------------------------------

@@ -62,7 +62,7 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
             assert op["responses"][code]["content"]["application/json"]["schema"] == error_ref, (path, code)
         assert op["security"] == [{"bearer": []}, {"accessToken": []}]
     sse_params = {(p["name"], p["in"]) for p in paths["/v1/sse"]["get"]["parameters"]}
-    assert sse_params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header")}
+    assert sse_params == {("scope", "query"), ("since", "query"), ("compact", "query"), ("Last-Event-ID", "header")}
     assert "text/event-stream" in paths["/v1/sse"]["get"]["responses"]["200"]["content"]
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
 

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway import tracing
 from gateway.core.history import StreamBounds
+from gateway.core.queue import OutFrame, coalesce, event_frame
 from gateway.edge.httpauth import authenticate, error_response
 from gateway.edge.openapi import (
     BAD_REQUEST,
@@ -30,13 +31,14 @@ from gateway.edge.openapi import (
 )
 from gateway.edge.sse import sse_stream
 from gateway.events import InvalidEvent, parse_event, subject_for
-from gateway.protocol import WILDCARD, FrameError, is_scope, parse_int, parse_seq
+from gateway.protocol import WILDCARD, FrameError, is_scope, parse_bool, parse_int, parse_seq
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 
 SCOPES_MAX_LIMIT = 1000
+FLAG = {"type": "boolean"}  # a flag query parameter: exactly `true` or `false` (protocol.parse_bool)
 
 
 class HistoryPage(NamedTuple):
@@ -45,19 +47,31 @@ class HistoryPage(NamedTuple):
     bounds: StreamBounds
 
 
-async def _read_history(gw: Gateway, subject: str, after: int, limit: int) -> HistoryPage:
+async def _read_history(gw: Gateway, subject: str, after: int, limit: int, compact: bool = False) -> HistoryPage:
+    """One page; `compact`: the page's deltas merged by the coalescing rules (queue.coalesce), a merged
+    item carrying the newest `seq` and `coalesced`, the number of events it stands for."""
     reader = gw.reader
     bounds = await reader.bounds()
     items: list[bytes] = []
+    frames: list[OutFrame] = []
     last = after
     async for batch in reader.read(subject, after, limit=limit, batch=min(limit, 256)):
         for ev in batch:
             last = ev.seq
             try:
-                parse_event(ev.data, ev.subject, gw.settings.subject_prefix)
+                env = parse_event(ev.data, ev.subject, gw.settings.subject_prefix)
             except InvalidEvent:
                 continue  # never delivered live either
-            items.append(b'{"seq":%d,"event":%s}' % (ev.seq, ev.data))
+            if compact:
+                frames.append(event_frame(ev.seq, env, ev.data))
+            else:
+                items.append(b'{"seq":%d,"event":%s}' % (ev.seq, ev.data))
+    for f in coalesce(frames):
+        assert f.meta is not None
+        if f.count > 1:
+            items.append(b'{"seq":%d,"coalesced":%d,"event":%s}' % (f.seq, f.count, f.meta.raw))
+        else:
+            items.append(b'{"seq":%d,"event":%s}' % (f.seq, f.meta.raw))
     return HistoryPage(items, last, bounds)
 
 
@@ -74,6 +88,9 @@ def build_router(gw: Gateway) -> APIRouter:
         # a default, not Annotated: the bound is this gateway's setting (annotations are resolved globally)
         limit: str = Query("100", description="Page size (at most WSGATEWAY_HISTORY_MAX_LIMIT)",
                            json_schema_extra=integer(1, gw.settings.history_max_limit, 100)),
+        compact: Annotated[str, Query(description="`true`: the page's message, reasoning and tool-argument deltas "
+                                                  "merged into one item each (`coalesced`: how many)",
+                                      json_schema_extra=FLAG)] = "false",
     ) -> Response:
         """Retained events of one scope after a stream sequence, oldest first (pages with `next_after`)."""
         principal = await authenticate(gw, request)
@@ -84,6 +101,7 @@ def build_router(gw: Gateway) -> APIRouter:
         try:
             after_seq = parse_seq(after, "after")
             count = parse_int(limit, "limit", 1, gw.settings.history_max_limit)
+            merge = parse_bool(compact, "compact")
         except FrameError as exc:
             return error_response(400, "bad_request", exc.message)
         kind, _, rid = scope.partition(":")
@@ -92,10 +110,10 @@ def build_router(gw: Gateway) -> APIRouter:
         subject = subject_for(gw.settings.subject_prefix, principal.tenant, scope)
         try:
             if gw.tracer is None:
-                page = await _read_history(gw, subject, after_seq, count)
+                page = await _read_history(gw, subject, after_seq, count, merge)
             else:
                 with tracing.replay_span(gw.tracer, "history", [scope], after_seq) as span:
-                    page = await _read_history(gw, subject, after_seq, count)
+                    page = await _read_history(gw, subject, after_seq, count, merge)
                     tracing.record_replay(span, len(page.items), page.bounds.complete_after(after_seq))
         except Exception as exc:  # NATS down: say so, the client retries
             return error_response(503, "unavailable", f"history is unavailable right now: {type(exc).__name__}")
@@ -142,6 +160,9 @@ def build_router(gw: Gateway) -> APIRouter:
         since: Annotated[str | None, Query(description="Resume after this stream sequence")] = None,
         last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", description="As `since`, set by "
                                                     "EventSource when it reconnects")] = None,
+        compact: Annotated[str | None, Query(description="`true`: the resumed range's deltas merged "
+                                                         "(docs/protocol.md, Compact catch-up)",
+                                             json_schema_extra=FLAG)] = None,
     ) -> Response:
         """The live stream as Server-Sent Events: `id:` is the stream sequence; resume with Last-Event-ID."""
         return await sse_stream(gw, request)

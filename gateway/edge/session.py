@@ -35,6 +35,7 @@ from gateway.protocol import (
     Subscribe,
     Unsubscribe,
     is_scope,
+    parse_bool,
     parse_client_frame,
     parse_seq,
 )
@@ -106,7 +107,7 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
                 _bad(gw, conn, exc, bad_frames)
                 continue
             if isinstance(frame, Subscribe):
-                start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since)
+                start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since, compact=frame.compact)
             elif isinstance(frame, Unsubscribe):
                 hub.unsubscribe(conn, frame.id, frame.scope)
             elif isinstance(frame, Ping):
@@ -139,7 +140,8 @@ async def _handshake(
         channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
         return Refused("unauthorized", CLOSE_UNAUTHORIZED, exc.reason)
     try:
-        initial = parse_initial(ws.query_params.getlist("scope"), ws.query_params.get("since"))
+        initial = parse_initial(ws.query_params.getlist("scope"), ws.query_params.get("since"),
+                                ws.query_params.get("compact"))
     except FrameError as exc:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_BAD_REQUEST, exc.message)
@@ -161,17 +163,18 @@ def open_connection(gw: Gateway, channel: Channel, principal: Principal, initial
         "welcome", connection_id=conn.id, principal=principal_info(principal),
         expires_at=int(principal.expires_at), heartbeat_s=heartbeat,
     ))
-    start_subscriptions(gw, conn, None, initial.scopes, initial.since)
+    start_subscriptions(gw, conn, None, initial.scopes, initial.since, compact=initial.compact)
     return conn
 
 
 class Initial(NamedTuple):
     scopes: list[str]
     since: int | None
+    compact: bool = False  # the URL subscriptions' replay merges deltas (docs/protocol.md, Compact catch-up)
 
 
-def parse_initial(scopes: list[str], since: str | None) -> Initial:
-    """`?scope=...&scope=...&since=N` on the connection URL: subscriptions made at connect time.
+def parse_initial(scopes: list[str], since: str | None, compact: str | None = None) -> Initial:
+    """`?scope=...&scope=...&since=N&compact=true` on the connection URL: subscriptions made at connect time.
 
     With `since`, the connection has a cursor: these and all later subscriptions resume from it.
     """
@@ -182,13 +185,16 @@ def parse_initial(scopes: list[str], since: str | None) -> Initial:
                 raise FrameError(ERR_BAD_REQUEST, f"bad scope in URL: {scope[:40]!r}")
             if scope not in wanted:
                 wanted.append(scope)
-    return Initial(wanted, None if since is None else parse_seq(since, "since"))
+    return Initial(wanted, None if since is None else parse_seq(since, "since"),
+                   compact is not None and parse_bool(compact, "compact"))
 
 
 def start_subscriptions(
-    gw: Gateway, conn: Connection, request_id: str | int | None, scopes: list[str], since: int | None
+    gw: Gateway, conn: Connection, request_id: str | int | None, scopes: list[str], since: int | None,
+    *, compact: bool = False,
 ) -> None:
-    """Live subscriptions, or (with a cursor) one replay for all of them followed by live delivery.
+    """Live subscriptions, or (with a cursor) one replay for all of them followed by live delivery
+    (`compact`: the replay merges deltas).
 
     A connection opened with `?since=N` has a cursor: all its later subscriptions resume from it too."""
     if not scopes:
@@ -205,7 +211,7 @@ def start_subscriptions(
         gw.hub.send(conn, control("error", id=request_id, code=ERR_UNAVAILABLE,
                                   message="history is unavailable right now (NATS); retry shortly"))
         return
-    replayer.start(conn, request_id, scopes, since)
+    replayer.start(conn, request_id, scopes, since, compact=compact)
 
 
 def _bad(gw: Gateway, conn: Connection, exc: FrameError, count: int) -> None:

@@ -108,7 +108,8 @@ async def sse_stream(gw: Gateway, request: Request) -> Response:
         return principal
     since = request.headers.get("last-event-id") or request.query_params.get("since")
     try:
-        initial = parse_initial(request.query_params.getlist("scope") or [WILDCARD], since)
+        initial = parse_initial(request.query_params.getlist("scope") or [WILDCARD], since,
+                                request.query_params.get("compact"))
     except FrameError as exc:
         attempts.labels("rejected").inc()
         return error_response(400, "bad_request", exc.message)
