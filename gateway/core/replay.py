@@ -35,7 +35,7 @@ from gateway.core.connection import Connection, ConnState
 from gateway.core.history import StreamBounds, StreamReader
 from gateway.core.hub import Hub, ReplayPlan
 from gateway.core.index import AnySubscription, Subscription
-from gateway.core.queue import OutFrame, coalesce, control, event_frame, replayed_frame
+from gateway.core.queue import OutFrame, coalesce, control, event_meta, replayed_frame
 from gateway.core.window import RecentWindow
 from gateway.events import InvalidEvent, parse_event, subject_for, tenant_subjects
 from gateway.permissions import AclStore
@@ -340,8 +340,10 @@ class Replayer:
                 if not ok:
                     self._denied(stats)
                     continue
-                frames.append(event_frame(ev.seq, env, ev.data) if squash is not None
-                              else replayed_frame(ev.seq, ev.data))
+                f = replayed_frame(ev.seq, ev.data)
+                if squash is not None:
+                    f.meta = event_meta(env, ev.data)  # this connection's own frame: mergeable
+                frames.append(f)
             if frames and not await self._pass(conn, stats, squash, frames):
                 return None
         return target

@@ -15,13 +15,13 @@ gets None and continues from JetStream. Pure data: no I/O, no asyncio.
 
 from __future__ import annotations
 
+import copy
 from bisect import bisect_right
 from collections import deque
 from operator import attrgetter
 
-from gateway.core.queue import EventMeta, OutFrame, replayed_frame
-from gateway.events import Envelope, coalesce_key, delivery_class
-from gateway.protocol import event_payload
+from gateway.core.queue import OutFrame, event_meta, replayed_frame
+from gateway.events import Envelope
 
 # what one held event costs beyond its bytes: the entry, its index slots, and (once replayed) the shared
 # frame, which holds the event twice more (frame JSON and WebSocket frame)
@@ -32,34 +32,28 @@ _seq_of = attrgetter("seq")
 class Entry:
     """One held event: what a replay needs to filter it, check its permission and send it."""
 
-    __slots__ = ("cls", "frame", "key", "kind", "raw", "rid", "scope", "seq", "size", "tenant")
+    __slots__ = ("frame", "kind", "meta", "rid", "scope", "seq", "size", "tenant")
 
     def __init__(self, seq: int, env: Envelope, raw: bytes) -> None:
         self.seq = seq
         self.tenant = env.tenant
         self.scope = env.scope
         self.kind, _, self.rid = env.scope.partition(":")
-        self.raw = raw
-        self.cls = delivery_class(env.type)
-        key: tuple[str, ...] | None = None
-        if self.cls == "delta":
-            ck = coalesce_key(env)
-            key = (env.scope, *ck) if ck else None
-        elif self.cls in ("snapshot", "state_delta") and env.run_id:
-            key = (env.scope, env.run_id)
-        self.key = key
+        self.meta = event_meta(env, raw)  # the raw event, and what a compact replay merges by
         self.frame: OutFrame | None = None  # the replayed frame, made on first use and shared
         self.size = 3 * len(raw) + ENTRY_OVERHEAD
 
     def replayed(self) -> OutFrame:
         """The event as a replayed frame (no coalescing meta): one object for every client."""
         if self.frame is None:
-            self.frame = replayed_frame(self.seq, self.raw)
+            self.frame = replayed_frame(self.seq, self.meta.raw)
         return self.frame
 
     def compactable(self) -> OutFrame:
-        """The event as a frame `coalesce` may merge (a compact replay's own copy)."""
-        return OutFrame(event_payload(self.seq, self.raw), self.seq, meta=EventMeta(self.cls, self.key, self.raw))
+        """The event as a frame `coalesce` may merge: a compact replay's own copy of the shared frame."""
+        f = copy.copy(self.replayed())
+        f.meta = self.meta
+        return f
 
 
 class _Run:

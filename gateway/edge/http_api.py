@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway import tracing
 from gateway.core.history import StreamBounds
-from gateway.core.queue import OutFrame, coalesce, event_frame
+from gateway.core.queue import OutFrame, coalesce, event_meta
 from gateway.edge.httpauth import authenticate, error_response
 from gateway.edge.openapi import (
     BAD_REQUEST,
@@ -63,7 +63,7 @@ async def _read_history(gw: Gateway, subject: str, after: int, limit: int, compa
             except InvalidEvent:
                 continue  # never delivered live either
             if compact:
-                frames.append(event_frame(ev.seq, env, ev.data))
+                frames.append(OutFrame(b"", ev.seq, meta=event_meta(env, ev.data)))  # only merged ones are encoded
             else:
                 items.append(b'{"seq":%d,"event":%s}' % (ev.seq, ev.data))
     for f in coalesce(frames):
