@@ -242,3 +242,35 @@ async def test_subscribe_frame_with_since_is_served_from_memory_too(
     assert [f["seq"] for f in await events(ws, 7)] == seqs[3:]
     await gw.metric_reaches("wsgateway_replays_total", 1, WINDOW)
     await ws.close()
+
+
+async def test_replay_the_window_runs_past_continues_from_jetstream(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    """A replay from memory held up by a client that stopped reading, while new events push the window
+    past the replay's position: the rest of the range comes from JetStream, complete and in order."""
+    await platform.grant("acme.org", ADMIN)
+    pad = {"pad": "z" * 600}
+
+    async def publish(n: int) -> list[int]:
+        seqs: list[int] = []
+        for _ in range(n // 500):
+            seqs += await asyncio.gather(*(platform.publish("acme", "conversation:c1", data=pad) for _ in range(500)))
+        return sorted(seqs)
+
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience,
+                           replay_window_bytes=9 * 2**20) as g:  # about 3,300 events of this size
+        history = await publish(3000)  # 12 replay batches, far more than the socket buffers hold
+        ws = await connect_slow(f"{g.ws}?scope=conversation:c1&since={history[0]}", idp.mint("alice"))
+        await welcome(ws)
+        await recv_type(ws, "subscribed")
+        ws.transport.pause_reading()  # the replay stops after a batch or two
+        live = await publish(4000)  # what the replay has not reached yet leaves the window
+        await g.metric_reaches("wsgateway_events_received_total", len(history) + len(live))
+        ws.transport.resume_reading()
+        want = history[1:] + live
+        assert [f["seq"] for f in await events(ws, len(want), timeout=60)] == want
+        await g.metric_reaches("wsgateway_replays_total", 1, STREAM)
+        assert await g.metric("wsgateway_replays_total", WINDOW) == 0
+        await nothing_before(ws, await platform.publish("acme", "conversation:c1"))
+        await ws.close()
