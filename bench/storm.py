@@ -210,8 +210,10 @@ def run_storm(a: argparse.Namespace, kind: str, env: dict[str, str], nats_url: s
         srv_b.stop()
 
 
-def quantiles(values: list[float]) -> dict[str, float]:
-    v = sorted(values)
+def quantiles(values: list[float], of: int | None = None) -> dict[str, float]:
+    """p50 / p99 / max of `values`; with `of`, over `of` clients, those without a value counting as never
+    (inf: not within the run)."""
+    v = sorted(values) + [float("inf")] * max(0, (of or 0) - len(values))
     return {"p50": percentile(v, 50), "p99": percentile(v, 99), "max": v[-1] if v else float("nan")}
 
 
@@ -245,8 +247,8 @@ def analyze(
     return {
         "server": kind, "movers": total, "stayers": len(clients) - total, "connected": connected,
         "published": {"sent": published[1], "acked": published[2], "errors": published[4]},
-        "live_again_s": quantiles(live_after) | {"count": len(live_after)},
-        "resubscribed_s": quantiles(resub_after) | {"count": len(resub_after)},
+        "live_again_s": quantiles(live_after, total) | {"count": len(live_after)},
+        "resubscribed_s": quantiles(resub_after, total) | {"count": len(resub_after)},
         "curve_pct_live": curve,
         "lost": lost, "lost_clients": lost_clients, "doubled": doubled, "stray": stray,
         "behind_at_end": behind, "behind_clients": behind_clients,
@@ -277,11 +279,14 @@ def print_report(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
     def row(name: str, f: Any) -> None:
         rows.append((name, [f(r) for r in results]))
 
+    def secs(x: float) -> str:
+        return f"> {a.observe + a.drain:g}" if x == float("inf") else f"{x:.1f}"
+
     for q in ("p50", "p99", "max"):
-        row(f"live again {q if q != 'max' else '100 %'} (s)", lambda r, q=q: f"{r['live_again_s'][q]:.1f}")
+        row(f"live again {q if q != 'max' else '100 %'} (s)", lambda r, q=q: secs(r["live_again_s"][q]))
     row("live again (clients)", lambda r: f"{r['live_again_s']['count']}/{r['movers']}")
     for q in ("p50", "p99", "max"):
-        row(f"re-subscribed {q if q != 'max' else '100 %'} (s)", lambda r, q=q: f"{r['resubscribed_s'][q]:.1f}")
+        row(f"re-subscribed {q if q != 'max' else '100 %'} (s)", lambda r, q=q: secs(r["resubscribed_s"][q]))
     for s in CURVE_S:
         row(f"% live at {s:>2} s", lambda r, s=s: f"{r['curve_pct_live'][str(s)]:.1f}")
     row("lost events (clients)", lambda r: f"{r['lost']} ({r['lost_clients']})")
@@ -304,7 +309,7 @@ def print_report(results: list[dict[str, Any]], a: argparse.Namespace) -> None:
         mine = [r for r in results if r["server"] == kind]
         if len(mine) > 1:
             med = statistics.median(r["live_again_s"]["max"] for r in mine)
-            print(f"{kind}: median over {len(mine)} runs of 100 % live again: {med:.1f} s")
+            print(f"{kind}: median over {len(mine)} runs of 100 % live again: {secs(med)} s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -77,16 +77,16 @@ class SharedBounds:
     def __init__(self, reader: StreamReader) -> None:
         self.reader = reader
         self._next: asyncio.Future[StreamBounds] | None = None
-        self._pumping = False
+        self._pump_task: asyncio.Task[None] | None = None  # referenced while it runs
 
     async def get(self) -> StreamBounds:
         fut = self._next
         if fut is None:
             fut = self._next = asyncio.get_running_loop().create_future()
             fut.add_done_callback(_retrieve)
-            if not self._pumping:
-                self._pumping = True
-                asyncio.create_task(self._pump()).add_done_callback(_log_failure)
+            if self._pump_task is None:
+                self._pump_task = asyncio.create_task(self._pump())
+                self._pump_task.add_done_callback(_log_failure)
         return await asyncio.shield(fut)
 
     async def _pump(self) -> None:
@@ -97,8 +97,14 @@ class SharedBounds:
                     fut.set_result(await self.reader.bounds())
                 except Exception as exc:
                     fut.set_exception(exc)
+                except BaseException:  # cancelled (shutdown): nobody waits for an answer that cannot come
+                    fut.cancel()
+                    raise
         finally:
-            self._pumping = False
+            self._pump_task = None
+            if self._next is not None:
+                self._next.cancel()
+                self._next = None
 
 
 def _retrieve(fut: asyncio.Future[StreamBounds]) -> None:
