@@ -15,6 +15,7 @@ from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
+from tests.support.wait import eventually
 from tests.support.wsclient import connect, connect_slow, events, nothing_before, recv, recv_type, subscribe, welcome
 
 ADMIN = {"admins": ["user:alice"]}
@@ -274,3 +275,49 @@ async def test_replay_the_window_runs_past_continues_from_jetstream(
         assert await g.metric("wsgateway_replays_total", WINDOW) == 0
         await nothing_before(ws, await platform.publish("acme", "conversation:c1"))
         await ws.close()
+
+
+async def test_a_freshly_started_instance_serves_older_cursors_from_memory(
+    gw: RunningGateway, nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    """An instance started after the events were published reads the stream's newest events back into its
+    window: a resume from before its start is served from memory (once that is done), complete either way."""
+    await platform.grant("acme.org", ADMIN)
+    seqs = [await platform.publish("acme", "conversation:c1") for _ in range(150)]
+    await platform.publish("acme", "conversation:other")
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience) as g:
+        token = idp.mint("alice")
+
+        async def resume_once() -> bool:
+            ws = await _resume(f"{g.ws}?scope=conversation:c1&since={seqs[19]}", token)
+            assert [f["seq"] for f in await events(ws, 130)] == seqs[20:]
+            await ws.close()
+            return await g.metric("wsgateway_replays_total", WINDOW) > 0
+
+        await eventually(resume_once, what="a resume served from the window")
+        live = await platform.publish("acme", "conversation:c1")
+        ws = await _resume(f"{g.ws}?scope=conversation:c1&since={seqs[-5]}", token)
+        assert [f["seq"] for f in await events(ws, 5)] == [*seqs[-4:], live]
+        await ws.close()
+
+
+async def test_a_fresh_instance_with_a_small_window_keeps_the_newest_and_reads_older_from_jetstream(
+    gw: RunningGateway, nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    await platform.grant("acme.org", ADMIN)
+    seqs = [await platform.publish("acme", "conversation:c1") for _ in range(120)]
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, replay_window_bytes=12_000) as g:
+        token = idp.mint("alice")
+
+        async def recent_from_memory() -> bool:
+            ws = await _resume(f"{g.ws}?scope=conversation:c1&since={seqs[-3]}", token)
+            assert [f["seq"] for f in await events(ws, 2)] == seqs[-2:]
+            await ws.close()
+            return await g.metric("wsgateway_replays_total", WINDOW) > 0
+
+        await eventually(recent_from_memory, what="a recent resume served from the window")
+        streamed = await g.metric("wsgateway_replays_total", STREAM)
+        old = await _resume(f"{g.ws}?scope=conversation:c1&since={seqs[9]}", token)
+        assert [f["seq"] for f in await events(old, 110)] == seqs[10:]
+        await g.metric_reaches("wsgateway_replays_total", streamed + 1, STREAM)
+        await old.close()

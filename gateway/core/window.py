@@ -8,7 +8,8 @@ and the replayed frame of an event is encoded once and shared by every client th
 
 The window is exact: from `reset` on (the bus's start position) it holds every valid event with
 `floor < seq <= last` that the bus delivered to the hub, fed in the same synchronous step as the hub's
-dispatch, so it never lags the hub's position T. Invalid events are not held (a replay from JetStream
+dispatch, so it never lags the hub's position T. At start the bus also reads the stream's newest events
+back (`prepend`: only once, only the range just before `reset`, atomically), which lowers `floor`. Invalid events are not held (a replay from JetStream
 skips them too). Evicting the oldest event raises `floor`; a reader whose position fell below `floor`
 gets None and continues from JetStream. Pure data: no I/O, no asyncio.
 """
@@ -19,6 +20,7 @@ import copy
 from bisect import bisect_right
 from collections import deque
 from operator import attrgetter
+from typing import TypeVar
 
 from gateway.core.queue import OutFrame, event_meta, replayed_frame
 from gateway.events import Envelope
@@ -83,6 +85,18 @@ class _Run:
         return out
 
 
+K = TypeVar("K")
+
+
+def _prepend_runs(runs: dict[K, _Run], older: dict[K, list[Entry]]) -> None:
+    for key, items in older.items():
+        run = runs.get(key)
+        if run is None:
+            run = runs[key] = _Run()
+        run.items = items + run.items[run.head :]
+        run.head = 0
+
+
 class RecentWindow:
     """The newest events of this process, bounded by bytes, indexed by tenant and by (tenant, scope)."""
 
@@ -136,6 +150,36 @@ class RecentWindow:
             run.popleft()  # the oldest of every index is the oldest overall: the same entry
             if not run:
                 del runs[key]  # type: ignore[arg-type]
+
+    def prepend(self, older: list[Entry], floor: int, upto: int) -> int:
+        """Events read back from the stream at start-up: every valid event of (floor, upto], oldest
+        first, where `upto` is the position `reset` started from. The window then reaches back to
+        `floor`, or (keeping the newest) as far as its budget allows. Nothing happens if the window has
+        evicted since `reset` (it is full of newer events anyway). Returns how many were taken."""
+        if not self.started or self.floor != upto or not older:
+            return 0
+        budget = self.max_bytes - self.nbytes
+        take: list[Entry] = []
+        for e in reversed(older):
+            if e.size > budget:
+                floor = e.seq  # everything after it is held
+                break
+            budget -= e.size
+            take.append(e)
+        if not take:
+            return 0
+        take.reverse()
+        self._all.extendleft(reversed(take))
+        self.nbytes = self.max_bytes - budget
+        scopes: dict[tuple[str, str], list[Entry]] = {}
+        tenants: dict[str, list[Entry]] = {}
+        for e in take:
+            scopes.setdefault((e.tenant, e.scope), []).append(e)
+            tenants.setdefault(e.tenant, []).append(e)
+        _prepend_runs(self._scopes, scopes)
+        _prepend_runs(self._tenants, tenants)
+        self.floor = floor
+        return len(take)
 
     def covers(self, after: int) -> bool:
         """Every held-worthy event after `after` (up to the hub's position) is in the window."""
