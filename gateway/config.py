@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(10, ge=0, description="Time to drain and close on shutdown.")
     max_concurrent_replays: int = Field(8, ge=1, description="Replays from JetStream running at once.")
     replay_window_bytes: int = Field(
-        64 * 2**20, ge=0,
+        16 * 2**20, ge=0,
         description="Memory for the newest events, from which resumes with a recent cursor are served without "
                     "reading JetStream (0: every resume reads JetStream).",
     )
