@@ -9,9 +9,10 @@ and the replayed frame of an event is encoded once and shared by every client th
 The window is exact: from `reset` on (the bus's start position) it holds every valid event with
 `floor < seq <= last` that the bus delivered to the hub, fed in the same synchronous step as the hub's
 dispatch, so it never lags the hub's position T. At start the bus also reads the stream's newest events
-back (`prepend`: only once, only the range just before `reset`, atomically), which lowers `floor`. Invalid events are not held (a replay from JetStream
-skips them too). Evicting the oldest event raises `floor`; a reader whose position fell below `floor`
-gets None and continues from JetStream. Pure data: no I/O, no asyncio.
+back (`prepend`: only once, only the range just before `reset`, atomically), which lowers `floor`.
+Invalid events are not held (a replay from JetStream skips them too). Evicting the oldest event raises
+`floor`; a reader whose position fell below `floor` gets None and continues from JetStream. Pure data:
+no I/O, no asyncio.
 """
 
 from __future__ import annotations
