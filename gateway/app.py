@@ -24,6 +24,7 @@ from gateway.core.bus import Bus
 from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
 from gateway.core.replay import Replayer
+from gateway.core.window import RecentWindow
 from gateway.edge.agui import build_agui_router
 from gateway.edge.cors import CorsMiddleware
 from gateway.edge.http_api import INBOX_MAX_LIMIT, SCOPES_MAX_LIMIT, build_router
@@ -56,7 +57,8 @@ class Gateway:
         self.metrics.set_capacity(settings.max_connections, settings.connections_target)
         self.acl = AclStore()
         self.hub = Hub(settings, self.metrics, self.acl)
-        self.bus = Bus(settings, self.hub, self.acl, self.metrics, tracer=tracer)
+        self.window = RecentWindow(settings.replay_window_bytes)  # recent events for resumes (core/window.py)
+        self.bus = Bus(settings, self.hub, self.acl, self.metrics, tracer=tracer, window=self.window)
         self.verifier = TokenVerifier.from_settings(settings, issuer=issuer)
 
         self._replayer: Replayer | None = None
@@ -72,7 +74,8 @@ class Gateway:
     def replayer(self) -> Replayer:
         if self._replayer is None:
             self._replayer = Replayer(
-                self.hub, self.reader, max_concurrent=self.settings.max_concurrent_replays, tracer=self.tracer
+                self.hub, self.reader, max_concurrent=self.settings.max_concurrent_replays, tracer=self.tracer,
+                window=self.window,
             )
         return self._replayer
 

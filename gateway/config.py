@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(10, ge=0, description="Time to drain and close on shutdown.")
     max_concurrent_replays: int = Field(8, ge=1, description="Replays from JetStream running at once.")
+    replay_window_bytes: int = Field(
+        16 * 2**20, ge=0,
+        description="Memory for the newest events, from which resumes with a recent cursor are served without "
+                    "reading JetStream (0: every resume reads JetStream).",
+    )
     history_max_limit: int = Field(1000, ge=1, le=10_000, description="Largest `limit` of GET /v1/history.")
     flush_interval_ms: float = Field(
         0, ge=0, le=50, description="Extra batching delay before writing queued frames (0: next loop turn)."

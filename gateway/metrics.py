@@ -34,6 +34,7 @@ KIND_LABELS = KINDS  # the `kind` label of wsgateway_delivery_latency_seconds
 CONNECTION_OUTCOMES = ("accepted", "unauthorized", "rejected")
 # Codes of client frames answered with an `error` frame (the label of wsgateway_client_frames_rejected_total).
 FRAME_ERROR_CODES = (ERR_BAD_REQUEST, ERR_READ_ONLY)
+REPLAY_SOURCES = ("window", "stream")  # the `source` label of wsgateway_replays_total
 
 
 class WeightedHistogram(Histogram):
@@ -106,6 +107,10 @@ class Metrics:
         self.events_replayed = Counter(
             "wsgateway_events_replayed", "Events sent from JetStream history (resume, SSE resume).",
             registry=reg,
+        )
+        self.replays = Counter(
+            "wsgateway_replays", "Resume replays by where their events came from: window (memory) or stream "
+            "(JetStream, for all or the rest of the range).", ["source"], registry=reg,
         )
         self.slow_client_disconnects = Counter(
             "wsgateway_slow_client_disconnects", "Connections closed with 4429 because they fell behind.",

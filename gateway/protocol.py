@@ -12,7 +12,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, TypeAdapter, ValidationError, model_validator
 from wsproto.frame_protocol import FrameProtocol
 
 from gateway.events import SCOPE_BODY, Envelope
@@ -74,6 +74,8 @@ class Subscribe(_Frame):
     since: Annotated[int, Field(ge=0)] | None = None
     presence: StrictBool = False  # also receive the scope's `presence` frames (docs/protocol.md, Presence)
     listed: StrictBool = True  # false: watch without appearing in the scope's presence
+
+    compact: Annotated[bool, Strict()] = False  # JSON true/false only: merge the replayed range's deltas
 
     @model_validator(mode="after")
     def _presence_of_a_scope(self) -> Subscribe:
@@ -159,15 +161,16 @@ def parse_seq(text: str, name: str) -> int:
     return int(text)
 
 
+_FLAG_RE = re.compile(r"true|false")
+
+
 def parse_flag(text: str | None, name: str, default: bool) -> bool:
-    """A boolean URL parameter: `true`/`1` or `false`/`0` (absent: `default`)."""
+    """A flag query parameter (`compact`, `presence`, `listed`): exactly `true` or `false` (absent: `default`)."""
     if text is None:
         return default
-    if text in ("true", "1"):
-        return True
-    if text in ("false", "0"):
-        return False
-    raise FrameError(ERR_BAD_REQUEST, f"{name} must be true or false")
+    if not _FLAG_RE.fullmatch(text):
+        raise FrameError(ERR_BAD_REQUEST, f"{name} must be true or false")
+    return text == "true"
 
 
 # --- server frames -----------------------------------------------------------------------------

@@ -83,6 +83,39 @@ def test_quick_resilience_benchmark_reports_every_figure(tmp_path: Path) -> None
     assert "fast client beside a stalled one" in proc.stdout and "revocation" in proc.stdout
 
 
+@pytest.mark.timeout(180)
+def test_quick_storm_benchmark_kills_an_instance_and_reports_the_curve(tmp_path: Path) -> None:
+    """bench/storm.py --quick: two `wsgateway serve` processes, A SIGKILLed, its clients resume on B."""
+    out = tmp_path / "storm.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "storm.py"), "--quick", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["connected"] == r["movers"] + r["stayers"] == 600
+    assert r["resubscribed_s"]["count"] > 0  # movers resumed on B (how many in time: the figures)
+    assert r["lost"] == 0 and r["doubled"] == 0 and r["stray"] == 0  # correctness, not speed
+    assert set(r["curve_pct_live"]) >= {"1", "10"} and r["stayers_delay_ms_10s"]["p99"] >= 0
+    assert "% live at 10 s" in proc.stdout and "stayers delay p99" in proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_quick_compact_benchmark_reports_both_modes(tmp_path: Path) -> None:
+    """bench/compact.py --quick: a reload mid-answer with and without compact catch-up."""
+    out = tmp_path / "compact.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "compact.py"), "--quick", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads(out.read_text())
+    assert s["same_text"] is True  # the merged replay renders the same answer
+    assert s["compact"]["frames"] < s["full"]["frames"] and s["compact"]["history_items"] < s["full"]["history_items"]
+    assert s["full"]["render_ms"] > 0 and s["compact"]["bytes"] > 0
+    assert "time to complete render" in proc.stdout
+
+
 def test_hotpath_benchmark_measures_the_working_tree_and_a_revision() -> None:
     """bench/hotpath.py in its smallest form, the working tree against gateway/ of HEAD."""
     out = subprocess.run(

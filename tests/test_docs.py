@@ -19,7 +19,7 @@ import gateway.protocol as protocol
 from gateway.auth import AUTH_FAILURE_REASONS
 from gateway.config import Settings
 from gateway.events import InvalidEvent
-from gateway.metrics import CONNECTION_OUTCOMES, KIND_LABELS, Metrics
+from gateway.metrics import CONNECTION_OUTCOMES, KIND_LABELS, REPLAY_SOURCES, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -172,6 +172,7 @@ def test_every_metric_is_documented_with_type_labels_and_label_values(monkeypatc
         "reason": set(AUTH_FAILURE_REASONS),
         "outcome": set(CONNECTION_OUTCOMES),
         "kind": set(KIND_LABELS),
+        "source": set(REPLAY_SOURCES),
     }
     for metric in metrics:
         exposed = _exposed_name(metric)

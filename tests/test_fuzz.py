@@ -63,7 +63,7 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
         for code in codes - {"200"}:
             assert op["responses"][code]["content"]["application/json"]["schema"] == error_ref, (path, code)
         assert op["security"] == [{"bearer": []}, {"accessToken": []}]
-    streams = {"/v1/sse": {("presence", "query"), ("listed", "query")}, "/v1/agui": set()}
+    streams = {"/v1/sse": {("presence", "query"), ("listed", "query"), ("compact", "query")}, "/v1/agui": set()}
     for stream, extra in streams.items():
         params = {(p["name"], p["in"]) for p in paths[stream]["get"]["parameters"]}
         assert params == {("scope", "query"), ("since", "query"), ("Last-Event-ID", "header")} | extra, stream

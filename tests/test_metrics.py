@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.auth import AUTH_FAILURE_REASONS
 from gateway.devtools.natsproc import NatsProcess
 from gateway.events import InvalidEvent
-from gateway.metrics import CONNECTION_OUTCOMES, FRAME_ERROR_CODES, KIND_LABELS, LATENCY_BUCKETS
+from gateway.metrics import CONNECTION_OUTCOMES, FRAME_ERROR_CODES, KIND_LABELS, LATENCY_BUCKETS, REPLAY_SOURCES
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
@@ -40,6 +40,7 @@ ALLOWED_LABELS: dict[str, dict[str, frozenset[str]]] = {
     },
     "wsgateway_events_invalid": {"reason": frozenset(InvalidEvent.REASONS)},
     "wsgateway_client_frames_rejected": {"code": frozenset(FRAME_ERROR_CODES)},
+    "wsgateway_replays": {"source": frozenset(REPLAY_SOURCES)},
 }
 USERS = ("alice", "mia", "bob", "carol", "dave")
 TARGET, LIMIT = 1234, 500

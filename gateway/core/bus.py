@@ -26,6 +26,7 @@ from gateway.config import Settings
 from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
 from gateway.core.presence_kv import PresenceSync
+from gateway.core.window import ENTRY_OVERHEAD, Entry, RecentWindow
 from gateway.events import InvalidEvent, parse_event
 from gateway.logs import BackoffLog, safe_urls
 from gateway.metrics import Metrics
@@ -72,11 +73,13 @@ class Bus:
     """Connects to NATS and feeds the hub; `ready` when connected, consuming and ACLs loaded."""
 
     def __init__(
-        self, settings: Settings, hub: Hub, acl: AclStore, metrics: Metrics, *, tracer: Tracer | None = None
+        self, settings: Settings, hub: Hub, acl: AclStore, metrics: Metrics, *, tracer: Tracer | None = None,
+        window: RecentWindow | None = None,
     ) -> None:
         self.settings = settings
         self.tracer = tracer  # None: tracing off, and the delivery path does no tracing work at all
         self.hub = hub
+        self.window = window  # fed with every valid event in the step that dispatches it (core/window.py)
         self.acl = acl
         self.metrics = metrics
         self.nc: NATS | None = None
@@ -88,6 +91,7 @@ class Bus:
         self._sub: JetStreamContext.PushSubscription | None = None
         self._kv: KeyValue | None = None
         self._recover_task: asyncio.Task[None] | None = None
+        self._prefill_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._last_invalid_log = 0.0
@@ -104,7 +108,7 @@ class Bus:
     async def stop(self) -> None:
         self._stopping = True
         await self.presence.stop()
-        for t in (self._watchdog_task, self._recover_task, self._watch_task, self._task):
+        for t in (self._prefill_task, self._watchdog_task, self._recover_task, self._watch_task, self._task):
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -203,10 +207,44 @@ class Bus:
         await self.presence.start(self.js, lambda: bool(self.nc and self.nc.is_connected))
         # Start right after the stream's current end: the hub's cursor is exact from the first event.
         self.hub.skip(last)
+        if self.window is not None:
+            self.window.reset(self.hub.last_seq)
+            if self.window.started:  # what came before this instance started: read back in the background
+                self._prefill_task = asyncio.create_task(self._prefill(self.window, self.hub.last_seq),
+                                                         name="wsgateway-window-prefill")
         self._sub = await self._subscribe(last + 1)
         self.consuming = True
         self._watchdog_task = asyncio.create_task(self._watchdog(), name="wsgateway-consumer-watchdog")
         log.info("consuming %s.> from stream %s after seq %d", s.subject_prefix, s.stream, last)
+
+    async def _prefill(self, window: RecentWindow, upto: int) -> None:
+        """Fill the recent window with the stream's newest events up to `upto` (where consuming began),
+        so resumes on a freshly started instance are served from memory too; a failure only means they
+        read JetStream."""
+        assert self.js is not None
+        s = self.settings
+        reader = StreamReader(self.js, s.stream)
+        try:
+            info = await self.js.stream_info(s.stream)
+            st = info.state
+            if not st.messages:
+                return
+            size = 3 * (st.bytes // st.messages) + ENTRY_OVERHEAD  # an entry's cost (core/window.py)
+            start = max(int(st.first_seq) - 1, upto - window.max_bytes // max(1, size), 0)
+            older: list[Entry] = []
+            async for batch in reader.read(f"{s.subject_prefix}.>", start, upto=upto, batch=1024):
+                for ev in batch:
+                    try:
+                        older.append(Entry(ev.seq, parse_event(ev.data, ev.subject, s.subject_prefix), ev.data))
+                    except InvalidEvent:
+                        continue  # never delivered, never replayed
+            taken = window.prepend(older, start, upto)
+            log.info("recent window: %d events read back from the stream (after seq %d)", taken, window.floor)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("recent window not filled from the stream (%s: %s): older cursors read JetStream",
+                        type(exc).__name__, exc)
 
     def _start_acl_watch(self, kv: KeyValue) -> None:
         """(Re)start following the ACL bucket; a restart reloads every document and re-checks everything."""
@@ -300,6 +338,8 @@ class Bus:
         except InvalidEvent as exc:
             self._invalid(seq, msg.subject, exc)
             return
+        if self.window is not None:
+            self.window.add(seq, env, msg.data)
         self.hub.dispatch(seq, env, msg.data)
 
     def _deliver_traced(self, tracer: Tracer, msg: Msg, seq: int) -> None:
@@ -313,6 +353,8 @@ class Bus:
                 self._invalid(seq, msg.subject, exc)
                 tracing.record_invalid(span, exc.reason)
                 return
+            if self.window is not None:
+                self.window.add(seq, env, msg.data)
             denied, coalesced, closed = hub.denied_total, hub.coalesced_total, hub.slow_closed_total
             recipients = hub.dispatch(seq, env, msg.data)
             tracing.record_delivery(

@@ -60,8 +60,8 @@ def control(kind: str, **fields: Any) -> OutFrame:
     return OutFrame(server_payload(kind, **fields), ctl=kind)
 
 
-def event_frame(seq: int, env: Envelope, raw: bytes, latency: Any = None) -> OutFrame:
-    """A live event frame, with what coalescing needs to know about it."""
+def event_meta(env: Envelope, raw: bytes) -> EventMeta:
+    """What coalescing needs to know about an event."""
     cls = delivery_class(env.type)
     key: tuple[str, ...] | None = None
     if cls == "delta":
@@ -69,7 +69,12 @@ def event_frame(seq: int, env: Envelope, raw: bytes, latency: Any = None) -> Out
         key = (env.scope, *ck) if ck else None
     elif cls in ("snapshot", "state_delta") and env.run_id:
         key = (env.scope, env.run_id)
-    return OutFrame(event_payload(seq, raw), seq, latency, env.timestamp, EventMeta(cls, key, raw))
+    return EventMeta(cls, key, raw)
+
+
+def event_frame(seq: int, env: Envelope, raw: bytes, latency: Any = None) -> OutFrame:
+    """A live event frame, with what coalescing needs to know about it."""
+    return OutFrame(event_payload(seq, raw), seq, latency, env.timestamp, event_meta(env, raw))
 
 
 def replayed_frame(seq: int, raw: bytes) -> OutFrame:
@@ -134,15 +139,22 @@ def shrink(q: SendQueue, bounds: Bounds) -> Shrunk:
     return Shrunk(removed, bounds.comfortable(q))
 
 
-def _merge_deltas(older: OutFrame, newer: OutFrame) -> OutFrame:
-    """One delta frame standing for two: the newer envelope, with the older text prepended."""
-    a, b = older.meta, newer.meta
-    assert a is not None and b is not None
-    env_a, env_b = orjson.loads(a.raw), orjson.loads(b.raw)
-    env_b["data"]["delta"] = env_a["data"].get("delta", "") + env_b["data"].get("delta", "")
+def _merge_deltas(run: list[OutFrame]) -> OutFrame:
+    """One delta frame standing for a run of deltas of one stream: the newest envelope, with the text of
+    all of them in order (each envelope parsed once: merging is linear in the run's size)."""
+    newer = run[-1]
+    b = newer.meta
+    assert b is not None
+    env_b = orjson.loads(b.raw)
+    parts = []
+    for f in run[:-1]:
+        assert f.meta is not None
+        parts.append(orjson.loads(f.meta.raw)["data"].get("delta", ""))
+    parts.append(env_b["data"].get("delta", ""))
+    env_b["data"]["delta"] = "".join(parts)
     raw = orjson.dumps(env_b)
-    count = older.count + newer.count
-    return OutFrame(event_payload(newer.seq, raw, count), newer.seq, newer.latency, older.t,
+    count = sum(f.count for f in run)
+    return OutFrame(event_payload(newer.seq, raw, count), newer.seq, newer.latency, run[0].t,
                     EventMeta("delta", b.key, raw), count=count)
 
 
@@ -156,6 +168,7 @@ def coalesce(frames: list[OutFrame]) -> list[OutFrame]:
     - lifecycle events and everything else stay, in order.
     """
     out: list[OutFrame | None] = []
+    runs: dict[int, list[OutFrame]] = {}  # position of a merged delta -> the deltas it stands for
     last_delta: dict[tuple[str, ...], int] = {}
     last_snapshot: dict[tuple[str, ...], int] = {}
     for f in frames:
@@ -169,13 +182,17 @@ def coalesce(frames: list[OutFrame]) -> list[OutFrame]:
                 prev = out[i]
                 assert prev is not None
                 out[i] = None
-                f = _merge_deltas(prev, f)
+                run = runs.pop(i, None) or [prev]
+                run.append(f)
+                runs[len(out)] = run
             last_delta[m.key] = len(out)
             out.append(f)
         else:
             if m.cls == "snapshot" and m.key is not None:
                 last_snapshot[m.key] = len(out)
             out.append(f)
+    for i, run in runs.items():
+        out[i] = _merge_deltas(run)
     if last_snapshot:
         for i, g in enumerate(out):
             if g is None or g.meta is None or g.meta.key is None:
@@ -186,6 +203,6 @@ def coalesce(frames: list[OutFrame]) -> list[OutFrame]:
 
 
 __all__ = [
-    "Bounds", "EventMeta", "OutFrame", "SendQueue", "Shrunk", "coalesce", "control", "event_frame",
+    "Bounds", "EventMeta", "OutFrame", "SendQueue", "Shrunk", "coalesce", "control", "event_frame", "event_meta",
     "replayed_frame", "shrink",
 ]

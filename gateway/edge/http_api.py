@@ -16,9 +16,11 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway import tracing
 from gateway.core.history import StreamBounds
+from gateway.core.queue import OutFrame, coalesce, event_meta
 from gateway.edge.httpauth import authenticate, error_response
 from gateway.edge.openapi import (
     BAD_REQUEST,
+    FLAG,
     FORBIDDEN,
     OVER_LIMIT,
     SCOPE,
@@ -34,7 +36,7 @@ from gateway.edge.openapi import (
 )
 from gateway.edge.sse import sse_stream
 from gateway.events import InvalidEvent, parse_event, subject_for
-from gateway.protocol import FrameError, is_resource_scope, parse_int, parse_seq
+from gateway.protocol import FrameError, is_resource_scope, parse_flag, parse_int, parse_seq
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -50,19 +52,31 @@ class HistoryPage(NamedTuple):
     bounds: StreamBounds
 
 
-async def _read_history(gw: Gateway, subject: str, after: int, limit: int) -> HistoryPage:
+async def _read_history(gw: Gateway, subject: str, after: int, limit: int, compact: bool = False) -> HistoryPage:
+    """One page; `compact`: the page's deltas merged by the coalescing rules (queue.coalesce), a merged
+    item carrying the newest `seq` and `coalesced`, the number of events it stands for."""
     reader = gw.reader
     bounds = await reader.bounds()
     items: list[bytes] = []
+    frames: list[OutFrame] = []
     last = after
     async for batch in reader.read(subject, after, limit=limit, batch=min(limit, 256)):
         for ev in batch:
             last = ev.seq
             try:
-                parse_event(ev.data, ev.subject, gw.settings.subject_prefix)
+                env = parse_event(ev.data, ev.subject, gw.settings.subject_prefix)
             except InvalidEvent:
                 continue  # never delivered live either
-            items.append(b'{"seq":%d,"event":%s}' % (ev.seq, ev.data))
+            if compact:
+                frames.append(OutFrame(b"", ev.seq, meta=event_meta(env, ev.data)))  # only merged ones are encoded
+            else:
+                items.append(b'{"seq":%d,"event":%s}' % (ev.seq, ev.data))
+    for f in coalesce(frames):
+        assert f.meta is not None
+        if f.count > 1:
+            items.append(b'{"seq":%d,"coalesced":%d,"event":%s}' % (f.seq, f.count, f.meta.raw))
+        else:
+            items.append(b'{"seq":%d,"event":%s}' % (f.seq, f.meta.raw))
     return HistoryPage(items, last, bounds)
 
 
@@ -79,6 +93,9 @@ def build_router(gw: Gateway) -> APIRouter:
         # a default, not Annotated: the bound is this gateway's setting (annotations are resolved globally)
         limit: str = Query("100", description="Page size (at most WSGATEWAY_HISTORY_MAX_LIMIT)",
                            json_schema_extra=integer(1, gw.settings.history_max_limit, 100)),
+        compact: Annotated[str, Query(description="`true`: the page's message, reasoning and tool-argument deltas "
+                                                  "merged into one item each (`coalesced`: how many)",
+                                      json_schema_extra=FLAG)] = "false",
     ) -> Response:
         """Retained events of one scope after a stream sequence, oldest first (pages with `next_after`)."""
         principal = await authenticate(gw, request)
@@ -89,6 +106,7 @@ def build_router(gw: Gateway) -> APIRouter:
         try:
             after_seq = parse_seq(after, "after")
             count = parse_int(limit, "limit", 1, gw.settings.history_max_limit)
+            merge = parse_flag(compact, "compact", False)
         except FrameError as exc:
             return error_response(400, "bad_request", exc.message)
         kind, _, rid = scope.partition(":")
@@ -97,10 +115,10 @@ def build_router(gw: Gateway) -> APIRouter:
         subject = subject_for(gw.settings.subject_prefix, principal.tenant, scope)
         try:
             if gw.tracer is None:
-                page = await _read_history(gw, subject, after_seq, count)
+                page = await _read_history(gw, subject, after_seq, count, merge)
             else:
                 with tracing.replay_span(gw.tracer, "history", [scope], after_seq) as span:
-                    page = await _read_history(gw, subject, after_seq, count)
+                    page = await _read_history(gw, subject, after_seq, count, merge)
                     tracing.record_replay(span, len(page.items), page.bounds.complete_after(after_seq))
         except Exception as exc:  # NATS down: say so, the client retries
             return error_response(503, "unavailable", f"history is unavailable right now: {type(exc).__name__}")
@@ -200,6 +218,9 @@ def build_router(gw: Gateway) -> APIRouter:
                                                     "EventSource when it reconnects")] = None,
         presence: Annotated[str | None, Query(description="`true`: the scopes' `presence` events too")] = None,
         listed: Annotated[str | None, Query(description="`false`: watch without being listed in presence")] = None,
+        compact: Annotated[str | None, Query(description="`true`: the resumed range's deltas merged "
+                                                         "(docs/protocol.md, Compact catch-up)",
+                                             json_schema_extra=FLAG)] = None,
     ) -> Response:
         """The live stream as Server-Sent Events: `id:` is the stream sequence; resume with Last-Event-ID."""
         return await sse_stream(gw, request)

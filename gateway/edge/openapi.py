@@ -99,7 +99,7 @@ OVER_LIMIT: Responses = {503: _error("This instance is at WSGATEWAY_MAX_CONNECTI
 # plain strings, so FastAPI never refuses one with a 422: the gateway's own 400 does, with its message.
 SCOPE: dict[str, Any] = {"type": "string", "pattern": f"^{SCOPE_BODY}$"}
 SCOPE_OR_EMPTY: dict[str, Any] = {"type": "string", "pattern": f"^(?:{SCOPE_BODY})?$"}
-FLAG: dict[str, Any] = {"type": "string", "enum": ["true", "false", "1", "0"]}  # protocol.parse_flag
+FLAG: dict[str, Any] = {"type": "string", "enum": ["true", "false"]}  # protocol.parse_flag
 SCOPE_LIST: dict[str, Any] = {"type": "array", "items": {
     "type": "string", "pattern": rf"^(?:\*|{INBOX}|{SCOPE_BODY})(?:,(?:\*|{INBOX}|{SCOPE_BODY}))*$"}}
 

@@ -108,7 +108,7 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
                 continue
             if isinstance(frame, Subscribe):
                 start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since, presence=frame.presence,
-                                    listed=frame.listed)
+                                    listed=frame.listed, compact=frame.compact)
             elif isinstance(frame, Unsubscribe):
                 hub.unsubscribe(conn, frame.id, frame.scope)
             elif isinstance(frame, Ping):
@@ -142,7 +142,8 @@ async def _handshake(
         return Refused("unauthorized", CLOSE_UNAUTHORIZED, exc.reason)
     try:
         q = ws.query_params
-        initial = parse_initial(q.getlist("scope"), q.get("since"), q.get("presence"), q.get("listed"))
+        initial = parse_initial(q.getlist("scope"), q.get("since"), q.get("presence"), q.get("listed"),
+                                q.get("compact"))
     except FrameError as exc:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_BAD_REQUEST, exc.message)
@@ -165,7 +166,7 @@ def open_connection(gw: Gateway, channel: Channel, principal: Principal, initial
         expires_at=int(principal.expires_at), heartbeat_s=heartbeat,
     ))
     start_subscriptions(gw, conn, None, initial.scopes, initial.since, presence=initial.presence,
-                        listed=initial.listed)
+                        listed=initial.listed, compact=initial.compact)
     return conn
 
 
@@ -174,13 +175,15 @@ class Initial(NamedTuple):
     since: int | None
     presence: bool = False  # `?presence=true`: the URL scopes' presence frames too
     listed: bool = True  # `?listed=false`: watch the URL scopes without being listed in their presence
+    compact: bool = False  # the URL subscriptions' replay merges deltas (docs/protocol.md, Compact catch-up)
 
 
 def parse_initial(
-    scopes: list[str], since: str | None, presence: str | None = None, listed: str | None = None
+    scopes: list[str], since: str | None, presence: str | None = None, listed: str | None = None,
+    compact: str | None = None,
 ) -> Initial:
-    """`?scope=...&scope=...&since=N&presence=true&listed=false` on the connection URL: subscriptions made
-    at connect time.
+    """`?scope=...&scope=...&since=N&presence=true&listed=false&compact=true` on the connection URL:
+    subscriptions made at connect time.
 
     With `since`, the connection has a cursor: these and all later subscriptions resume from it.
     """
@@ -192,14 +195,16 @@ def parse_initial(
             if scope not in wanted:
                 wanted.append(scope)
     return Initial(wanted, None if since is None else parse_seq(since, "since"),
-                   parse_flag(presence, "presence", False), parse_flag(listed, "listed", True))
+                   parse_flag(presence, "presence", False), parse_flag(listed, "listed", True),
+                   parse_flag(compact, "compact", False))
 
 
 def start_subscriptions(
     gw: Gateway, conn: Connection, request_id: str | int | None, scopes: list[str], since: int | None,
-    *, presence: bool = False, listed: bool = True,
+    *, presence: bool = False, listed: bool = True, compact: bool = False,
 ) -> None:
-    """Live subscriptions, or (with a cursor) one replay for all of them followed by live delivery.
+    """Live subscriptions, or (with a cursor) one replay for all of them followed by live delivery
+    (`compact`: the replay merges deltas).
 
     A connection opened with `?since=N` has a cursor: all its later subscriptions resume from it too."""
     if not scopes:
@@ -220,7 +225,7 @@ def start_subscriptions(
         return
     for scope in scopes:
         watch(conn, scope, listed=listed, frames=presence, settle=False)  # the replay settles them
-    replayer.start(conn, request_id, scopes, since)
+    replayer.start(conn, request_id, scopes, since, compact=compact)
 
 
 def _bad(gw: Gateway, conn: Connection, exc: FrameError, count: int) -> None:

@@ -110,7 +110,8 @@ async def sse_stream(gw: Gateway, request: Request) -> Response:
     since = request.headers.get("last-event-id") or request.query_params.get("since")
     try:
         q = request.query_params
-        initial = parse_initial(q.getlist("scope") or [WILDCARD], since, q.get("presence"), q.get("listed"))
+        initial = parse_initial(q.getlist("scope") or [WILDCARD], since, q.get("presence"), q.get("listed"),
+                                q.get("compact"))
     except FrameError as exc:
         attempts.labels("rejected").inc()
         return error_response(400, "bad_request", exc.message)

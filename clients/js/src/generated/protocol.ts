@@ -291,6 +291,7 @@ scope: string
 since?: (number | null)
 presence?: boolean
 listed?: boolean
+compact?: boolean
 }
 /**
  * A subscription started (an answer, a URL scope, or access granted later); `since`, `recovered` and
