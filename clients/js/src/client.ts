@@ -68,6 +68,9 @@ export interface GatewayClientOptions {
   presence?: boolean;
   /** `false`: watch without being listed among the scopes' watchers (default true). */
   listed?: boolean;
+  /** Resumes merge the missed range's deltas per message, reasoning and tool call (docs/protocol.md,
+   * Compact catch-up): a reload in the middle of a long answer costs a few frames. Default false. */
+  compact?: boolean;
 }
 
 /** The gateway could not fill a resume's gap (`recovered: false`): rebuild the scope from its source of
@@ -164,6 +167,7 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
   private readonly openTimeoutMs: number;
   private readonly presenceOption: boolean;
   private readonly listedOption: boolean;
+  private readonly compactOption: boolean;
 
   private cursorValue: number | null;
   private stateValue: ConnectionState = "idle";
@@ -198,13 +202,14 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
     this.tokenProvider = checkTokenProvider(options.token);
     this.scopeList = checkScopes(options.scopes ?? ["*"]);
     this.cursorValue = options.since === undefined || options.since === null ? null : checkSeq(options.since);
-    for (const flag of ["presence", "listed"] as const) {
+    for (const flag of ["presence", "listed", "compact"] as const) {
       if (options[flag] !== undefined && typeof options[flag] !== "boolean") {
         throw new GatewayInputError(flag, `must be a boolean (got ${JSON.stringify(options[flag])})`);
       }
     }
     this.presenceOption = options.presence ?? false;
     this.listedOption = options.listed ?? true;
+    this.compactOption = options.compact ?? false;
     const transport = options.transport ?? "auto";
     if (!["auto", "websocket", "sse"].includes(transport)) {
       throw new GatewayInputError("transport", `must be "auto", "websocket" or "sse" (got ${JSON.stringify(transport)})`);
@@ -317,6 +322,7 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
       op: "subscribe", scope, ...(since !== null ? { since } : {}),
       ...(resource && this.presenceOption ? { presence: true } : {}),
       ...(resource && !this.listedOption ? { listed: false } : {}),
+      ...(since !== null && this.compactOption ? { compact: true } : {}),
     }) as Promise<Subscribed | ErrorFrame | null>;
   }
 
@@ -418,6 +424,7 @@ export class GatewayClient extends Emitter<GatewayClientEvents> implements Async
     if (withSince && this.cursorValue !== null) url.searchParams.set("since", String(this.cursorValue));
     if (this.presenceOption) url.searchParams.set("presence", "true");
     if (!this.listedOption) url.searchParams.set("listed", "false");
+    if (this.compactOption) url.searchParams.set("compact", "true"); // applies to the resume replay only
     return url;
   }
 

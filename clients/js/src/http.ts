@@ -52,6 +52,8 @@ export interface HistoryOptions extends HttpOptions {
   after?: number | string;
   /** Page size, 1..WSGATEWAY_HISTORY_MAX_LIMIT (default 100). */
   limit?: number;
+  /** Merge each message's, reasoning's and tool call's deltas within a page (docs/protocol.md, Compact catch-up). */
+  compact?: boolean;
 }
 
 /** One page of `GET /v1/history`. */
@@ -74,6 +76,9 @@ export class HistoryPager implements AsyncIterable<HistoryPage> {
     this.after = checkSeq(opts.after ?? 0, "after");
     this.limit = checkInt(opts.limit ?? 100, "limit", 1, 10000);
     checkTokenProvider(opts.token);
+    if (opts.compact !== undefined && typeof opts.compact !== "boolean") {
+      throw new GatewayInputError("compact", `must be a boolean (got ${JSON.stringify(opts.compact)})`);
+    }
     this.opts = opts;
   }
 
@@ -88,6 +93,7 @@ export class HistoryPager implements AsyncIterable<HistoryPage> {
     url.searchParams.set("scope", this.scope);
     url.searchParams.set("after", String(this.after));
     url.searchParams.set("limit", String(this.limit));
+    if (this.opts.compact) url.searchParams.set("compact", "true");
     const page = await getJson<HistoryPage>(url, this.opts);
     this.after = page.next_after;
     return page;

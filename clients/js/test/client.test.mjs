@@ -15,7 +15,7 @@ import {
 const FAST = { backoff: { initialMs: 50, maxMs: 500 } };
 
 before(async () => {
-  for (const id of ['c1', 'c2', 'c3', 'c4', 'c5', 'c6']) {
+  for (const id of ['c1', 'c2', 'c3', 'c4', 'c5', 'c6', 'c7', 'c8']) {
     await grant(`acme.conversation.${id}`, { members: ['user:alice'] });
   }
 });
@@ -50,6 +50,9 @@ describe('bad input is refused before anything is sent', { timeout: 60_000 }, ()
     ['a token with a space', { token: 'a b' }, 'token', /access token/],
     ['an empty token', { token: '' }, 'token', /access token/],
     ['an unknown transport', { transport: 'polling' }, 'transport', /"auto", "websocket" or "sse"/],
+    ['presence that is not a boolean', { presence: 'yes' }, 'presence', /boolean/],
+    ['listed that is not a boolean', { listed: 0 }, 'listed', /boolean/],
+    ['compact that is not a boolean', { compact: 'true' }, 'compact', /boolean/],
   ];
   for (const [name, opts, parameter, message] of cases) {
     test(name, () => {
@@ -169,6 +172,40 @@ describe('against a real gateway', { timeout: 120_000 }, () => {
     assert.equal(client.connects, 2);
     const resumed = seen.frames.filter((f) => f.type === 'subscribed' && f.since !== undefined);
     assert.ok(resumed.length === 2 && resumed.every((f) => f.recovered === true), JSON.stringify(resumed));
+    client.close();
+  });
+
+  test('compact: a resume gets the missed deltas of a message merged into one, with the last seq', async () => {
+    const first = new GatewayClient({ url: GW_WS, token: provider(), scopes: ['conversation:c7'], ...FAST });
+    const early = collect(first);
+    await first.connect();
+    await until(() => first.cursor !== null, 'the live start position');
+    const delta = { type: 'run.message.delta', runId: 'r1', data: { message_id: 'm1', delta: 'a' } };
+    const [one] = await publish('conversation:c7', delta);
+    await until(() => early.seqs.length === 1, 'the first delta');
+    first.close();
+    const missed = await publish('conversation:c7', { ...delta, count: 20 }); // while the page was away
+    const again = new GatewayClient({ url: GW_WS, token: provider(), scopes: ['conversation:c7'], since: one,
+      compact: true, ...FAST });
+    const seen = collect(again);
+    await again.connect();
+    await until(() => seen.seqs.includes(missed.at(-1)), 'the merged delta');
+    assert.deepEqual(seen.seqs, [missed.at(-1)]); // one frame for 20 deltas, carrying the last one's seq
+    assert.equal(seen.events[0].event.data.delta, 'a'.repeat(20));
+    again.close();
+  });
+
+  test('presence: a snapshot after subscribed, then the watcher itself joins', async () => {
+    const client = new GatewayClient({ url: GW_WS, token: provider(), scopes: ['conversation:c8'], presence: true,
+      ...FAST });
+    const seen = collect(client);
+    await client.connect();
+    await until(() => seen.frames.some((f) => f.type === 'presence' && !f.snapshot), 'a presence delta');
+    const presence = seen.frames.filter((f) => f.type === 'presence');
+    assert.equal(presence[0].snapshot, true);
+    assert.equal(presence[0].scope, 'conversation:c8');
+    assert.ok(seen.frames.findIndex((f) => f.type === 'subscribed') < seen.frames.indexOf(presence[0]));
+    assert.deepEqual(presence[1].joined.map((m) => m.id), ['user:alice']);
     client.close();
   });
 

@@ -47,6 +47,7 @@ export class GatewayClient extends Emitter {
     openTimeoutMs;
     presenceOption;
     listedOption;
+    compactOption;
     cursorValue;
     stateValue = "idle";
     link = null;
@@ -78,13 +79,14 @@ export class GatewayClient extends Emitter {
         this.tokenProvider = checkTokenProvider(options.token);
         this.scopeList = checkScopes(options.scopes ?? ["*"]);
         this.cursorValue = options.since === undefined || options.since === null ? null : checkSeq(options.since);
-        for (const flag of ["presence", "listed"]) {
+        for (const flag of ["presence", "listed", "compact"]) {
             if (options[flag] !== undefined && typeof options[flag] !== "boolean") {
                 throw new GatewayInputError(flag, `must be a boolean (got ${JSON.stringify(options[flag])})`);
             }
         }
         this.presenceOption = options.presence ?? false;
         this.listedOption = options.listed ?? true;
+        this.compactOption = options.compact ?? false;
         const transport = options.transport ?? "auto";
         if (!["auto", "websocket", "sse"].includes(transport)) {
             throw new GatewayInputError("transport", `must be "auto", "websocket" or "sse" (got ${JSON.stringify(transport)})`);
@@ -200,6 +202,7 @@ export class GatewayClient extends Emitter {
             op: "subscribe", scope, ...(since !== null ? { since } : {}),
             ...(resource && this.presenceOption ? { presence: true } : {}),
             ...(resource && !this.listedOption ? { listed: false } : {}),
+            ...(since !== null && this.compactOption ? { compact: true } : {}),
         });
     }
     /** Stop following a scope (`unsubscribe`); resolves with the answer, or `null` when not connected. */
@@ -306,6 +309,8 @@ export class GatewayClient extends Emitter {
             url.searchParams.set("presence", "true");
         if (!this.listedOption)
             url.searchParams.set("listed", "false");
+        if (this.compactOption)
+            url.searchParams.set("compact", "true"); // applies to the resume replay only
         return url;
     }
     async run() {

@@ -44,6 +44,9 @@ export class HistoryPager {
         this.after = checkSeq(opts.after ?? 0, "after");
         this.limit = checkInt(opts.limit ?? 100, "limit", 1, 10000);
         checkTokenProvider(opts.token);
+        if (opts.compact !== undefined && typeof opts.compact !== "boolean") {
+            throw new GatewayInputError("compact", `must be a boolean (got ${JSON.stringify(opts.compact)})`);
+        }
         this.opts = opts;
     }
     /** The `after` of the next page. */
@@ -56,6 +59,8 @@ export class HistoryPager {
         url.searchParams.set("scope", this.scope);
         url.searchParams.set("after", String(this.after));
         url.searchParams.set("limit", String(this.limit));
+        if (this.opts.compact)
+            url.searchParams.set("compact", "true");
         const page = await getJson(url, this.opts);
         this.after = page.next_after;
         return page;
