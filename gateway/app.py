@@ -25,6 +25,7 @@ from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
 from gateway.core.replay import Replayer
 from gateway.edge.cors import CorsMiddleware
+from gateway.edge.deflate import Deflater
 from gateway.edge.http_api import SCOPES_MAX_LIMIT, build_router
 from gateway.edge.openapi import truthful_openapi
 from gateway.edge.session import serve_socket
@@ -57,6 +58,7 @@ class Gateway:
         self.hub = Hub(settings, self.metrics, self.acl)
         self.bus = Bus(settings, self.hub, self.acl, self.metrics, tracer=tracer)
         self.verifier = TokenVerifier.from_settings(settings, issuer=issuer)
+        self.deflater = Deflater(self.metrics.frames_compressed.inc)  # permessage-deflate, once per frame
 
         self._replayer: Replayer | None = None
         self._unchain_signals: Callable[[], None] = lambda: None
@@ -269,7 +271,7 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": settings.heartbeat_s,
         "ws_ping_timeout": settings.heartbeat_s,
-        "ws_per_message_deflate": False,
+        "ws_per_message_deflate": settings.ws_compression,  # served by edge/deflate.py, never uvicorn's own
         "timeout_graceful_shutdown": settings.shutdown_timeout_s,
         "lifespan": "on",
         # said, not guessed: logs.AccessTiming's __call__ is a plain function (no coroutine frame per socket)

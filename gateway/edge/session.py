@@ -127,6 +127,8 @@ async def _handshake(
         ws.headers, ws.scope.get("subprotocols") or [], ws.query_params, allow_query=settings.allow_query_token
     )
     await ws.accept(subprotocol=src.subprotocol)
+    if channel.compresses:
+        channel.compress_with(gw.deflater)
     if hub.full:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")

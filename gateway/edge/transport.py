@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
-from collections.abc import Callable, Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import wsproto.events
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState
+from wsproto.frame_protocol import CloseReason
 
 from gateway.core.channel import websocket_encode
+from gateway.edge.deflate import Inflate, negotiate
+
+if TYPE_CHECKING:
+    from gateway.core.queue import OutFrame
+    from gateway.edge.deflate import Deflater
 
 EXTENSION = "wsgateway.raw"
 
@@ -30,17 +37,35 @@ EXTENSION = "wsgateway.raw"
 class RawChannel:
     """Direct, synchronous access to one WebSocket connection's byte stream (a `gateway.core.channel.Channel`)."""
 
-    __slots__ = ("_proto", "on_lost", "on_shutdown", "on_writable")
+    __slots__ = ("_deflater", "_proto", "on_lost", "on_shutdown", "on_writable")
 
     kind = "websocket"
-    frames_are_wire = True
-    encode = staticmethod(websocket_encode)
 
     def __init__(self, proto: GatewayWSProtocol) -> None:
         self._proto = proto
+        self._deflater: Deflater | None = None
         self.on_writable: Callable[[], None] | None = None
         self.on_shutdown: Callable[[], None] | None = None
         self.on_lost: Callable[[], None] | None = None
+
+    @property
+    def compresses(self) -> bool:
+        """The client negotiated permessage-deflate (gateway/edge/deflate.py)."""
+        return self._proto.inflate is not None
+
+    def compress_with(self, deflater: Deflater) -> None:
+        """Write compressed frames from now on (only after `compresses`; before the connection joins the hub,
+        which reads `encode` and `frames_are_wire` once)."""
+        assert self.compresses
+        self._deflater = deflater
+
+    @property
+    def frames_are_wire(self) -> bool:
+        return self._deflater is None
+
+    @property
+    def encode(self) -> Callable[[Sequence[OutFrame]], bytes]:
+        return websocket_encode if self._deflater is None else self._deflater.encode
 
     def fast_path(self) -> tuple[Callable[[bytes], object], _Flag]:
         """The transport's write and the writable flag, for the writer's flush loop (its hottest code).
@@ -171,11 +196,45 @@ class _Established:
         yield from self.connection.events()
 
 
+class _Accepting:
+    """The handshake's WSConnection while uvicorn sends the 101: its AcceptConnection carries our
+    permessage-deflate extension when one was negotiated (uvicorn would add its own, unbounded one)."""
+
+    __slots__ = ("_conn", "_inflate")
+
+    def __init__(self, conn: WSConnection, inflate: Inflate | None) -> None:
+        self._conn = conn
+        self._inflate = inflate
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._conn.state
+
+    def send(self, event: wsproto.events.Event) -> bytes:
+        if isinstance(event, wsproto.events.AcceptConnection):
+            event = dataclasses.replace(event, extensions=[] if self._inflate is None else [self._inflate])
+        return self._conn.send(event)
+
+    def receive_data(self, data: bytes | None) -> None:
+        self._conn.receive_data(data)
+
+    def events(self) -> Iterator[wsproto.events.Event]:
+        yield from self._conn.events()
+
+
+_BAD_UPGRADE = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"content-length: 40\r\n\r\nupgrade header values must be ASCII text"
+)
+_INFLATE_CODES = (CloseReason.MESSAGE_TOO_BIG, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
+
+
 class GatewayWSProtocol(WSProtocol):
     """uvicorn's wsproto protocol, exposing a RawChannel in the scope's extensions."""
 
     channel: RawChannel | None = None
     failed = False  # the peer broke the protocol and was answered with a close frame (`fail`)
+    inflate: Inflate | None = None  # permessage-deflate, when the client offered it acceptably
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -184,6 +243,10 @@ class GatewayWSProtocol(WSProtocol):
         self.writable = self.flag  # type: ignore[assignment]  # duck-typed asyncio.Event (see _Flag)
 
     def handle_connect(self, event: wsproto.events.Request) -> None:
+        if self.config.ws_per_message_deflate:  # WSGATEWAY_WS_COMPRESSION (uvicorn's own deflate is never used)
+            answer = negotiate(cast("list[str]", event.extensions))  # a server's Request: the header's offers
+            if answer is not None:
+                self.inflate = Inflate(answer, self.config.ws_max_size)
         super().handle_connect(event)
         self.channel = RawChannel(self)
         # uvicorn types extension values as dicts; ours is an object the session reads back (session.py)
@@ -191,7 +254,18 @@ class GatewayWSProtocol(WSProtocol):
         extensions[EXTENSION] = self.channel
 
     async def send(self, message: Any) -> None:
-        await super().send(message)
+        if message["type"] == "websocket.accept" and not self.handshake_complete:
+            await self.writable.wait()  # (uvicorn's first step) so the stand-in is in place only while it sends
+            conn = self.conn
+            accepting = _Accepting(conn, self.inflate)
+            self.conn = accepting  # type: ignore[assignment]
+            try:
+                await super().send(message)
+            finally:
+                if cast("object", self.conn) is accepting:
+                    self.conn = conn
+        else:
+            await super().send(message)
         conn = self.conn
         if message["type"] == "websocket.accept" and isinstance(conn, WSConnection) and conn.connection is not None:
             self.conn = _Established(conn.connection)  # type: ignore[assignment]
@@ -199,7 +273,14 @@ class GatewayWSProtocol(WSProtocol):
     def data_received(self, data: bytes) -> None:
         if self.failed:
             return  # answered with a close frame (fail): nothing more from this peer is parsed, or buffered
-        super().data_received(data)
+        if self.handshake_complete:
+            super().data_received(data)
+            return
+        try:
+            super().data_received(data)
+        except UnicodeDecodeError:  # wsproto decodes a few upgrade headers (e.g. Sec-WebSocket-Extensions) as ASCII
+            self.transport.write(_BAD_UPGRADE)
+            self.transport.close()
 
     def handle_close(self, event: wsproto.events.CloseConnection) -> None:
         """A close event while wsproto's connection is still OPEN was not sent by the peer: it is
@@ -207,7 +288,10 @@ class GatewayWSProtocol(WSProtocol):
         UTF-8). uvicorn answers only a peer's close frame (REMOTE_CLOSING) and would drop the TCP
         connection without one, so the client saw 1006; the peer gets the close frame here."""
         if not self.close_sent and self.conn.state is ConnectionState.OPEN:
-            self.fail(event.code, event.reason or "")
+            reason = event.reason or ""
+            if self.inflate is not None and self.inflate.failure is not None and event.code in _INFLATE_CODES:
+                reason = self.inflate.failure  # instead of wsproto's "error in extension"
+            self.fail(event.code, reason)
             return
         super().handle_close(event)
 
