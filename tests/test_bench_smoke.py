@@ -95,3 +95,16 @@ def test_hotpath_benchmark_measures_the_working_tree_and_a_revision() -> None:
     assert any(line.strip().startswith("working tree") for line in lines), out.stdout
     assert any(line.strip().startswith("baseline HEAD") for line in lines), out.stdout
     assert any(line.strip().startswith("ratio working tree / baseline") for line in lines), out.stdout
+
+
+def test_deflate_benchmark_compares_plain_and_compressing_deliveries() -> None:
+    """bench/deflate.py in its smallest form: both modes measured, the compressed frames smaller."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "deflate.py"), "--rounds", "1", "--repeat", "1",
+         "--connections", "200", "--scopes", "10", "--flushes", "5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.strip()}
+    assert float(rows["compressing"][2]) < float(rows["plain"][2]), out.stdout  # bytes per delivery
+    assert "compression:" in rows, out.stdout

@@ -184,7 +184,9 @@ class Deflater:
     shrink goes uncompressed (RSV1 clear): permessage-deflate allows it per message. `counted` is told
     how many frames were compressed (wsgateway_frames_compressed_total)."""
 
-    def __init__(self, counted: Callable[[int], object], level: int = 6) -> None:
+    def __init__(self, counted: Callable[[int], object], level: int = 1) -> None:
+        # level 1: for event-sized JSON (hundreds of bytes) within a few % of level 6's size, at a fraction of
+        # its CPU on larger frames (bench/deflate.py)
         self._z = zlib.compressobj(level, zlib.DEFLATED, -15, 8)
         self._counted = counted
 
@@ -200,8 +202,9 @@ class Deflater:
     def encode(self, frames: Sequence[OutFrame]) -> bytes:
         """The wire bytes of queued frames on a compressing connection (a `Channel.encode`)."""
         if len(frames) == 1:
-            return self.frame(frames[0])
-        return b"".join([self.frame(f) for f in frames])
+            z = frames[0].deflated
+            return z if z is not None else self.frame(frames[0])
+        return b"".join([f.deflated or self.frame(f) for f in frames])
 
 
 __all__ = ["ANSWER", "NAME", "Deflater", "Inflate", "frame_header", "negotiate"]
