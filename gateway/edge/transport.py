@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import wsproto.events
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState
@@ -102,6 +103,16 @@ class RawChannel:
         """Start the close handshake now, even when the transport is paused (a slow client)."""
         self._proto.close_now(code, reason)
 
+    def receive_with(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Client events go to `handler` from now on, not to the ASGI `receive` (see GatewayWSProtocol)."""
+        self._proto.receive_with(handler)
+
+    def hold_reading(self) -> None:
+        self._proto.hold_reading()
+
+    def release_reading(self) -> None:
+        self._proto.release_reading()
+
 
 class _Inbox:
     """What uvicorn's protocol uses of its per-connection asyncio.Queue (put_nowait, get, empty).
@@ -133,6 +144,39 @@ class _Inbox:
             finally:
                 self._waiter = None
         return self._items.pop(0)
+
+
+class _Direct:
+    """The inbox once the session receives through a callback (`GatewayWSProtocol.receive_with`): each event
+    uvicorn would queue (`websocket.receive`, `websocket.disconnect`) goes straight to the session's
+    handler, synchronously, as it is parsed. Nothing waits for it: no task, no coroutine frames per idle
+    connection. A handler that raises is logged and its connection closed (uvicorn's verdict on an app
+    that raises)."""
+
+    __slots__ = ("_handler", "_proto")
+
+    def __init__(self, proto: GatewayWSProtocol, handler: Callable[[dict[str, Any]], None]) -> None:
+        self._proto = proto
+        self._handler = handler
+
+    def put_nowait(self, item: Any) -> None:
+        try:
+            self._handler(item)
+        except Exception:
+            self._proto.logger.exception("Exception in ASGI application\n")
+            self._proto.transport.close()
+
+    def empty(self) -> bool:
+        return True
+
+    async def get(self) -> Any:
+        raise RuntimeError("this connection's events go to its handler (receive_with), not to receive()")
+
+
+# What a connection's scope becomes once its session receives through a callback: the handshake's headers,
+# query, path and app state copy are of no use any more (uvicorn reads the scope only while handshaking)
+_SPENT_SCOPE: Any = {"type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "path": "",
+                     "query_string": b"", "headers": [], "client": None, "server": None, "extensions": {}}
 
 
 class _Flag:
@@ -169,6 +213,15 @@ class _Flag:
             await w
 
 
+class _EventList(list[wsproto.events.Event]):
+    """What wsproto's Connection does with its `_events` deque (append, popleft, truth), as a list."""
+
+    __slots__ = ()
+
+    def popleft(self) -> wsproto.events.Event:
+        return self.pop(0)
+
+
 class _Established:
     """What uvicorn calls on its WSConnection (send, receive_data, events, state) once the upgrade is
     done, served by wsproto's public post-handshake `Connection` alone.
@@ -181,6 +234,9 @@ class _Established:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        # wsproto's pending-events deque allocates a 64-slot block (~700 bytes) up front; a list does here
+        # (almost always empty; tests/test_uvicorn_seam.py checks what wsproto does with it)
+        connection._events = _EventList()  # type: ignore[assignment]
 
     @property
     def state(self) -> ConnectionState:
@@ -235,6 +291,8 @@ class GatewayWSProtocol(WSProtocol):
     channel: RawChannel | None = None
     failed = False  # the peer broke the protocol and was answered with a close frame (`fail`)
     inflate: Inflate | None = None  # permessage-deflate, when the client offered it acceptably
+    detached = False  # the session receives through a callback (`receive_with`); its ASGI task has ended
+    holding = False  # the session asked for no more client frames for now (`hold_reading`)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -269,6 +327,59 @@ class GatewayWSProtocol(WSProtocol):
         conn = self.conn
         if message["type"] == "websocket.accept" and isinstance(conn, WSConnection) and conn.connection is not None:
             self.conn = _Established(conn.connection)  # type: ignore[assignment]
+
+    def receive_with(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Hand every later client event (`websocket.receive`, `websocket.disconnect`) to `handler` as it is
+        parsed, instead of queueing it for the ASGI `receive`: the app may then return, and its task end,
+        while the connection stays open. Events already queued go to the handler first, in order."""
+        inbox = self.queue
+        self.queue = _Direct(self, handler)  # type: ignore[assignment]
+        self.detached = True
+        self.scope = _SPENT_SCOPE
+        items = inbox._items if isinstance(inbox, _Inbox) else []
+        for item in items:
+            self.queue.put_nowait(item)
+        self._read_on()
+
+    def hold_reading(self) -> None:
+        """No more client frames until `release_reading` (the session is busy with one, e.g. a refresh)."""
+        self.holding = True
+        if not self.read_paused and not self.transport.is_closing():
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def release_reading(self) -> None:
+        self.holding = False
+        self._read_on()
+
+    def _read_on(self) -> None:
+        if self.read_paused and not self.holding:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def handle_message(self, event: wsproto.events.TextMessage | wsproto.events.BytesMessage) -> None:
+        super().handle_message(event)  # queues it (to the handler, when detached), then pauses reading ...
+        if self.detached:
+            self._read_on()  # ... which a handler that already has it does not need
+
+    async def run_asgi(self) -> None:
+        """uvicorn's, except that an app whose session went callback-based (`receive_with`) returns without
+        the connection being closed."""
+        try:
+            result = await self.app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if self.close_timer is None and not self.detached:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
