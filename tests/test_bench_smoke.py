@@ -108,3 +108,19 @@ def test_deflate_benchmark_compares_plain_and_compressing_deliveries() -> None:
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.strip()}
     assert float(rows["compressing"][2]) < float(rows["plain"][2]), out.stdout  # bytes per delivery
     assert "compression:" in rows, out.stdout
+
+
+@pytest.mark.timeout(180)
+def test_handshake_benchmark_reports_both_algorithms(tmp_path: Path) -> None:
+    """bench/handshakes.py in its quickest form: one round of a few connections per algorithm."""
+    out = tmp_path / "hs.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "handshakes.py"), "--rounds", "1", "--connections", "40",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert set(summary) == {"gateway RS256", "gateway ES256"}
+    for row in summary.values():
+        assert row["rounds"][0]["connected"] == 40 and row["per_core_s"] > 0
