@@ -88,11 +88,11 @@ class Inflate(Extension):
     Holds an inflater only while a compressed message is arriving (no context takeover): nothing per
     idle connection but this small object."""
 
-    __slots__ = ("_answer", "_frame", "_inflater", "_left", "_limit", "_message", "failure")
+    __slots__ = ("_frame", "_inflater", "_left", "_limit", "_message", "answer", "failure")
     name = NAME
 
     def __init__(self, answer: str, limit: int) -> None:
-        self._answer = answer
+        self.answer = answer  # the response's parameters (`negotiate`)
         self._limit = limit  # largest inflated message (WSGATEWAY_MAX_FRAME_BYTES)
         self._left = 0  # bytes the current message may still inflate to
         self._message = False  # the message being received is compressed
@@ -107,7 +107,7 @@ class Inflate(Extension):
         return False
 
     def accept(self, offer: str) -> bool | str | None:
-        return self._answer  # already chosen by `negotiate` (wsproto asks once per offer: same answer)
+        return self.answer  # already chosen by `negotiate` (wsproto asks once per offer: same answer)
 
     def finalize(self, offer: str) -> None:  # a client's side
         return None
@@ -164,7 +164,7 @@ class Inflate(Extension):
         return rsv, data  # wsproto's own messages go uncompressed (RSV1 clear); the data path uses Deflater
 
     def __repr__(self) -> str:
-        return f"<Inflate {NAME}; {self._answer}>"
+        return f"<Inflate {NAME}; {self.answer}>"
 
 
 def frame_header(first: int, n: int) -> bytes:

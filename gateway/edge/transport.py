@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -22,11 +22,13 @@ import wsproto.events
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
-from wsproto.connection import Connection, ConnectionState
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError, generate_accept_token
 
 from gateway.core.channel import websocket_encode
-from gateway.edge.deflate import Inflate, negotiate
+from gateway.edge.deflate import NAME, Inflate, negotiate
 
 if TYPE_CHECKING:
     from gateway.core.queue import OutFrame
@@ -253,23 +255,47 @@ class _Established:
 
 
 class _Accepting:
-    """The handshake's WSConnection while uvicorn sends the 101: its AcceptConnection carries our
-    permessage-deflate extension when one was negotiated (uvicorn would add its own, unbounded one)."""
+    """The handshake's WSConnection while uvicorn sends the 101 (`AcceptConnection`).
 
-    __slots__ = ("_conn", "_inflate")
+    The 101 is written here, the way wsproto's handshake writes it (RFC 6455 4.2.2: Upgrade, Connection,
+    Sec-WebSocket-Accept, the selected subprotocol, our permessage-deflate answer when one was negotiated,
+    then uvicorn's headers), without building it as an h11 response: that was a tenth of a handshake's
+    CPU. The post-handshake wsproto `Connection` is made here too (with the extension, never uvicorn's
+    own unbounded one). Every other event goes to the WSConnection."""
 
-    def __init__(self, conn: WSConnection, inflate: Inflate | None) -> None:
+    __slots__ = ("_conn", "_inflate", "_key", "_offered")
+
+    def __init__(self, conn: WSConnection, inflate: Inflate | None, key: bytes, offered: list[str]) -> None:
         self._conn = conn
         self._inflate = inflate
+        self._key = key  # Sec-WebSocket-Key of the request (wsproto checked that there is one)
+        self._offered = offered  # subprotocols the client offered
 
     @property
     def state(self) -> ConnectionState:
         return self._conn.state
 
     def send(self, event: wsproto.events.Event) -> bytes:
-        if isinstance(event, wsproto.events.AcceptConnection):
-            event = dataclasses.replace(event, extensions=[] if self._inflate is None else [self._inflate])
-        return self._conn.send(event)
+        if not isinstance(event, wsproto.events.AcceptConnection) or self._conn.connection is not None:
+            return self._conn.send(event)
+        headers = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
+                   (b"Sec-WebSocket-Accept", generate_accept_token(self._key))]
+        if event.subprotocol is not None:
+            if event.subprotocol not in self._offered:
+                raise LocalProtocolError(f"unexpected subprotocol {event.subprotocol}")
+            headers.append((b"Sec-WebSocket-Protocol", event.subprotocol.encode("ascii")))
+        extensions: list[Extension] = []
+        if self._inflate is not None:
+            extensions.append(self._inflate)
+            headers.append((b"Sec-WebSocket-Extensions", f"{NAME}; {self._inflate.answer}".encode("ascii")))
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in [*headers, *event.extra_headers]:
+            if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
+                raise LocalProtocolError(f"illegal header {name!r}")  # as h11 would refuse to write it
+            lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        self._conn.connection = Connection(ConnectionType.SERVER, extensions)
+        return b"".join(lines)
 
     def receive_data(self, data: bytes | None) -> None:
         self._conn.receive_data(data)
@@ -278,6 +304,8 @@ class _Accepting:
         yield from self._conn.events()
 
 
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_HEADER_VALUE = re.compile(rb"[\x21-\x7e\x80-\xff]([\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?|")  # no CR/LF
 _BAD_UPGRADE = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
     b"content-length: 40\r\n\r\nupgrade header values must be ASCII text"
@@ -315,7 +343,8 @@ class GatewayWSProtocol(WSProtocol):
         if message["type"] == "websocket.accept" and not self.handshake_complete:
             await self.writable.wait()  # (uvicorn's first step) so the stand-in is in place only while it sends
             conn = self.conn
-            accepting = _Accepting(conn, self.inflate)
+            key = next((v for k, v in self.scope["headers"] if k == b"sec-websocket-key"), b"")
+            accepting = _Accepting(conn, self.inflate, key, list(self.scope["subprotocols"]))
             self.conn = accepting  # type: ignore[assignment]
             try:
                 await super().send(message)
