@@ -2,11 +2,15 @@
 
 uvicorn lets an application choose its WebSocket protocol class (`ws=`). Ours is uvicorn's own
 wsproto implementation plus one ASGI scope extension, `wsgateway.raw`: a `RawChannel` through which
-the gateway writes pre-encoded WebSocket frames straight to the connection's transport. The
-handshake, client frames, pings, size limits and the close handshake all stay uvicorn's; only the
-hot path (one `transport.write` of many frames, no await per client) bypasses the ASGI send queue.
-One rule is added: a frame that breaks RFC 6455 gets its close frame (1002, 1007 for bad UTF-8)
-before the connection ends, where uvicorn would drop it without one (`handle_close`).
+the gateway writes pre-encoded WebSocket frames straight to the connection's transport. The request
+parsing, pings, size limits and the close handshake stay uvicorn's; the hot path (one
+`transport.write` of many frames, no await per client) bypasses the ASGI send queue. Added rules:
+
+- a frame that breaks RFC 6455 gets its close frame (1002, 1007 for bad UTF-8) before the connection
+  ends, where uvicorn would drop it without one (`handle_close`);
+- permessage-deflate is negotiated here (edge/deflate.py), and the 101 is written here (`_Accepting`);
+- after the handshake the session may take client events through a callback (`receive_with`), so an
+  idle connection keeps no ASGI task or coroutine frames alive.
 """
 
 from __future__ import annotations
@@ -176,7 +180,8 @@ class _Direct:
 
 
 # What a connection's scope becomes once its session receives through a callback: the handshake's headers,
-# query, path and app state copy are of no use any more (uvicorn reads the scope only while handshaking)
+# query, path and app state copy are of no use any more (uvicorn reads the scope only while handshaking).
+# One dict shared by all such connections: nothing writes a scope after the handshake.
 _SPENT_SCOPE: Any = {"type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "path": "",
                      "query_string": b"", "headers": [], "client": None, "server": None, "extensions": {}}
 
