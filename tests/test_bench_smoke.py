@@ -124,3 +124,22 @@ def test_handshake_benchmark_reports_both_algorithms(tmp_path: Path) -> None:
     assert set(summary) == {"gateway RS256", "gateway ES256"}
     for row in summary.values():
         assert row["rounds"][0]["connected"] == 40 and row["per_core_s"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_quick_benchmark_with_compressing_load_clients(tmp_path: Path) -> None:
+    """`--compress`: the compiled clients offer permessage-deflate and count the (inflated) events. Without
+    zlib's headers the client is built without it, and `--compress` says so instead of measuring."""
+    out = tmp_path / "quick-z.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "fanout.py"), "--quick", "--compress", "--servers", "gateway",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    if not Path("/usr/include/zlib.h").exists():
+        assert proc.returncode != 0 and "needs a build with zlib" in proc.stdout + proc.stderr
+        return
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["summary"]["rows"]
+    assert row["achieved"] > 0 and row["p99_ms"] > 0
+    assert "offer permessage-deflate" in proc.stdout
