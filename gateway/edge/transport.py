@@ -387,7 +387,7 @@ class GatewayWSProtocol(WSProtocol):
         self._read_on()
 
     def _read_on(self) -> None:
-        if self.read_paused and not self.holding:
+        if self.read_paused and not self.holding and not self.transport.is_closing():
             self.read_paused = False
             self.transport.resume_reading()
 
