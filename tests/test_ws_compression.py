@@ -194,11 +194,17 @@ async def test_offers_are_checked_parameter_by_parameter_and_a_bad_one_is_declin
     assert [c for _, c in got] == [want is not None for _, want in OFFERS]
 
 
-async def test_an_offer_that_is_not_ascii_is_a_400_not_a_server_error(gw: RunningGateway, idp: TestIdP) -> None:
+@pytest.mark.parametrize("header", [
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=\u00e9",
+    "Sec-WebSocket-Protocol: wsgateway.v1, b\u00e9arer",
+    "Connection: Upgrade, k\u00e9ep",
+])
+async def test_an_upgrade_header_that_is_not_ascii_is_a_400_not_a_server_error(
+    gw: RunningGateway, idp: TestIdP, header: str
+) -> None:
     conn = await RawConnection.open(gw.port)
     try:
-        offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=\u00e9".encode("latin-1")
-        await conn.send(upgrade_request(token=idp.mint("alice"), headers=(offer,)))
+        await conn.send(upgrade_request(token=idp.mint("alice"), headers=(header.encode("latin-1"),)))
         head = await conn.response_head()
         assert head.startswith(b"HTTP/1.1 400 "), head
         assert (await conn.ends()).endswith(b"ASCII text")
