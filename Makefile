@@ -7,7 +7,8 @@ PYTHON ?= python3
 RUN_APT_DEPS := nats-server=nats-server
 APT_DEPS := $(RUN_APT_DEPS) node=nodejs npm=npm promtool=prometheus chromium=chromium gcc=gcc \
 	buildah=buildah debootstrap=debootstrap \
-	nginx=nginx /usr/lib/nginx/modules/ngx_nchan_module.so=libnginx-mod-nchan
+	nginx=nginx /usr/lib/nginx/modules/ngx_nchan_module.so=libnginx-mod-nchan \
+	/usr/include/zlib.h=zlib1g-dev
 PYTEST_ARGS ?=
 
 .PHONY: run test deps venv run-deps system-deps npm-deps lint bench clean dashboards image js schemas

@@ -27,7 +27,8 @@ def build(outdir: Path) -> Path:
     if cc is None:
         raise RuntimeError("--client c needs a C compiler (gcc or cc on PATH)")
     binary = outdir / "wsload"
-    subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(SOURCE)], check=True)
+    zlib = ["-DHAVE_ZLIB", "-lz"] if Path("/usr/include/zlib.h").exists() else []  # for WSLOAD_DEFLATE=1
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(SOURCE), *zlib], check=True)
     return binary
 
 

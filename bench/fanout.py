@@ -1005,7 +1005,9 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
           f"WebSocket implementation + the same JWT check (PyJWT, JWKS), no ACL. Gateway at {args.code}; "
           f"{NCPU} CPUs."
           + (f" Baseline at {args.baseline_code}." if getattr(args, "baseline_code", "") else "")
-          + (f" Server env: {args.user_env}." if args.user_env else ""), file=out)
+          + (f" Server env: {args.user_env}." if args.user_env else "")
+          + (" Load clients offer permessage-deflate (--compress)." if getattr(args, "compress", False) else ""),
+          file=out)
     head = (f"{'server':8} {'conns':>6} {'step':>6} {'offered/s':>10} {'achieved/s':>11} {'p50 ms':>7} {'p99 ms':>8} "
             f"{'srv CPU%':>8} {'us/deliv':>8} {'host%':>6} {'other%':>6} {'RSS KiB/conn':>12} {'p99 ok':>7}")
     print(head, file=out)
@@ -1183,6 +1185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="measure a step again when other%% >= 30 (busy CPU outside the benchmark); both are "
                         "kept, the figures use the less disturbed one")
     p.add_argument("--quick", action="store_true", help="small and fast: 300 connections, 1 run, short windows")
+    p.add_argument("--compress", action="store_true",
+                   help="the load clients offer permessage-deflate (compiled client with zlib only)")
     p.add_argument("--json", dest="json_out", default=None, help="also write all results to this file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the runs, profile each server with py-spy at the largest count (target rate)")
@@ -1228,6 +1232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("the peer comparison measures the gateway beside the peers: add gateway to --servers")
     args.user_env = dict(kv.split("=", 1) for kv in args.server_env)
     args.server_env = dict(args.user_env)
+    if args.compress:
+        if args.client != "c":
+            p.error("--compress needs the compiled load client (--client c)")
+        os.environ["WSLOAD_DEFLATE"] = "1"  # inherited by the load clients (bench/wsload.c)
     return args
 
 

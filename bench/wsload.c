@@ -31,6 +31,8 @@
  *   count                    -> count TOTAL LOST {"code": count}
  *   disconnect               -> disconnected
  *   exit
+ * With WSLOAD_DEFLATE=1 in its environment (bench/fanout.py --compress; built with zlib, -DHAVE_ZLIB) the
+ * client offers permessage-deflate and inflates compressed (RSV1) server frames before parsing them.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -50,6 +52,9 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef HAVE_ZLIB
+#include <zlib.h>
+#endif
 
 enum { CONNECTING, HANDSHAKE, AUTHENTICATING, SUBSCRIBING, OPEN, DEAD };
 
@@ -85,6 +90,29 @@ static double W0 = 1e300, W1 = -1e300;
 static float *samples;
 static size_t nsamples, samples_cap;
 static long total_events, window_events, bad_frames, lost;
+static int deflate_on; /* WSLOAD_DEFLATE=1: offer permessage-deflate, inflate RSV1 frames */
+#ifdef HAVE_ZLIB
+static z_stream zs;
+static unsigned char *inflated;
+static size_t inflated_cap = 1 << 20;
+
+/* One compressed message (no context takeover: each inflates on its own); NULL if it does not. */
+static const unsigned char *inflate_frame(const unsigned char *p, size_t n, size_t *out) {
+    static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
+    inflateReset(&zs);
+    zs.next_out = inflated;
+    zs.avail_out = (uInt)inflated_cap;
+    zs.next_in = (unsigned char *)p;
+    zs.avail_in = (uInt)n;
+    if (inflate(&zs, Z_SYNC_FLUSH) < Z_OK && zs.avail_in) return NULL;
+    zs.next_in = (unsigned char *)tail;
+    zs.avail_in = 4;
+    int r = inflate(&zs, Z_SYNC_FLUSH);
+    if (r != Z_OK && r != Z_STREAM_END && r != Z_BUF_ERROR) return NULL;
+    *out = inflated_cap - zs.avail_out;
+    return inflated;
+}
+#endif
 #define MAX_CODES 16
 static int close_codes[MAX_CODES];
 static long close_counts[MAX_CODES];
@@ -220,8 +248,9 @@ static void send_request(conn_t *c) {
     else snprintf(url, sizeof url, "%s", path);
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n\r\n",
-                     url, host, port, key, tokens[c->local]);
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n%s\r\n",
+                     url, host, port, key, tokens[c->local],
+                     deflate_on ? "Sec-WebSocket-Extensions: permessage-deflate\r\n" : "");
     send_all(c->fd, req, (size_t)n);
     c->state = HANDSHAKE;
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
@@ -282,10 +311,19 @@ static size_t parse(conn_t *c, const unsigned char *data, size_t n, double now) 
         }
         size_t end = start + ln;
         if (end > n) break;
-        int op = data[pos] & 0x0f;
+        int op = data[pos] & 0x0f, rsv1 = data[pos] & 0x40;
         pos = end;
+        const unsigned char *body = data + start;
+#ifdef HAVE_ZLIB
+        if (rsv1 && op == 1) {
+            body = inflate_frame(data + start, ln, &ln);
+            if (!body) { bad_frames++; continue; }
+        }
+#else
+        if (rsv1) { bad_frames++; continue; }
+#endif
         if (op == 1) {
-            const unsigned char *p = data + start, *fend = data + end;
+            const unsigned char *p = body, *fend = body + ln;
             const unsigned char *t = memmem(p, ln, "\"t\":", 4);
             if (!t || mode == MODE_CENTRIFUGO) {
                 on_control_text(c, p, ln); /* Centrifugo: a ping may share the frame with events */
@@ -484,6 +522,16 @@ int main(int argc, char **argv) {
     index_ = atoi(argv[1]);
     nprocs = atoi(argv[2]);
     srandom((unsigned)(getpid() ^ (unsigned)now_wall()));
+    const char *dfl = getenv("WSLOAD_DEFLATE");
+    deflate_on = dfl && strcmp(dfl, "1") == 0;
+#ifdef HAVE_ZLIB
+    if (deflate_on) {
+        inflated = malloc(inflated_cap);
+        if (inflateInit2(&zs, -15) != Z_OK) { fprintf(stderr, "inflateInit2 failed\n"); return 2; }
+    }
+#else
+    if (deflate_on) { fprintf(stderr, "WSLOAD_DEFLATE=1 needs a build with zlib (-DHAVE_ZLIB -lz)\n"); return 2; }
+#endif
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) { rl.rlim_cur = rl.rlim_max; setrlimit(RLIMIT_NOFILE, &rl); }
 

@@ -19,6 +19,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -31,13 +32,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt import exceptions as jwt_errors
 
 from gateway.events import NAME_PATTERN, NAME_RE
 from gateway.principal import AUTH_FAILURE_REASONS, Principal, profile_name, profile_picture
 
 if TYPE_CHECKING:
-    from jwt.types import Options
 
     from gateway.config import Settings
 
@@ -222,18 +226,7 @@ def _claim(claims: Mapping[str, Any], name: str) -> Any:
     return value
 
 
-_PYJWT_REASONS: tuple[tuple[type[Exception], str], ...] = (
-    (jwt_errors.ExpiredSignatureError, "expired"),
-    (jwt_errors.ImmatureSignatureError, "not_yet_valid"),
-    (jwt_errors.InvalidSignatureError, "bad_signature"),
-    (jwt_errors.InvalidIssuerError, "wrong_issuer"),
-    (jwt_errors.InvalidAudienceError, "wrong_audience"),
-    (jwt_errors.InvalidAlgorithmError, "bad_algorithm"),
-    (jwt_errors.InvalidSubjectError, "missing_claim"),
-    (jwt_errors.InvalidIssuedAtError, "malformed"),
-    (jwt_errors.InvalidJTIError, "malformed"),
-)
-_PYJWT_MESSAGES: dict[str, str] = {
+_MESSAGES: dict[str, str] = {
     "expired": "token has expired",
     "not_yet_valid": "token is not valid yet",
     "bad_signature": "token signature is invalid",
@@ -245,14 +238,56 @@ _PYJWT_MESSAGES: dict[str, str] = {
 }
 
 
-def _map_pyjwt_error(exc: jwt_errors.PyJWTError) -> AuthError:
-    if isinstance(exc, jwt_errors.MissingRequiredClaimError):
-        reason = {"iss": "wrong_issuer", "aud": "wrong_audience"}.get(exc.claim, "missing_claim")
-        return AuthError(reason, f"token lacks the required {exc.claim!r} claim")
-    for cls, reason in _PYJWT_REASONS:
-        if isinstance(exc, cls):
-            return AuthError(reason, _PYJWT_MESSAGES[reason])
-    return AuthError("malformed", "token is malformed")
+def _b64url(segment: str) -> bytes:
+    """A canonical unpadded base64url segment (its alphabet is checked by _COMPACT_JWS_RE); ValueError else.
+
+    Canonical: the unused low bits of the last character are zero, as PyJWT requires (one token, one
+    encoding)."""
+    if len(segment) % 4 == 1:
+        raise ValueError("impossible base64 length")
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment.encode("ascii"):
+        raise ValueError("non-canonical base64")
+    return data
+
+
+def _int_claim(value: Any) -> int | None:
+    """A NumericDate claim as PyJWT reads it (`int(value)`); None when it is not one."""
+    try:
+        return int(value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _check_crit(header: Mapping[str, Any]) -> None:
+    """RFC 7515 4.1.11, as PyJWT: `crit` lists extensions the verifier must understand; only `b64` (RFC
+    7797) is known, and its unencoded (detached) form is never what an access token is."""
+    if header.get("b64", True) is False:
+        raise AuthError("malformed", "token is malformed")
+    if "crit" not in header:
+        return
+    crit = header["crit"]
+    if not isinstance(crit, list) or not crit or any(ext != "b64" or ext not in header for ext in crit):
+        raise AuthError("malformed", "token is malformed")
+
+
+def _signature_ok(alg: str, key: Any, signing_input: bytes, signature: bytes) -> bool:
+    """The JWS signature over `signing_input`, checked with the prepared public key (cryptography)."""
+    try:
+        if alg == "RS256":
+            key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+        elif alg == "ES256":
+            if len(signature) != 64:  # JWS: r || s, 32 bytes each (RFC 7518 3.4)
+                return False
+            r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hashes.SHA256()))
+        elif alg == "EdDSA":
+            key.verify(signature, signing_input)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 class TokenVerifier:
@@ -489,10 +524,13 @@ class TokenVerifier:
             raise AuthError("missing", "no access token")
         if len(token) > _MAX_TOKEN_CHARS or not _COMPACT_JWS_RE.fullmatch(token):
             raise AuthError("malformed", "token is not a JWT")
+        h_seg, p_seg, s_seg = token.split(".")  # exactly three: the pattern above
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt_errors.PyJWTError:
+            header = json.loads(_b64url(h_seg))
+        except ValueError:
             raise AuthError("malformed", "token header is not decodable") from None
+        if not isinstance(header, dict):
+            raise AuthError("malformed", "token header is not decodable")
         alg = header.get("alg")
         if alg not in _ALG_KEY_TYPES:
             raise AuthError("bad_algorithm", "token algorithm is not accepted")
@@ -504,20 +542,61 @@ class TokenVerifier:
         if key.alg != alg or (key.declared_alg is not None and key.declared_alg != alg):
             raise AuthError("bad_algorithm", "token algorithm does not match its key")
 
-        options: Options = {"require": ["exp", "sub"], "verify_aud": self.audience is not None}
+        _check_crit(header)
         try:
-            claims = jwt.decode(
-                token,
-                key=key.key,
-                algorithms=[alg],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=self.leeway_s,
-                options=options,
-            )
-        except jwt_errors.PyJWTError as exc:
-            raise _map_pyjwt_error(exc) from None
+            payload, signature = _b64url(p_seg), _b64url(s_seg)
+        except ValueError:
+            raise AuthError("malformed", "token is malformed") from None
+        if not _signature_ok(alg, key.key, f"{h_seg}.{p_seg}".encode(), signature):
+            raise AuthError("bad_signature", _MESSAGES["bad_signature"])
+        try:
+            claims = json.loads(payload)
+        except ValueError:
+            raise AuthError("malformed", "token is malformed") from None
+        if not isinstance(claims, dict):
+            raise AuthError("malformed", "token is malformed")
+        self._check_claims(claims)
         return self._principal(claims)
+
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        """The registered claims, with PyJWT's rules (`jwt.decode` with require=[exp, sub]) and reasons."""
+        for name in ("exp", "sub"):
+            if claims.get(name) is None:
+                raise AuthError("missing_claim", f"token lacks the required {name!r} claim")
+        now, leeway = time.time(), self.leeway_s
+        if "iat" in claims:
+            iat = _int_claim(claims["iat"])
+            if iat is None:
+                raise AuthError("malformed", _MESSAGES["malformed"])
+            if iat > now + leeway:
+                raise AuthError("not_yet_valid", _MESSAGES["not_yet_valid"])
+        if "nbf" in claims:
+            nbf = _int_claim(claims["nbf"])
+            if nbf is None:
+                raise AuthError("malformed", _MESSAGES["malformed"])
+            if nbf > now + leeway:
+                raise AuthError("not_yet_valid", _MESSAGES["not_yet_valid"])
+        exp = _int_claim(claims["exp"])
+        if exp is None:
+            raise AuthError("malformed", _MESSAGES["malformed"])
+        if exp <= now - leeway:
+            raise AuthError("expired", _MESSAGES["expired"])
+        if self.issuer is not None:
+            if "iss" not in claims:
+                raise AuthError("wrong_issuer", "token lacks the required 'iss' claim")
+            if not isinstance(claims["iss"], str) or claims["iss"] != self.issuer:
+                raise AuthError("wrong_issuer", _MESSAGES["wrong_issuer"])
+        if self.audience is not None:
+            aud = claims.get("aud")
+            if not aud:
+                raise AuthError("wrong_audience", "token lacks the required 'aud' claim")
+            auds = [aud] if isinstance(aud, str) else aud
+            if not isinstance(auds, list) or not all(isinstance(a, str) for a in auds) or self.audience not in auds:
+                raise AuthError("wrong_audience", _MESSAGES["wrong_audience"])
+        if not isinstance(claims["sub"], str):
+            raise AuthError("missing_claim", _MESSAGES["missing_claim"])
+        if "jti" in claims and not isinstance(claims["jti"], str):
+            raise AuthError("malformed", _MESSAGES["malformed"])
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         sub = claims.get("sub")

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
                     "client's backlog in the gateway's bounded queue, where it is coalesced, not in kernel memory.",
     )
     heartbeat_s: float = Field(20, gt=0, description="WebSocket ping interval; a missed pong closes.")
+    ws_compression: bool = Field(
+        True, description="Negotiate permessage-deflate with WebSocket clients that offer it (each frame is "
+                          "compressed once for all of them; clients that do not offer it get plain frames).",
+    )
     header_timeout_s: float = Field(
         10, gt=0, le=300,
         description="Time a connection has to send its request headers (from the connection, or the first byte "

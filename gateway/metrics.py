@@ -116,6 +116,10 @@ class Metrics:
             "wsgateway_slow_client_disconnects", "Connections closed with 4429 because they fell behind.",
             registry=reg,
         )
+        self.frames_compressed = Counter(
+            "wsgateway_frames_compressed", "Server frames compressed for permessage-deflate clients (once per "
+            "frame, whatever the number of compressing recipients).", registry=reg,
+        )
         self.client_frames_rejected = Counter(
             "wsgateway_client_frames_rejected", "Client frames answered with an error, by code.",
             ["code"], registry=reg,

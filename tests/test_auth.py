@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -186,6 +187,96 @@ async def test_missing(verifier: TokenVerifier) -> None:
 )
 async def test_malformed(verifier: TokenVerifier, token: str) -> None:
     assert (await refused(verifier, token)).reason == "malformed"
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def signed(idp: TestIdP, alg: str, header: dict[str, Any] | None = None, payload: Any = None,
+           raw_payload: bytes | None = None) -> str:
+    """A token signed by the IdP's own `alg` key over exactly this header and payload (built by hand, so it
+    may carry what a library would refuse to encode)."""
+    kid = idp.kid(alg)
+    h = _b64u(json.dumps({"alg": alg, "kid": kid, **(header or {})}).encode())
+    p = _b64u(raw_payload if raw_payload is not None else json.dumps(
+        payload if payload is not None else idp.claims()).encode())
+    algo = jwt.get_algorithm_by_name(alg)
+    signature = algo.sign(f"{h}.{p}".encode(), idp.private_key(kid))  # type: ignore[arg-type]
+    return f"{h}.{p}.{_b64u(signature)}"
+
+
+def _claims(idp: TestIdP, **changes: Any) -> dict[str, Any]:
+    claims = idp.claims()
+    for name, value in changes.items():
+        if value is _DROP:
+            claims.pop(name)
+        else:
+            claims[name] = value
+    return claims
+
+
+_DROP = object()
+_HOSTILE: list[tuple[str, Any, str]] = [
+    # (what, {"header": ..., "payload" | "raw_payload": ...} built against the IdP, the reason)
+    ("payload a JSON array", {"raw_payload": b"[1, 2]"}, "malformed"),
+    ("payload not JSON", {"raw_payload": b"{not json"}, "malformed"),
+    ("unknown critical header", {"header": {"crit": ["exp"], "exp": 1}}, "malformed"),
+    ("crit not a list", {"header": {"crit": "b64"}}, "malformed"),
+    ("unencoded payload (b64 false)", {"header": {"b64": False, "crit": ["b64"]}}, "malformed"),
+    ("iat not a number", {"payload": ("iat", "soon")}, "malformed"),
+    ("iat in the future", {"payload": ("iat", int(time.time()) + 3600)}, "not_yet_valid"),
+    ("nbf not a number", {"payload": ("nbf", [1])}, "malformed"),
+    ("exp not a number", {"payload": ("exp", "never")}, "malformed"),
+    ("exp null", {"payload": ("exp", None)}, "missing_claim"),
+    ("iss not a string", {"payload": ("iss", ["x"])}, "wrong_issuer"),
+    ("no iss", {"payload": ("iss", _DROP)}, "wrong_issuer"),
+    ("aud empty", {"payload": ("aud", "")}, "wrong_audience"),
+    ("aud list with a number", {"payload": ("aud", ["wsgateway-test", 7])}, "wrong_audience"),
+    ("aud an object", {"payload": ("aud", {"wsgateway-test": True})}, "wrong_audience"),
+    ("no aud", {"payload": ("aud", _DROP)}, "wrong_audience"),
+    ("jti not a string", {"payload": ("jti", 12)}, "malformed"),
+]
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+@pytest.mark.parametrize(("what", "spec", "reason"), _HOSTILE, ids=[h[0] for h in _HOSTILE])
+async def test_hostile_but_validly_signed_tokens_are_refused_for_their_reason(
+    idp: TestIdP, verifier: TokenVerifier, alg: str, what: str, spec: dict[str, Any], reason: str
+) -> None:
+    kwargs = dict(spec)
+    if "payload" in kwargs:
+        name, value = kwargs.pop("payload")
+        kwargs["payload"] = _claims(idp, **{name: value})
+    assert (await refused(verifier, signed(idp, alg, **kwargs))).reason == reason, what
+
+
+async def test_a_validly_signed_hand_built_token_is_accepted(idp: TestIdP, verifier: TokenVerifier) -> None:
+    """The control for the hostile cases: the same construction without the defect verifies, also with a
+    declared and present `b64: true` critical header, and an `aud` list that holds the audience."""
+    for alg in ("RS256", "ES256"):
+        await verifier.verify(signed(idp, alg))
+        await verifier.verify(signed(idp, alg, header={"b64": True, "crit": ["b64"]}))
+        await verifier.verify(signed(idp, alg, payload=_claims(idp, aud=["other", "wsgateway-test"])))
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+async def test_signatures_in_a_non_canonical_or_wrong_shape_are_refused(
+    idp: TestIdP, verifier: TokenVerifier, alg: str
+) -> None:
+    h, p, sig = idp.mint(alg=alg).split(".")
+    raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+    # the same signature bytes, spelled with non-zero unused bits in its last character
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    if len(sig) % 4:
+        bumped = sig[:-1] + alphabet[alphabet.index(sig[-1]) + 1]
+        assert base64.urlsafe_b64decode(bumped + "=" * (-len(bumped) % 4)) == raw
+        assert (await refused(verifier, f"{h}.{p}.{bumped}")).reason == "malformed"
+    assert (await refused(verifier, f"{h}.{p}.{_b64u(raw[:-1])}")).reason == "bad_signature"  # one byte short
+    assert (await refused(verifier, f"{h}.{p}.{_b64u(raw + b'x')}")).reason == "bad_signature"
+    assert (await refused(verifier, f"{h}.{p}.")).reason == "bad_signature"  # no signature at all
+    assert (await refused(verifier, f"{h}.{p}.A")).reason == "malformed"  # an impossible base64 length
+    assert (await refused(verifier, f"{_b64u(b'[1]')}.{p}.{sig}")).reason == "malformed"  # header an array
 
 
 async def test_expired_and_not_yet_valid_with_leeway(idp: TestIdP, verifier: TokenVerifier) -> None:

@@ -165,3 +165,51 @@ def test_quick_presence_kill_benchmark_reports_the_delay(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (seconds,) = json.loads(out.read_text())["seconds"]
     assert seconds > 0
+
+
+def test_deflate_benchmark_compares_plain_and_compressing_deliveries() -> None:
+    """bench/deflate.py in its smallest form: both modes measured, the compressed frames smaller."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "deflate.py"), "--rounds", "1", "--repeat", "1",
+         "--connections", "200", "--scopes", "10", "--flushes", "5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.strip()}
+    assert float(rows["compressing"][2]) < float(rows["plain"][2]), out.stdout  # bytes per delivery
+    assert "compression:" in rows, out.stdout
+
+
+@pytest.mark.timeout(180)
+def test_handshake_benchmark_reports_both_algorithms(tmp_path: Path) -> None:
+    """bench/handshakes.py in its quickest form: one round of a few connections per algorithm."""
+    out = tmp_path / "hs.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "handshakes.py"), "--rounds", "1", "--connections", "40",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert set(summary) == {"gateway RS256", "gateway ES256"}
+    for row in summary.values():
+        assert row["rounds"][0]["connected"] == 40 and row["per_core_s"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_quick_benchmark_with_compressing_load_clients(tmp_path: Path) -> None:
+    """`--compress`: the compiled clients offer permessage-deflate and count the (inflated) events. Without
+    zlib's headers the client is built without it, and `--compress` says so instead of measuring."""
+    out = tmp_path / "quick-z.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "fanout.py"), "--quick", "--compress", "--servers", "gateway",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    if not Path("/usr/include/zlib.h").exists():
+        assert proc.returncode != 0 and "needs a build with zlib" in proc.stdout + proc.stderr
+        return
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["summary"]["rows"]
+    assert row["achieved"] > 0 and row["p99_ms"] > 0
+    assert "offer permessage-deflate" in proc.stdout

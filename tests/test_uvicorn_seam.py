@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import re
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +33,7 @@ from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 
 from gateway.edge.http_protocol import H11HeaderDeadline, HeaderDeadline, HttpToolsHeaderDeadline, Implementation
+from gateway.edge.transport import _Established
 from tests.support.ports import free_port
 from tests.support.wait import eventually
 
@@ -61,9 +63,12 @@ METHODS: dict[str, tuple[str, ...]] = {
     "stop_keepalive": (),
     "data_received": ("data",),
     "handle_close": ("event",),
+    "handle_message": ("event",),
+    "run_asgi": (),
 }
 # What GatewayWSProtocol adds: names uvicorn's class must not have (or an override would be silent).
-ADDED = ("channel", "flag", "close_now", "fail", "failed")
+ADDED = ("channel", "flag", "close_now", "fail", "failed", "inflate", "detached", "holding", "receive_with",
+         "hold_reading", "release_reading", "_read_on")
 # What uvicorn may call on the objects transport.py replaces with lighter ones.
 QUEUE_USES = {"put_nowait", "get", "empty"}  # _Inbox
 WRITABLE_USES = {"set", "clear", "is_set", "wait"}  # _Flag
@@ -93,6 +98,18 @@ MIRRORED: dict[str, list[str]] = {
     "handle_events": ["self.handle_close(event)"],
     "handle_close": ["self.transport.write(self.conn.send(event.response()))", "self.transport.close()"],
     "data_received": ["self.conn.receive_data(data)", "self.handle_events()"],
+    # run_asgi is repeated whole (a detached session's app returns without closing the connection) ...
+    "run_asgi": [
+        "result = await self.app(self.scope, self.receive, self.send)",
+        "self.logger.exception('Exception in ASGI application\\n')",
+        "self.send_500_response()",
+        "self.logger.error('ASGI callable returned without completing handshake.')",
+        "self.logger.error(\"ASGI callable should return None, but returned '%s'.\", result)",
+        "self.transport.close()",
+    ],
+    # ... and handle_message's pause after each message is undone for a detached session
+    "handle_message": ["self.queue.put_nowait(self.buffer.to_message())", "self.read_paused = True",
+                       "self.transport.pause_reading()"],
 }
 
 
@@ -138,6 +155,20 @@ def test_the_private_methods_exist_with_their_signatures() -> None:
 def test_what_transport_adds_is_not_uvicorns() -> None:
     clash = [name for name in ADDED if hasattr(WSProtocol, name)]
     assert not clash, f"uvicorn's WSProtocol now has {clash}, which GatewayWSProtocol adds for itself"
+
+
+def test_wsproto_uses_its_events_deque_as_the_list_transport_puts_there() -> None:
+    """_Established swaps wsproto Connection's `_events` deque for a list with `popleft` (_EventList)."""
+    source = inspect.getsource(Connection)
+    uses = {m.group(1) for m in re.finditer(r"self\._events\.(\w+)", source)}
+    assert uses <= {"append", "popleft"}, f"wsproto now uses self._events.{sorted(uses)}"
+    assert "self._events: deque[Event] = deque()" in source
+    conn = Connection(ConnectionType.SERVER)
+    _Established(conn)
+    assert type(conn._events).__name__ == "_EventList"
+    conn.receive_data(b"\x89\x80abcd")  # a masked, empty ping
+    assert [type(e).__name__ for e in conn.events()] == ["Ping"]
+    assert not conn._events
 
 
 def test_wsproto_reports_a_violation_as_a_close_event_while_open() -> None:

@@ -26,9 +26,12 @@ class WritableFlag(Protocol):
 
 class Channel(Protocol):
     kind: str  # "websocket" | "sse": for logs, spans and shutdown, never for fan-out decisions
-    # True when each frame's `data` (its WebSocket form) is what this channel writes: the writer then joins
-    # the frames itself instead of calling `encode` (one call less per connection and write, the hot path)
-    frames_are_wire: bool
+
+    @property
+    def frames_are_wire(self) -> bool:
+        """True when each frame's `data` (its WebSocket form) is what this channel writes: the writer then
+        joins the frames itself instead of calling `encode` (one call less per connection and write, the hot
+        path). False for SSE and for a compressing WebSocket. Read once, when the connection joins the hub."""
 
     on_writable: Callable[[], None] | None  # the channel has room again after being full
     on_lost: Callable[[], None] | None  # the peer went away (the connection must leave the hub now)

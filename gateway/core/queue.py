@@ -31,7 +31,7 @@ class EventMeta:
 class OutFrame:
     """One encoded server frame, shared by every connection it goes to."""
 
-    __slots__ = ("count", "ctl", "data", "latency", "meta", "payload", "sent", "seq", "sse", "t")
+    __slots__ = ("count", "ctl", "data", "deflated", "latency", "meta", "payload", "sent", "seq", "sse", "t")
 
     def __init__(
         self, payload: bytes, seq: int = 0, latency: Any = None, t: float = 0.0,
@@ -40,6 +40,7 @@ class OutFrame:
         self.payload = payload  # the frame's JSON
         self.data = ws_text_frame(payload)  # ... as one complete WebSocket frame
         self.sse: bytes | None = None  # ... as a Server-Sent Event, made on first use
+        self.deflated: bytes | None = None  # ... as a permessage-deflate frame, made once (edge/deflate.py)
         self.seq = seq  # stream sequence, 0 for control frames
         self.latency = latency  # histogram child for this event's kind (prometheus_client internals: Any)
         self.t = t  # envelope time (epoch seconds)

@@ -1,14 +1,18 @@
 """One client's WebSocket session: authenticate, then answer frames until the socket closes.
 
-The session runs in the connection's ASGI task and only ever *receives*; everything it sends goes
-through the hub (so control frames stay ordered with events), which alone changes connection state.
+The handshake runs in the connection's ASGI task; then the session becomes a callback (`ClientFrames`)
+that the protocol calls with each client frame as it is parsed, and the task ends: an idle connection
+keeps no task or coroutine frames alive (docs/performance.md). The session only ever *receives*;
+everything it sends goes through the hub (so control frames stay ordered with events), which alone
+changes connection state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -90,33 +94,72 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
     if isinstance(conn, Refused):
         await _until_disconnect(receive)
         return
-    hub = gw.hub
-    bad_frames = 0
-    try:
-        while True:
-            msg = await receive()
-            if msg["type"] == "websocket.disconnect":
-                break
-            text = msg.get("text")
-            try:
-                if text is None:
-                    raise FrameError(ERR_BAD_REQUEST, "binary frames are not accepted: send JSON text")
-                frame = parse_client_frame(text)
-            except FrameError as exc:
-                bad_frames += 1
-                _bad(gw, conn, exc, bad_frames)
-                continue
-            if isinstance(frame, Subscribe):
-                start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since, presence=frame.presence,
-                                    listed=frame.listed, compact=frame.compact)
-            elif isinstance(frame, Unsubscribe):
-                hub.unsubscribe(conn, frame.id, frame.scope)
-            elif isinstance(frame, Ping):
-                hub.send(conn, control("pong", id=frame.id))
-            elif isinstance(frame, Refresh):
-                await _refresh(gw, conn, frame)
-    finally:
-        hub.remove(conn)
+    channel.receive_with(ClientFrames(gw, conn, channel))  # the task ends here; the connection goes on
+
+
+class ClientFrames:
+    """One connection's client frames, answered as the protocol parses them (`RawChannel.receive_with`).
+
+    Frames are handled one at a time, in order: a `refresh` (which may wait for the JWKS) holds the
+    socket's reading and queues what already arrived until its answer is out."""
+
+    __slots__ = ("bad_frames", "channel", "conn", "gw", "pending", "refreshing")
+
+    def __init__(self, gw: Gateway, conn: Connection, channel: RawChannel) -> None:
+        self.gw = gw
+        self.conn = conn
+        self.channel = channel
+        self.bad_frames = 0
+        self.pending: list[dict[str, Any]] | None = None  # not None while a refresh is being verified
+        self.refreshing: asyncio.Task[None] | None = None
+
+    def __call__(self, msg: dict[str, Any]) -> None:
+        if self.pending is not None:
+            self.pending.append(msg)
+        else:
+            self.handle(msg)
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        gw, conn = self.gw, self.conn
+        if msg["type"] == "websocket.disconnect":
+            gw.hub.remove(conn)
+            return
+        if msg["type"] != "websocket.receive":
+            return
+        text = msg.get("text")
+        try:
+            if text is None:
+                raise FrameError(ERR_BAD_REQUEST, "binary frames are not accepted: send JSON text")
+            frame = parse_client_frame(text)
+        except FrameError as exc:
+            self.bad_frames += 1
+            _bad(gw, conn, exc, self.bad_frames)
+            return
+        if isinstance(frame, Subscribe):
+            start_subscriptions(gw, conn, frame.id, [frame.scope], frame.since, presence=frame.presence,
+                                listed=frame.listed, compact=frame.compact)
+        elif isinstance(frame, Unsubscribe):
+            gw.hub.unsubscribe(conn, frame.id, frame.scope)
+        elif isinstance(frame, Ping):
+            gw.hub.send(conn, control("pong", id=frame.id))
+        elif isinstance(frame, Refresh):
+            self.pending = []
+            self.channel.hold_reading()
+            self.refreshing = asyncio.get_running_loop().create_task(self._refresh(frame))
+
+    async def _refresh(self, frame: Refresh) -> None:
+        try:
+            await _refresh(self.gw, self.conn, frame)
+        finally:
+            pending = self.pending or []
+            self.pending = self.refreshing = None
+            for i, msg in enumerate(pending):
+                self.handle(msg)
+                if self.pending is not None:  # another refresh: the rest waits behind it
+                    self.pending.extend(pending[i + 1:])
+                    break
+            else:
+                self.channel.release_reading()
 
 
 async def _handshake(
@@ -129,6 +172,8 @@ async def _handshake(
         ws.headers, ws.scope.get("subprotocols") or [], ws.query_params, allow_query=settings.allow_query_token
     )
     await ws.accept(subprotocol=src.subprotocol)
+    if channel.compresses:
+        channel.compress_with(gw.deflater)
     if hub.full:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")

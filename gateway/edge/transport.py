@@ -2,27 +2,41 @@
 
 uvicorn lets an application choose its WebSocket protocol class (`ws=`). Ours is uvicorn's own
 wsproto implementation plus one ASGI scope extension, `wsgateway.raw`: a `RawChannel` through which
-the gateway writes pre-encoded WebSocket frames straight to the connection's transport. The
-handshake, client frames, pings, size limits and the close handshake all stay uvicorn's; only the
-hot path (one `transport.write` of many frames, no await per client) bypasses the ASGI send queue.
-One rule is added: a frame that breaks RFC 6455 gets its close frame (1002, 1007 for bad UTF-8)
-before the connection ends, where uvicorn would drop it without one (`handle_close`).
+the gateway writes pre-encoded WebSocket frames straight to the connection's transport. The request
+parsing, pings, size limits and the close handshake stay uvicorn's; the hot path (one
+`transport.write` of many frames, no await per client) bypasses the ASGI send queue. Added rules:
+
+- a frame that breaks RFC 6455 gets its close frame (1002, 1007 for bad UTF-8) before the connection
+  ends, where uvicorn would drop it without one (`handle_close`);
+- permessage-deflate is negotiated here (edge/deflate.py), and the 101 is written here (`_Accepting`);
+- after the handshake the session may take client events through a callback (`receive_with`), so an
+  idle connection keeps no ASGI task or coroutine frames alive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
-from collections.abc import Callable, Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import wsproto.events
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
-from wsproto.connection import Connection, ConnectionState
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.extensions import Extension
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError, generate_accept_token
 
 from gateway.core.channel import websocket_encode
+from gateway.edge.deflate import NAME, Inflate, negotiate
+
+if TYPE_CHECKING:
+    from gateway.core.queue import OutFrame
+    from gateway.edge.deflate import Deflater
 
 EXTENSION = "wsgateway.raw"
 
@@ -30,17 +44,35 @@ EXTENSION = "wsgateway.raw"
 class RawChannel:
     """Direct, synchronous access to one WebSocket connection's byte stream (a `gateway.core.channel.Channel`)."""
 
-    __slots__ = ("_proto", "on_lost", "on_shutdown", "on_writable")
+    __slots__ = ("_deflater", "_proto", "on_lost", "on_shutdown", "on_writable")
 
     kind = "websocket"
-    frames_are_wire = True
-    encode = staticmethod(websocket_encode)
 
     def __init__(self, proto: GatewayWSProtocol) -> None:
         self._proto = proto
+        self._deflater: Deflater | None = None
         self.on_writable: Callable[[], None] | None = None
         self.on_shutdown: Callable[[], None] | None = None
         self.on_lost: Callable[[], None] | None = None
+
+    @property
+    def compresses(self) -> bool:
+        """The client negotiated permessage-deflate (gateway/edge/deflate.py)."""
+        return self._proto.inflate is not None
+
+    def compress_with(self, deflater: Deflater) -> None:
+        """Write compressed frames from now on (only after `compresses`; before the connection joins the hub,
+        which reads `encode` and `frames_are_wire` once)."""
+        assert self.compresses
+        self._deflater = deflater
+
+    @property
+    def frames_are_wire(self) -> bool:
+        return self._deflater is None
+
+    @property
+    def encode(self) -> Callable[[Sequence[OutFrame]], bytes]:
+        return websocket_encode if self._deflater is None else self._deflater.encode
 
     def fast_path(self) -> tuple[Callable[[bytes], object], _Flag]:
         """The transport's write and the writable flag, for the writer's flush loop (its hottest code).
@@ -77,6 +109,16 @@ class RawChannel:
         """Start the close handshake now, even when the transport is paused (a slow client)."""
         self._proto.close_now(code, reason)
 
+    def receive_with(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Client events go to `handler` from now on, not to the ASGI `receive` (see GatewayWSProtocol)."""
+        self._proto.receive_with(handler)
+
+    def hold_reading(self) -> None:
+        self._proto.hold_reading()
+
+    def release_reading(self) -> None:
+        self._proto.release_reading()
+
 
 class _Inbox:
     """What uvicorn's protocol uses of its per-connection asyncio.Queue (put_nowait, get, empty).
@@ -108,6 +150,40 @@ class _Inbox:
             finally:
                 self._waiter = None
         return self._items.pop(0)
+
+
+class _Direct:
+    """The inbox once the session receives through a callback (`GatewayWSProtocol.receive_with`): each event
+    uvicorn would queue (`websocket.receive`, `websocket.disconnect`) goes straight to the session's
+    handler, synchronously, as it is parsed. Nothing waits for it: no task, no coroutine frames per idle
+    connection. A handler that raises is logged and its connection closed (uvicorn's verdict on an app
+    that raises)."""
+
+    __slots__ = ("_handler", "_proto")
+
+    def __init__(self, proto: GatewayWSProtocol, handler: Callable[[dict[str, Any]], None]) -> None:
+        self._proto = proto
+        self._handler = handler
+
+    def put_nowait(self, item: Any) -> None:
+        try:
+            self._handler(item)
+        except Exception:
+            self._proto.logger.exception("Exception in ASGI application\n")
+            self._proto.transport.close()
+
+    def empty(self) -> bool:
+        return True
+
+    async def get(self) -> Any:
+        raise RuntimeError("this connection's events go to its handler (receive_with), not to receive()")
+
+
+# What a connection's scope becomes once its session receives through a callback: the handshake's headers,
+# query, path and app state copy are of no use any more (uvicorn reads the scope only while handshaking).
+# One dict shared by all such connections: nothing writes a scope after the handshake.
+_SPENT_SCOPE: Any = {"type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"}, "path": "",
+                     "query_string": b"", "headers": [], "client": None, "server": None, "extensions": {}}
 
 
 class _Flag:
@@ -144,6 +220,15 @@ class _Flag:
             await w
 
 
+class _EventList(list[wsproto.events.Event]):
+    """What wsproto's Connection does with its `_events` deque (append, popleft, truth), as a list."""
+
+    __slots__ = ()
+
+    def popleft(self) -> wsproto.events.Event:
+        return self.pop(0)
+
+
 class _Established:
     """What uvicorn calls on its WSConnection (send, receive_data, events, state) once the upgrade is
     done, served by wsproto's public post-handshake `Connection` alone.
@@ -156,6 +241,9 @@ class _Established:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
+        # wsproto's pending-events deque allocates a 64-slot block (~700 bytes) up front; a list does here
+        # (almost always empty; tests/test_uvicorn_seam.py checks what wsproto does with it)
+        connection._events = _EventList()  # type: ignore[assignment]
 
     @property
     def state(self) -> ConnectionState:
@@ -171,11 +259,73 @@ class _Established:
         yield from self.connection.events()
 
 
+class _Accepting:
+    """The handshake's WSConnection while uvicorn sends the 101 (`AcceptConnection`).
+
+    The 101 is written here, the way wsproto's handshake writes it (RFC 6455 4.2.2: Upgrade, Connection,
+    Sec-WebSocket-Accept, the selected subprotocol, our permessage-deflate answer when one was negotiated,
+    then uvicorn's headers), without building it as an h11 response: that was a tenth of a handshake's
+    CPU. The post-handshake wsproto `Connection` is made here too (with the extension, never uvicorn's
+    own unbounded one). Every other event goes to the WSConnection."""
+
+    __slots__ = ("_conn", "_inflate", "_key", "_offered")
+
+    def __init__(self, conn: WSConnection, inflate: Inflate | None, key: bytes, offered: list[str]) -> None:
+        self._conn = conn
+        self._inflate = inflate
+        self._key = key  # Sec-WebSocket-Key of the request (wsproto checked that there is one)
+        self._offered = offered  # subprotocols the client offered
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._conn.state
+
+    def send(self, event: wsproto.events.Event) -> bytes:
+        if not isinstance(event, wsproto.events.AcceptConnection) or self._conn.connection is not None:
+            return self._conn.send(event)
+        headers = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
+                   (b"Sec-WebSocket-Accept", generate_accept_token(self._key))]
+        if event.subprotocol is not None:
+            if event.subprotocol not in self._offered:
+                raise LocalProtocolError(f"unexpected subprotocol {event.subprotocol}")
+            headers.append((b"Sec-WebSocket-Protocol", event.subprotocol.encode("ascii")))
+        extensions: list[Extension] = []
+        if self._inflate is not None:
+            extensions.append(self._inflate)
+            headers.append((b"Sec-WebSocket-Extensions", f"{NAME}; {self._inflate.answer}".encode("ascii")))
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        for name, value in [*headers, *event.extra_headers]:
+            if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
+                raise LocalProtocolError(f"illegal header {name!r}")  # as h11 would refuse to write it
+            lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        self._conn.connection = Connection(ConnectionType.SERVER, extensions)
+        return b"".join(lines)
+
+    def receive_data(self, data: bytes | None) -> None:
+        self._conn.receive_data(data)
+
+    def events(self) -> Iterator[wsproto.events.Event]:
+        yield from self._conn.events()
+
+
+_HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_HEADER_VALUE = re.compile(rb"[\x21-\x7e\x80-\xff]([\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?|")  # no CR/LF
+_BAD_UPGRADE = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"content-length: 40\r\n\r\nupgrade header values must be ASCII text"
+)
+_INFLATE_CODES = (CloseReason.MESSAGE_TOO_BIG, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
+
+
 class GatewayWSProtocol(WSProtocol):
     """uvicorn's wsproto protocol, exposing a RawChannel in the scope's extensions."""
 
     channel: RawChannel | None = None
     failed = False  # the peer broke the protocol and was answered with a close frame (`fail`)
+    inflate: Inflate | None = None  # permessage-deflate, when the client offered it acceptably
+    detached = False  # the session receives through a callback (`receive_with`); its ASGI task has ended
+    holding = False  # the session asked for no more client frames for now (`hold_reading`)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -184,6 +334,10 @@ class GatewayWSProtocol(WSProtocol):
         self.writable = self.flag  # type: ignore[assignment]  # duck-typed asyncio.Event (see _Flag)
 
     def handle_connect(self, event: wsproto.events.Request) -> None:
+        if self.config.ws_per_message_deflate:  # WSGATEWAY_WS_COMPRESSION (uvicorn's own deflate is never used)
+            answer = negotiate(cast("list[str]", event.extensions))  # a server's Request: the header's offers
+            if answer is not None:
+                self.inflate = Inflate(answer, self.config.ws_max_size)
         super().handle_connect(event)
         self.channel = RawChannel(self)
         # uvicorn types extension values as dicts; ours is an object the session reads back (session.py)
@@ -191,15 +345,87 @@ class GatewayWSProtocol(WSProtocol):
         extensions[EXTENSION] = self.channel
 
     async def send(self, message: Any) -> None:
-        await super().send(message)
+        if message["type"] == "websocket.accept" and not self.handshake_complete:
+            await self.writable.wait()  # (uvicorn's first step) so the stand-in is in place only while it sends
+            conn = self.conn
+            key = next((v for k, v in self.scope["headers"] if k == b"sec-websocket-key"), b"")
+            accepting = _Accepting(conn, self.inflate, key, list(self.scope["subprotocols"]))
+            self.conn = accepting  # type: ignore[assignment]
+            try:
+                await super().send(message)
+            finally:
+                if cast("object", self.conn) is accepting:
+                    self.conn = conn
+        else:
+            await super().send(message)
         conn = self.conn
         if message["type"] == "websocket.accept" and isinstance(conn, WSConnection) and conn.connection is not None:
             self.conn = _Established(conn.connection)  # type: ignore[assignment]
 
+    def receive_with(self, handler: Callable[[dict[str, Any]], None]) -> None:
+        """Hand every later client event (`websocket.receive`, `websocket.disconnect`) to `handler` as it is
+        parsed, instead of queueing it for the ASGI `receive`: the app may then return, and its task end,
+        while the connection stays open. Events already queued go to the handler first, in order."""
+        inbox = self.queue
+        self.queue = _Direct(self, handler)  # type: ignore[assignment]
+        self.detached = True
+        self.scope = _SPENT_SCOPE
+        items = inbox._items if isinstance(inbox, _Inbox) else []
+        for item in items:
+            self.queue.put_nowait(item)
+        self._read_on()
+
+    def hold_reading(self) -> None:
+        """No more client frames until `release_reading` (the session is busy with one, e.g. a refresh)."""
+        self.holding = True
+        if not self.read_paused and not self.transport.is_closing():
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def release_reading(self) -> None:
+        self.holding = False
+        self._read_on()
+
+    def _read_on(self) -> None:
+        if self.read_paused and not self.holding and not self.transport.is_closing():
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def handle_message(self, event: wsproto.events.TextMessage | wsproto.events.BytesMessage) -> None:
+        super().handle_message(event)  # queues it (to the handler, when detached), then pauses reading ...
+        if self.detached:
+            self._read_on()  # ... which a handler that already has it does not need
+
+    async def run_asgi(self) -> None:
+        """uvicorn's, except that an app whose session went callback-based (`receive_with`) returns without
+        the connection being closed."""
+        try:
+            result = await self.app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if self.close_timer is None and not self.detached:
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
         if self.failed:
             return  # answered with a close frame (fail): nothing more from this peer is parsed, or buffered
-        super().data_received(data)
+        if self.handshake_complete:
+            super().data_received(data)
+            return
+        try:
+            super().data_received(data)
+        except UnicodeDecodeError:  # wsproto decodes a few upgrade headers (e.g. Sec-WebSocket-Extensions) as ASCII
+            self.transport.write(_BAD_UPGRADE)
+            self.transport.close()
 
     def handle_close(self, event: wsproto.events.CloseConnection) -> None:
         """A close event while wsproto's connection is still OPEN was not sent by the peer: it is
@@ -207,7 +433,10 @@ class GatewayWSProtocol(WSProtocol):
         UTF-8). uvicorn answers only a peer's close frame (REMOTE_CLOSING) and would drop the TCP
         connection without one, so the client saw 1006; the peer gets the close frame here."""
         if not self.close_sent and self.conn.state is ConnectionState.OPEN:
-            self.fail(event.code, event.reason or "")
+            reason = event.reason or ""
+            if self.inflate is not None and self.inflate.failure is not None and event.code in _INFLATE_CODES:
+                reason = self.inflate.failure  # instead of wsproto's "error in extension"
+            self.fail(event.code, reason)
             return
         super().handle_close(event)
 

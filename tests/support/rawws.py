@@ -50,6 +50,7 @@ class RawConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.head = b""  # the HTTP response head of the opening handshake (`open_websocket`)
 
     @classmethod
     async def open(cls, port: int) -> RawConnection:
@@ -80,15 +81,22 @@ class RawConnection:
 
     async def read_frame(self, timeout: float = HANG_S) -> tuple[bool, int, bytes]:
         """The next server frame: (fin, opcode, payload). Server frames are never masked."""
+        fin, _, opcode, payload, _ = await self.read_raw_frame(timeout)
+        return fin, opcode, payload
+
+    async def read_raw_frame(self, timeout: float = HANG_S) -> tuple[bool, int, int, bytes, int]:
+        """The next server frame: (fin, rsv bits (RSV1 = 4), opcode, payload, its size on the wire)."""
         async with asyncio.timeout(timeout):
             b0, b1 = await self.reader.readexactly(2)
             assert not b1 & 0x80, "the server masked a frame"
-            n = b1 & 0x7F
+            n, size = b1 & 0x7F, 2
             if n == 126:
                 (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+                size += 2
             elif n == 127:
                 (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            return bool(b0 & 0x80), b0 & 0x0F, await self.reader.readexactly(n)
+                size += 8
+            return bool(b0 & 0x80), (b0 >> 4) & 0x7, b0 & 0x0F, await self.reader.readexactly(n), size + n
 
     async def read_close(self, timeout: float = HANG_S) -> tuple[int | None, bytes]:
         """Skip frames up to the server's close frame; its (code, reason bytes) (code None: empty payload).
@@ -106,8 +114,11 @@ class RawConnection:
         self.writer.close()
 
 
-def upgrade_request(path: str = "/v1/ws", *, token: str | None = None, host: str = "127.0.0.1") -> bytes:
-    """A complete WebSocket upgrade request (RFC 6455 4.1), `Authorization: Bearer` when `token` is given."""
+def upgrade_request(
+    path: str = "/v1/ws", *, token: str | None = None, host: str = "127.0.0.1", headers: tuple[bytes, ...] = ()
+) -> bytes:
+    """A complete WebSocket upgrade request (RFC 6455 4.1), `Authorization: Bearer` when `token` is given;
+    `headers` are more header lines, as bytes (e.g. `Sec-WebSocket-Extensions: ...`)."""
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
@@ -115,13 +126,26 @@ def upgrade_request(path: str = "/v1/ws", *, token: str | None = None, host: str
     ]
     if token is not None:
         lines.append(f"Authorization: Bearer {token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return b"\r\n".join([line.encode() for line in lines] + list(headers)) + b"\r\n\r\n"
 
 
-async def open_websocket(port: int, token: str, path: str = "/v1/ws") -> RawConnection:
-    """A raw connection after a real opening handshake (101), ready for hand-made frames."""
+def response_header(head: bytes, name: bytes) -> bytes | None:
+    """The value of one header of an HTTP response head (None: absent)."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name.lower():
+            return value.strip()
+    return None
+
+
+async def open_websocket(
+    port: int, token: str, path: str = "/v1/ws", *, headers: tuple[bytes, ...] = ()
+) -> RawConnection:
+    """A raw connection after a real opening handshake (101), ready for hand-made frames; the response
+    head is kept in `head`."""
     conn = await RawConnection.open(port)
-    await conn.send(upgrade_request(path, token=token))
+    await conn.send(upgrade_request(path, token=token, headers=headers))
     head = await conn.response_head()
     assert head.startswith(b"HTTP/1.1 101 "), f"no upgrade: {head!r}"
+    conn.head = head
     return conn

@@ -32,7 +32,10 @@ async def connect(url: str, token: str | None = None, *, via: str = "header", **
 
 
 async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnection:
-    """A client with a tiny socket receive buffer (so the server's queue, not the kernel, absorbs a backlog)."""
+    """A client with a tiny socket receive buffer (so the server's queue, not the kernel, absorbs a backlog).
+
+    It does not offer compression: the backlog is the frames' plain bytes (compressed, the tests'
+    repetitive payloads would take many times more events to fill the kernel's buffers)."""
     import socket
     from urllib.parse import urlparse
 
@@ -41,7 +44,7 @@ async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnec
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (u.hostname or "127.0.0.1", u.port or 80))
-    return await connect(url, token, sock=sock, max_queue=1)
+    return await connect(url, token, sock=sock, max_queue=1, compression=None)
 
 
 async def connect_stalled(url: str, token: str) -> ClientConnection:
