@@ -405,3 +405,21 @@ async def test_a_gateway_starts_on_a_stream_without_process_events(
     async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience) as g:
         body = (await get_inbox(g, token(idp, "mia"))).json()
         assert body["requests"] == [] and body["seq"] >= 3
+
+
+async def test_a_gateway_starts_on_a_stream_whose_head_was_purged(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    """Retention removed the oldest events (here: a purge): the start-up load still ends at once, with the
+    requests the stream holds, instead of waiting for events that are gone."""
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience):
+        pass  # creates the stream
+    await platform.grant("acme.org", {"admins": ["user:mia"]})
+    await platform.publish("acme", "process:p1", "process.input_required",
+                           data={"request_id": "old", "prompt": "gone?", "assignees": ["user:mia"]})
+    for _ in range(3):
+        last = await platform.publish("acme", "conversation:c1")
+    await platform.js.purge_stream("EVENTS", seq=last)  # keeps only the last event: no process event
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience) as g:
+        body = (await get_inbox(g, token(idp, "mia"))).json()
+        assert body["requests"] == [] and body["seq"] == last and body["earliest"] == last

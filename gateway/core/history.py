@@ -139,7 +139,10 @@ class StreamReader:
                                  pending_msgs_limit=65536)
         try:
             info = await sub.consumer_info()
-            if not info.num_pending and (info.delivered is None or not info.delivered.stream_seq):  # nothing at all
+            # Nothing at all: none pending and none delivered by this consumer. (Its delivered *stream*
+            # sequence is no test: on a stream whose head was purged or expired it starts just below the
+            # first sequence held, with nothing delivered.)
+            if not info.num_pending and (info.delivered is None or not info.delivered.consumer_seq):
                 return 0
             seen = -1
             while not done.done():
