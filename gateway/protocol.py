@@ -44,6 +44,7 @@ CLOSE_PROTOCOL_ERROR = 1002  # a client frame broke RFC 6455 (sent by edge/trans
 CLOSE_INVALID_DATA = 1007  # a text frame (or close reason) that is not UTF-8 (ditto)
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013  # the instance is starting (ACLs, stream position not loaded yet): retry
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_TOKEN_EXPIRED = 4408

@@ -523,3 +523,51 @@ async def test_revocation_after_a_nats_restart_takes_effect(tmp_path: Any, idp: 
             await platform.close()
     finally:
         natsd.cleanup()
+
+
+@pytest.mark.timeout(60)
+async def test_a_starting_gateway_asks_clients_to_retry_and_then_resumes_them(tmp_path: Any, idp: TestIdP) -> None:
+    """Before its ACLs and stream position are loaded (here: NATS is not up yet) an instance would refuse
+    every subscription or start it live instead of resuming it. It answers 1013 on the socket and 503 on
+    the HTTP read APIs instead, and once NATS is there the same client resumes with nothing lost."""
+    import websockets
+
+    from tests.support.wsclient import connect, recv, recv_type, welcome
+
+    natsd = NatsProcess(free_port(), tmp_path / "nats")
+    token = idp.mint("mia")
+    async with run_gateway(natsd.url, idp.issuer, audience=idp.audience, ready=False) as g:
+        ws = await connect(f"{g.ws}?scope=conversation:c1&since=0", token)
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013, closed.value
+        assert "starting" in closed.value.rcvd.reason
+        async with httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"}) as c:
+            for path in ("/v1/history?scope=conversation:c1", "/v1/scopes", "/v1/inbox",
+                         "/v1/presence?scope=conversation:c1", "/v1/sse?scope=conversation:c1"):
+                r = await c.get(f"{g.http}{path}")
+                assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", (path, r.text)
+        await start_nats(natsd)
+        try:
+            platform = await Platform.connect(natsd.url)
+            try:
+                await readiness(g.http, 200)
+                await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+                seqs = [await platform.publish("acme", "conversation:c1") for _ in range(3)]
+
+                async def granted() -> bool:
+                    async with httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"}) as c:
+                        r = await c.get(f"{g.http}/v1/scopes")
+                        return r.status_code == 200 and [s["scope"] for s in r.json()["scopes"]] == ["conversation:c1"]
+
+                await eventually(granted, what="the grant to be applied", interval=0.05)
+                ws = await connect(f"{g.ws}?scope=conversation:c1&since=0", token)
+                await welcome(ws)
+                sub = await recv_type(ws, "subscribed")
+                assert sub["since"] == 0 and sub["recovered"] is True, sub
+                assert [(await recv_type(ws, "event"))["seq"] for _ in seqs] == seqs
+                await ws.close()
+            finally:
+                await platform.close()
+        finally:
+            natsd.stop()

@@ -85,6 +85,7 @@ class Bus:
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.consuming = False
+        self.started = False  # ACLs, inbox and stream position loaded once: clients may be served
         self.acl_ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -214,6 +215,7 @@ class Bus:
                                                          name="wsgateway-window-prefill")
         self._sub = await self._subscribe(last + 1)
         self.consuming = True
+        self.started = True
         self._watchdog_task = asyncio.create_task(self._watchdog(), name="wsgateway-consumer-watchdog")
         log.info("consuming %s.> from stream %s after seq %d", s.subject_prefix, s.stream, last)
 

@@ -22,14 +22,21 @@ def error_response(status: int, code: str, message: str, **headers: str) -> JSON
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+STARTING = "the gateway is starting (ACLs and stream position not loaded yet): retry shortly"
+
+
 async def authenticate(gw: Gateway, request: Request) -> Principal | JSONResponse:
-    """The caller's principal, or the 401 answer (counted by failure reason)."""
+    """The caller's principal, or the 401 answer (counted by failure reason), or 503 while the instance
+    starts: before its ACLs are loaded every permission decision would be a wrong "no"."""
     src = extract_token(request.headers, [], request.query_params, allow_query=gw.settings.allow_query_token)
     try:
-        return await gw.verifier.verify(src.token)
+        principal = await gw.verifier.verify(src.token)
     except AuthError as exc:
         gw.metrics.auth_failures.labels(exc.reason).inc()
         return error_response(401, "unauthorized", f"{exc.reason}: {exc.message}", **{"WWW-Authenticate": "Bearer"})
+    if not gw.bus.started:
+        return error_response(503, "unavailable", STARTING)
+    return principal
 
 
-__all__ = ["authenticate", "error_response"]
+__all__ = ["STARTING", "authenticate", "error_response"]

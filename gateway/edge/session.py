@@ -22,6 +22,7 @@ from gateway.auth import AuthError, extract_token
 from gateway.core.channel import Channel
 from gateway.core.connection import Connection
 from gateway.core.queue import control
+from gateway.edge.httpauth import STARTING
 from gateway.edge.transport import EXTENSION, RawChannel
 from gateway.gc_tuning import after_handshake
 from gateway.principal import Principal
@@ -29,6 +30,7 @@ from gateway.protocol import (
     CLOSE_BAD_REQUEST,
     CLOSE_POLICY,
     CLOSE_TOO_SLOW,
+    CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
     ERR_BAD_REQUEST,
     ERR_UNAUTHORIZED,
@@ -178,6 +180,10 @@ async def _handshake(
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")
         return Refused("rejected", CLOSE_TOO_SLOW)
+    if not gw.bus.started:  # before the ACLs are loaded every subscription would be refused, not resumed
+        metrics.connection_attempts.labels("rejected").inc()
+        channel.close(CLOSE_TRY_AGAIN, STARTING)
+        return Refused("rejected", CLOSE_TRY_AGAIN)
     try:
         principal = await gw.verifier.verify(src.token)
     except AuthError as exc:
