@@ -9,7 +9,8 @@ SSE (explicit, and the automatic fallback when WebSocket upgrades are refused), 
 `npm pack` ships ESM with type declarations; and in headless Chromium, the bundle the gateway serves
 (/static/sdk) with the browser's own WebSocket and fetch: live events, a drop mid-stream and the resume
 (tests/browser/sdk.mjs); token refresh past the first token's session, 4401 final, revocation and a
-re-grant, SSE with a drop and the resume, a gateway restart (tests/browser/sdk-lifecycle.mjs). The Node
+re-grant, SSE with a drop and the resume, a gateway restart (tests/browser/sdk-lifecycle.mjs); the AG-UI
+GatewayAgent without a bundler, through a drop mid-message (tests/browser/agui.mjs). The Node
 publisher example (clients/js/examples/publish.mjs, npm `nats`) publishes what a WebSocket client
 receives, deduplicated by `Nats-Msg-Id`."""
 
@@ -164,6 +165,32 @@ async def test_sdk_in_headless_chromium_restart_refresh_revocation_4401_and_sse(
     resumed = [f for f in restart["frames"] if f["type"] == "subscribed" and "since" in f]
     assert resumed and resumed[-1]["recovered"] is True, restart["frames"]
     assert rig.restarts == 1
+
+
+@pytest.mark.timeout(180)
+async def test_agui_gateway_agent_in_headless_chromium(rig: Rig, tmp_path: Path) -> None:
+    """GatewayAgent (@wsgateway/client/ag-ui) in Debian Chromium without a bundler (tests/browser/agui.mjs: an
+    import map; rxjs from its UMD bundle, its ESM cannot load in a browser): it attaches to a run already
+    going, through a drop in the middle of a message, and @ag-ui/client's own verifier and state-applying
+    pipeline accept the stream (connectAgent() resolves) and reach the thread."""
+    ensure_browser()
+    ensure_js()
+    scope = "conversation:bl-agui"
+    await rig.platform.grant("acme.conversation.bl-agui", {"members": ["user:alice"]})
+    config = {"gateway": rig.env["GW_HTTP"], "control": rig.env["CONTROL"], "scope": scope}
+    out = await run_driver_async("agui.mjs", config, tmp_path)
+    assert out["problems"] == [] and out["consoleErrors"]["unexpected"] == [], out
+    assert out["nativeWebSocket"] is True and out["rxjsFromUmd"] is True and out["transport"] == "websocket"
+    assert out["attached"] == "resolved", out["attached"]
+    assert "No active text message" in out["outOfOrder"], "the verifier runs in the page (the check is not vacuous)"
+    assert out["types"] == [
+        "RUN_STARTED", "MESSAGES_SNAPSHOT", "STATE_SNAPSHOT", "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_CONTENT", "STATE_DELTA", "TEXT_MESSAGE_END", "RUN_FINISHED",
+    ], out["types"]
+    assert out["messages"] == [{"id": "m-0", "role": "user", "content": "Hi"},
+                               {"id": "m-1", "role": "assistant", "content": "Hello, world"}], out["messages"]
+    assert out["state"] == {"step": 2} and out["threadId"] == scope
+    assert out["drops"] == 1 and out["connects"] == 2
 
 
 async def _publish_node(rig: Rig, *args: str) -> dict[str, Any]:
