@@ -7,7 +7,7 @@
 //
 // One page, one client per scenario (each with its own recorder: event seqs, control frames, notices, states,
 // token-provider calls), every wait on a condition:
-//   refresh  short-lived tokens (exp in 4 s): `refresh` before expiry; the connection outlives the first
+//   refresh  short-lived tokens (exp in 6 s): `refresh` before expiry; the connection outlives the first
 //            token's session (exp + the gateway's leeway) with no 4408, events before and after arrive
 //            (runs while the next three scenarios run);
 //   final    a token from the wrong issuer: close 4401 is final (no retry), connect() and iteration reject
@@ -104,9 +104,9 @@ await main(config, async (page) => {
   const snap = (name) => page.evaluate((n) => window.snapshot(n), name);
   const out = {};
 
-  // refresh: started first, checked after the three next scenarios (its tokens live 4 s)
+  // refresh: started first, checked after the three next scenarios (its tokens live 6 s)
   await page.evaluate((scope) => {
-    window.make('refresh', { scopes: [scope], tokenOpts: { expIn: 4 }, refreshLeadS: 3, transport: 'websocket' });
+    window.make('refresh', { scopes: [scope], tokenOpts: { expIn: 6 }, refreshLeadS: 3, transport: 'websocket' });
     return window.c.refresh.client.connect().then(() => undefined);
   }, S.refresh);
   await wait('refresh: the live start position', () => window.c.refresh.client.cursor !== null);
