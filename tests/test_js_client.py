@@ -6,10 +6,13 @@ Covered in Node: bad input refused before anything is sent, live events, subscri
 mid-stream (resume: nothing lost or doubled), a gateway restart, token refresh, expiry (4408) and a
 fresh token, revocation, 4401 final, a gap (`recovered: false`), AbortSignal, an injected WebSocket;
 SSE (explicit, and the automatic fallback when WebSocket upgrades are refused), the history pager;
-`npm pack` ships ESM with type declarations; and in headless Chromium (tests/browser/sdk.mjs), the
-bundle the gateway serves: live events, a drop mid-stream and the resume. The Node publisher example
-(clients/js/examples/publish.mjs, npm `nats`) publishes what a WebSocket client receives, deduplicated
-by `Nats-Msg-Id`."""
+`npm pack` ships ESM with type declarations; and in headless Chromium, the bundle the gateway serves
+(/static/sdk) with the browser's own WebSocket and fetch: live events, a drop mid-stream and the resume
+(tests/browser/sdk.mjs); token refresh past the first token's session, 4401 final, revocation and a
+re-grant, SSE with a drop and the resume, a gateway restart (tests/browser/sdk-lifecycle.mjs); the AG-UI
+GatewayAgent without a bundler, through a drop mid-message (tests/browser/agui.mjs). The Node
+publisher example (clients/js/examples/publish.mjs, npm `nats`) publishes what a WebSocket client
+receives, deduplicated by `Nats-Msg-Id`."""
 
 from __future__ import annotations
 
@@ -86,6 +89,115 @@ async def test_sdk_in_headless_chromium_live_drop_and_resume(rig: Rig, tmp_path:
     assert out["seen"] == out["published"] and len(out["published"]) == 18, out
     assert out["connects"] == 2 and out["cursor"] == out["published"][-1]
     assert out["tokens"] == 2, "a fresh token for the reconnect"
+
+
+LIFECYCLE_SCOPES = {"refresh": "conversation:bl-refresh", "final": "conversation:bl-final",
+                    "revoke": "conversation:bl-revoke", "marker": "conversation:bl-marker",
+                    "sse": "conversation:bl-sse", "restart": "conversation:bl-restart"}
+
+
+def _closes(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [n for n in rec["notices"] if n["type"] == "disconnected"]
+
+
+@pytest.mark.timeout(180)
+async def test_sdk_in_headless_chromium_restart_refresh_revocation_4401_and_sse(rig: Rig, tmp_path: Path) -> None:
+    """The bundle the gateway serves, in Debian Chromium (tests/browser/sdk-lifecycle.mjs, one client per
+    scenario): token refresh past the first token's session end (no 4408, one connection), 4401 final (no
+    retry, the error surfaced), revocation and a re-grant, SSE with a drop and the resume, a gateway restart:
+    every event once, in order."""
+    ensure_browser()
+    ensure_js()
+    for key in ("refresh", "final", "sse", "restart"):
+        await rig.platform.grant(f"acme.{LIFECYCLE_SCOPES[key].replace(':', '.')}", {"members": ["user:alice"]})
+    # A process event in the stream before the restart: a gateway restarting on a stream that holds events but
+    # none of events.*.process.* never becomes ready (the inbox's start-up scan, gateway/core/history.py
+    # `scan`, waits for an event that does not come and retries every 30 s). Not what this test is about.
+    await rig.platform.publish("acme", "process:bl-inbox")
+    config = {"gateway": rig.env["GW_HTTP"], "control": rig.env["CONTROL"], "scopes": LIFECYCLE_SCOPES,
+              "leewayS": rig.gateway.settings.jwt_leeway_s if rig.gateway else 1}
+    out = await run_driver_async("sdk-lifecycle.mjs", config, tmp_path, timeout=150)
+    assert out["problems"] == [] and out["consoleErrors"]["unexpected"] == [], out
+    assert out["nativeWebSocket"] is True
+    assert set(out["states"].values()) == {"closed"}, out["states"]
+
+    refresh = out["refresh"]
+    assert refresh["seqs"] == refresh["published"] and len(refresh["published"]) == 6, refresh
+    assert refresh["connects"] == 1 and _closes(refresh) == [], "no reconnect: the token was refreshed in time"
+    assert refresh["checkedAt"] > refresh["sessionEnd"], "checked after the first token's session had ended"
+    refreshed = [f for f in refresh["frames"] if f["type"] == "refreshed"]
+    assert refreshed and refreshed[0]["expires_at"] > refresh["firstExpiresAt"], refresh["frames"]
+    assert refresh["tokens"] >= 2 and refresh["pong"]["type"] == "pong" and refresh["transport"] == "websocket"
+
+    final = out["final"]
+    for where in ("connect", "iteration", "closed"):
+        err = final[where]
+        assert err["isClosedError"] is True and err["name"] == "GatewayClosedError", (where, err)
+        assert err["code"] == 4401 and "wrong_issuer" in err["reason"], (where, err)
+    [close] = _closes(final)
+    assert close["code"] == 4401 and close["final"] is True and close["retryInMs"] is None, close
+    assert final["tokens"] == 1 and final["connects"] == 0, "not retried"
+    assert final["state"] == "closed" and final["states"] == ["connecting", "closed"], final["states"]
+
+    revoke = out["revoke"]
+    assert revoke["seqs"] == [*revoke["before"], revoke["marker"], *revoke["after"]], revoke
+    assert not set(revoke["withheld"]) & set(revoke["seqs"]), "nothing of a revoked scope"
+    revoked = [f for f in revoke["frames"] if f["type"] == "revoked"]
+    assert revoked == [{"type": "revoked", "scope": LIFECYCLE_SCOPES["revoke"]}], revoke["frames"]
+    regranted = [f for f in revoke["frames"] if f["type"] == "subscribed" and f["scope"] == LIFECYCLE_SCOPES["revoke"]]
+    assert len(regranted) == 2 and revoke["withheld"][-1] <= regranted[1]["seq"] < revoke["after"][0], regranted
+    assert revoke["connects"] == 1 and _closes(revoke) == []
+
+    sse = out["sse"]
+    assert sse["seqs"] == sse["published"] and len(sse["published"]) == 10, sse
+    assert sse["transport"] == "sse" and sse["connects"] == 2 and sse["cursor"] == sse["published"][-1]
+    [drop] = _closes(sse)
+    assert drop["final"] is False and drop["transport"] == "sse", drop
+    resumed = [f for f in sse["frames"] if f["type"] == "subscribed" and "since" in f]
+    assert len(resumed) == 1 and resumed[0]["recovered"] is True, sse["frames"]
+
+    restart = out["restart"]
+    assert restart["seqs"] == restart["published"] and len(restart["published"]) == 10, restart
+    assert restart["connects"] >= 2 and restart["transport"] == "websocket"
+    drops = _closes(restart)
+    assert drops and drops[0]["code"] == 1001, "the restart is a graceful shutdown"
+    assert all(d["final"] is False and d["retryInMs"] is not None for d in drops), drops
+    # The reconnect subscribed the scope again. Not asserted: that it was a resume (`since`, `recovered`).
+    # The SDK reconnects as soon as the port accepts, and a gateway accepts sessions before its bus has
+    # loaded the ACLs: a reconnect in that window gets `error forbidden`, then `subscribed` (seq 0, no
+    # `since`) once they are loaded, live from there (gateway/core/hub.py `_notify`): events stored while
+    # no gateway ran would not be replayed. Seen in 2 of 8 runs on a loaded machine (reported); the events
+    # above are published after /readyz.
+    last_welcome = max(i for i, f in enumerate(restart["frames"]) if f["type"] == "welcome")
+    assert any(f["type"] == "subscribed" and f["scope"] == LIFECYCLE_SCOPES["restart"]
+               for f in restart["frames"][last_welcome:]), restart["frames"]
+    assert rig.restarts == 1
+
+
+@pytest.mark.timeout(180)
+async def test_agui_gateway_agent_in_headless_chromium(rig: Rig, tmp_path: Path) -> None:
+    """GatewayAgent (@wsgateway/client/ag-ui) in Debian Chromium without a bundler (tests/browser/agui.mjs: an
+    import map; rxjs from its UMD bundle, its ESM cannot load in a browser): it attaches to a run already
+    going, through a drop in the middle of a message, and @ag-ui/client's own verifier and state-applying
+    pipeline accept the stream (connectAgent() resolves) and reach the thread."""
+    ensure_browser()
+    ensure_js()
+    scope = "conversation:bl-agui"
+    await rig.platform.grant("acme.conversation.bl-agui", {"members": ["user:alice"]})
+    config = {"gateway": rig.env["GW_HTTP"], "control": rig.env["CONTROL"], "scope": scope}
+    out = await run_driver_async("agui.mjs", config, tmp_path)
+    assert out["problems"] == [] and out["consoleErrors"]["unexpected"] == [], out
+    assert out["nativeWebSocket"] is True and out["rxjsFromUmd"] is True and out["transport"] == "websocket"
+    assert out["attached"] == "resolved", out["attached"]
+    assert "No active text message" in out["outOfOrder"], "the verifier runs in the page (the check is not vacuous)"
+    assert out["types"] == [
+        "RUN_STARTED", "MESSAGES_SNAPSHOT", "STATE_SNAPSHOT", "TEXT_MESSAGE_START", "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_CONTENT", "STATE_DELTA", "TEXT_MESSAGE_END", "RUN_FINISHED",
+    ], out["types"]
+    assert out["messages"] == [{"id": "m-0", "role": "user", "content": "Hi"},
+                               {"id": "m-1", "role": "assistant", "content": "Hello, world"}], out["messages"]
+    assert out["state"] == {"step": 2} and out["threadId"] == scope
+    assert out["drops"] == 1 and out["connects"] == 2
 
 
 async def _publish_node(rig: Rig, *args: str) -> dict[str, Any]:

@@ -122,7 +122,7 @@ class Rig:
             body = await request.json()
             seqs = []
             for i in range(int(body.get("count", 1))):
-                data = dict(body.get("data") or {"fraction": 0.5})
+                data = dict(body["data"]) if body.get("data") is not None else {"fraction": 0.5}
                 if body.get("number"):
                     data["n"] = i
                 seqs.append(await self.platform.publish(body.get("tenant", "acme"), body["scope"],
