@@ -23,6 +23,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchutil import build_fastpath  # noqa: E402
 
 PROBE = r'''
 import asyncio, sys, time
@@ -130,6 +133,7 @@ def main() -> int:
             archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "gateway"],
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+            build_fastpath(dest)  # a revision with the compiled loops: built, as its install would
             trees[f"baseline {args.baseline}"] = dest
         results: dict[str, list[float]] = {name: [] for name in trees}
         for r in range(args.rounds):
