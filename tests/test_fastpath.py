@@ -68,7 +68,7 @@ class Recording:
 
 
 @pytest.fixture(params=["c", "python"])
-def loops(request: pytest.FixtureRequest) -> tuple[fastpath.FanOut, fastpath.FlushLive]:
+def loops(request: pytest.FixtureRequest) -> fastpath.Loops:
     if request.param == "c" and not fastpath.AVAILABLE:
         pytest.fail("gateway.core._fastpath is not built: `pip install -e .` builds it (needs gcc and Python headers)")
     return fastpath.select(request.param == "c")
@@ -95,8 +95,17 @@ def test_the_compiled_loops_are_built_and_chosen_by_the_setting() -> None:
     assert not slow.writer.fast and slow.fan_out is fastpath.fan_out_py
 
 
+def test_allowed_lists_the_connections_of_the_allowed_subscriptions_in_order(loops: Any) -> None:
+    from gateway.core.index import Subscription
+
+    conns = [conn() for _ in range(5)]
+    subs = {Subscription(c, SCOPE, "conversation", "c1", i % 2 == 0): None for i, c in enumerate(conns)}
+    assert loops.allowed(subs) == [conns[0], conns[2], conns[4]]
+    assert loops.allowed({}) == []
+
+
 def test_fan_out_queues_each_event_once_per_connection_and_marks_it_dirty_once(loops: Any) -> None:
-    fan_out, _ = loops
+    fan_out = loops.fan_out
     a, b, c = conn(), conn(), conn()
     dirty: list[Connection] = []
     f5 = frame(5)
@@ -112,7 +121,7 @@ def test_fan_out_queues_each_event_once_per_connection_and_marks_it_dirty_once(l
 
 
 def test_fan_out_returns_the_connections_over_their_bounds(loops: Any) -> None:
-    fan_out, _ = loops
+    fan_out = loops.fan_out
     a, b = conn(), conn()
     dirty: list[Connection] = []
     for seq in (1, 2):
@@ -126,7 +135,7 @@ def test_fan_out_returns_the_connections_over_their_bounds(loops: Any) -> None:
 
 
 def test_flush_live_writes_each_connection_its_frames_in_one_write_and_counts_deliveries(loops: Any) -> None:
-    fan_out, flush_live = loops
+    fan_out, flush_live = loops.fan_out, loops.flush_live
     chans = [Recording(), Recording(), Recording()]
     a, b, c = (conn(ch) for ch in chans)
     dirty: list[Connection] = []
@@ -144,7 +153,7 @@ def test_flush_live_writes_each_connection_its_frames_in_one_write_and_counts_de
 
 
 def test_flush_live_keeps_the_frames_of_a_channel_without_room(loops: Any) -> None:
-    fan_out, flush_live = loops
+    fan_out, flush_live = loops.fan_out, loops.flush_live
     ch = Recording()
     a = conn(ch)
     dirty: list[Connection] = []
@@ -158,7 +167,7 @@ def test_flush_live_keeps_the_frames_of_a_channel_without_room(loops: Any) -> No
 
 
 def test_flush_live_hands_back_the_connections_that_are_not_live_with_their_frames_held(loops: Any) -> None:
-    fan_out, flush_live = loops
+    fan_out, flush_live = loops.fan_out, loops.flush_live
     ch = Recording()
     a, r = conn(), conn(ch, ConnState.REPLAYING)
     dirty: list[Connection] = []
@@ -170,7 +179,7 @@ def test_flush_live_hands_back_the_connections_that_are_not_live_with_their_fram
 
 
 def test_flush_live_encodes_for_a_channel_whose_frames_are_not_its_wire_form(loops: Any) -> None:
-    fan_out, flush_live = loops
+    fan_out, flush_live = loops.fan_out, loops.flush_live
     ch = Recording(sse=True)
     a = conn(ch)
     dirty: list[Connection] = []
@@ -182,7 +191,7 @@ def test_flush_live_encodes_for_a_channel_whose_frames_are_not_its_wire_form(loo
 
 
 def test_the_loops_hold_no_references_they_do_not_own(loops: Any) -> None:
-    fan_out, flush_live = loops
+    fan_out, flush_live = loops.fan_out, loops.flush_live
     conns = [conn() for _ in range(50)]
     f = frame(1)
 
@@ -203,8 +212,10 @@ def test_the_loops_hold_no_references_they_do_not_own(loops: Any) -> None:
 
 
 def test_the_compiled_loops_refuse_what_is_not_a_connection_or_a_frame() -> None:
-    fan_out, flush_live = fastpath.select(True)
+    allowed, fan_out, flush_live = fastpath.select(True)
     assert fan_out is not fastpath.fan_out_py, "gateway.core._fastpath is not built"
+    with pytest.raises(TypeError):
+        allowed({object(): None})
     with pytest.raises(TypeError):
         fan_out([object()], 1, frame(1), 10, 100, 10**6, [])
     with pytest.raises(TypeError):
@@ -218,8 +229,8 @@ def test_the_compiled_loops_refuse_what_is_not_a_connection_or_a_frame() -> None
 class World:
     """Connections on recording channels, driven by one implementation of the loops."""
 
-    def __init__(self, n: int, loops: tuple[fastpath.FanOut, fastpath.FlushLive]) -> None:
-        self.fan_out, self.flush_live = loops
+    def __init__(self, n: int, loops: fastpath.Loops) -> None:
+        self.fan_out, self.flush_live = loops.fan_out, loops.flush_live
         self.chans = [Recording(sse=i % 7 == 3) for i in range(n)]
         self.conns = [conn(ch) for ch in self.chans]
         self.dirty: list[Connection] = []

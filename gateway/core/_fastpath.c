@@ -1,6 +1,7 @@
 /* The per-delivery loops of fan-out in C: the same Python objects, the same semantics as the pure-Python
  * loops of gateway/core/fastpath.py (the fallback, WSGATEWAY_FAST_PATH=false), which document them.
  *
+ *   allowed(subs) -> targets
  *   fan_out(targets, seq, frame, size, max_msgs, max_bytes, dirty) -> (recipients, slow)
  *   flush_live(dirty, live, touched) -> rest
  *
@@ -18,7 +19,8 @@
 static Py_ssize_t off_frames = -1, off_nbytes, off_last_seq, off_dirty, off_state, off_flag, off_native, off_write,
                   off_written, off_encode;
 static Py_ssize_t off_data = -1, off_seq, off_sent;
-static PyTypeObject *conn_type = NULL, *frame_type = NULL;
+static Py_ssize_t off_allowed = -1, off_conn;
+static PyTypeObject *conn_type = NULL, *frame_type = NULL, *sub_type = NULL;
 static PyObject *str_on = NULL;
 /* The writable flag's `on`: a slot of the last flag type seen (one per channel kind), else getattr. */
 static PyTypeObject *flag_type = NULL;
@@ -54,29 +56,35 @@ static inline void set_slot(PyObject *o, Py_ssize_t off, PyObject *v) {
 }
 
 static PyObject *configure(PyObject *self, PyObject *args) {
-    PyObject *conn_cls, *frame_cls;
-    if (!PyArg_ParseTuple(args, "O!O!:configure", &PyType_Type, &conn_cls, &PyType_Type, &frame_cls)) return NULL;
-    Py_ssize_t f[10], g[3];
+    PyObject *conn_cls, *frame_cls, *sub_cls;
+    if (!PyArg_ParseTuple(args, "O!O!O!:configure", &PyType_Type, &conn_cls, &PyType_Type, &frame_cls,
+                          &PyType_Type, &sub_cls))
+        return NULL;
+    Py_ssize_t f[10], g[3], h[2];
     if (slot_offset(conn_cls, "frames", &f[0]) || slot_offset(conn_cls, "nbytes", &f[1]) ||
         slot_offset(conn_cls, "last_seq", &f[2]) || slot_offset(conn_cls, "dirty", &f[3]) ||
         slot_offset(conn_cls, "state", &f[4]) || slot_offset(conn_cls, "flag", &f[5]) ||
         slot_offset(conn_cls, "native", &f[6]) || slot_offset(conn_cls, "write", &f[7]) ||
         slot_offset(conn_cls, "written", &f[8]) || slot_offset(conn_cls, "encode", &f[9]) ||
         slot_offset(frame_cls, "data", &g[0]) || slot_offset(frame_cls, "seq", &g[1]) ||
-        slot_offset(frame_cls, "sent", &g[2]))
+        slot_offset(frame_cls, "sent", &g[2]) || slot_offset(sub_cls, "allowed", &h[0]) ||
+        slot_offset(sub_cls, "conn", &h[1]))
         return NULL;
     off_frames = f[0], off_nbytes = f[1], off_last_seq = f[2], off_dirty = f[3], off_state = f[4];
     off_flag = f[5], off_native = f[6], off_write = f[7], off_written = f[8], off_encode = f[9];
     off_data = g[0], off_seq = g[1], off_sent = g[2];
+    off_allowed = h[0], off_conn = h[1];
     Py_INCREF(conn_cls);
     Py_XSETREF(conn_type, (PyTypeObject *)conn_cls);
     Py_INCREF(frame_cls);
     Py_XSETREF(frame_type, (PyTypeObject *)frame_cls);
+    Py_INCREF(sub_cls);
+    Py_XSETREF(sub_type, (PyTypeObject *)sub_cls);
     Py_RETURN_NONE;
 }
 
 static int configured(void) {
-    if (off_frames < 0 || off_data < 0) {
+    if (off_frames < 0 || off_data < 0 || off_allowed < 0) {
         PyErr_SetString(PyExc_RuntimeError, "gateway.core._fastpath: configure() was not called");
         return 0;
     }
@@ -123,6 +131,35 @@ static inline int flag_on(PyObject *flag) {
     int r = PyObject_IsTrue(on);
     Py_DECREF(on);
     return r;
+}
+
+/* allowed: the connections of the subscriptions (dict keys) whose permission flag is set. */
+static PyObject *allowed(PyObject *self, PyObject *subs) {
+    if (!configured()) return NULL;
+    if (!PyDict_CheckExact(subs)) {
+        PyErr_SetString(PyExc_TypeError, "allowed: subs must be a dict");
+        return NULL;
+    }
+    PyObject *out = PyList_New(0), *sub, *value;
+    if (out == NULL) return NULL;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(subs, &pos, &sub, &value)) {
+        if (!PyObject_TypeCheck(sub, sub_type)) {
+            PyErr_Format(PyExc_TypeError, "fast path: expected a Subscription, got %.100s", Py_TYPE(sub)->tp_name);
+            goto fail;
+        }
+        PyObject *ok = get_slot(sub, off_allowed, "allowed");
+        if (ok == NULL) goto fail;
+        int is_ok = ok == Py_True ? 1 : ok == Py_False ? 0 : PyObject_IsTrue(ok);
+        if (is_ok < 0) goto fail;
+        if (!is_ok) continue;
+        PyObject *c = get_slot(sub, off_conn, "conn");
+        if (c == NULL || PyList_Append(out, c) < 0) goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
 }
 
 /* fan_out: append one frame to every target's live queue (see fastpath.py, fan_out_py). */
@@ -334,7 +371,9 @@ fail:
 }
 
 static PyMethodDef methods[] = {
-    {"configure", configure, METH_VARARGS, "configure(Connection, OutFrame): take the slot offsets of both classes."},
+    {"configure", configure, METH_VARARGS,
+     "configure(Connection, OutFrame, Subscription): take the slot offsets of the three classes."},
+    {"allowed", allowed, METH_O, "allowed(subs) -> the connections of the subscriptions allowed to see the scope"},
     {"fan_out", (PyCFunction)(void (*)(void))fan_out, METH_FASTCALL,
      "fan_out(targets, seq, frame, size, max_msgs, max_bytes, dirty) -> (recipients, slow)"},
     {"flush_live", (PyCFunction)(void (*)(void))flush_live, METH_FASTCALL,

@@ -5,6 +5,8 @@ the package's install) and here in Python, the reference and the fallback.
 `WSGATEWAY_FAST_PATH=false` (or a build without a C compiler) selects the Python loops; the tests of
 delivery run under both (tests/test_fastpath.py and the parametrized end-to-end tests).
 
+- `allowed(subs) -> targets`: the connections of a scope's subscriptions (a dict's keys) whose permission
+  flag is set, in order (`SubscriptionIndex.targets`; in Python `index.allowed_conns`).
 - `fan_out(targets, seq, frame, size, max_msgs, max_bytes, dirty) -> (recipients, slow)`: for each target
   that has not queued `seq` yet (a connection may be a target twice: a scope and `*`): note `seq`, append
   the frame, count its bytes, put the connection on the writer's `dirty` list once (`conn.dirty`); the
@@ -21,15 +23,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.core.connection import Connection, ConnState
+from gateway.core.index import Subscription, allowed_conns
 from gateway.core.queue import OutFrame
 
 log = logging.getLogger(__name__)
 
+Allowed = Callable[[dict[Subscription, None]], list[Connection]]
 FanOut = Callable[[list[Connection], int, OutFrame, int, int, int, list[Connection]], tuple[int, list[Connection]]]
 FlushLive = Callable[[list[Connection], ConnState, list[OutFrame]], list[Connection]]
+
+
+class Loops(NamedTuple):
+    allowed: Allowed
+    fan_out: FanOut
+    flush_live: FlushLive
 
 
 def fan_out_py(
@@ -82,27 +92,30 @@ def flush_live_py(dirty: list[Connection], live: ConnState, touched: list[OutFra
     return rest
 
 
-def _compiled() -> tuple[FanOut, FlushLive] | None:
+def _compiled() -> Loops | None:
     try:
         from gateway.core import _fastpath  # type: ignore[attr-defined]
     except ImportError:
         return None
     mod: Any = _fastpath
-    mod.configure(Connection, OutFrame)
-    return mod.fan_out, mod.flush_live
+    mod.configure(Connection, OutFrame, Subscription)
+    return Loops(mod.allowed, mod.fan_out, mod.flush_live)
 
 
 _COMPILED = _compiled()
 AVAILABLE = _COMPILED is not None  # the C loops were built with the package
+PYTHON = Loops(allowed_conns, fan_out_py, flush_live_py)
 
 
-def select(fast: bool) -> tuple[FanOut, FlushLive]:
+def select(fast: bool) -> Loops:
     """The loops to use: the C ones when `fast` and built, else the Python ones."""
     if fast and _COMPILED is not None:
         return _COMPILED
     if fast:
         log.warning("the compiled fast path (gateway.core._fastpath) is not built: using the Python loops")
-    return fan_out_py, flush_live_py
+    return PYTHON
 
 
-__all__ = ["AVAILABLE", "FanOut", "FlushLive", "fan_out_py", "flush_live_py", "select"]
+__all__ = [
+    "AVAILABLE", "PYTHON", "Allowed", "FanOut", "FlushLive", "Loops", "fan_out_py", "flush_live_py", "select",
+]

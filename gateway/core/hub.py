@@ -63,6 +63,7 @@ class Hub:
         self.index = SubscriptionIndex(acl, settings.max_subscriptions, metrics.subscriptions)
         self.writer = Writer(metrics, settings.flush_interval_ms, fast=settings.fast_path)
         self.fan_out = self.writer.fan_out  # the per-delivery loop of dispatch (C or Python: core/fastpath.py)
+        self.index.allowed = self.writer.loops.allowed  # ... and of the index's targets
         self.expiry = Expiry(self._expired)
         self.bounds = Bounds(settings.queue_max_messages, settings.queue_max_bytes)
         self.last_seq = 0  # stream sequence of the last event processed: every client's cursor base

@@ -27,8 +27,9 @@ _REPLAYING = ConnState.REPLAYING
 class Writer:
     def __init__(self, metrics: Metrics, flush_interval_ms: float, *, fast: bool = True) -> None:
         self.metrics = metrics
-        self.fan_out, self._flush_live = fastpath.select(fast)
-        self.fast = self.fan_out is not fastpath.fan_out_py  # the compiled loops are in use
+        self.loops = fastpath.select(fast)
+        self.fan_out, self._flush_live = self.loops.fan_out, self.loops.flush_live
+        self.fast = self.loops is not fastpath.PYTHON  # the compiled loops are in use
         self._delay = flush_interval_ms / 1000.0
         self._dirty: list[Connection] = []
         self._scheduled = False
