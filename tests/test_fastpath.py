@@ -7,12 +7,16 @@ hub part of test_queue.py) run under both loops too: the `fast_path` fixture of 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+import socket
 import sys
 from typing import Any
 
 import orjson
 import pytest
+import uvloop
 
 from gateway.config import Settings
 from gateway.core import fastpath
@@ -212,7 +216,7 @@ def test_the_loops_hold_no_references_they_do_not_own(loops: Any) -> None:
 
 
 def test_the_compiled_loops_refuse_what_is_not_a_connection_or_a_frame() -> None:
-    allowed, fan_out, flush_live = fastpath.select(True)
+    allowed, fan_out, flush_live, _ = fastpath.select(True)
     assert fan_out is not fastpath.fan_out_py, "gateway.core._fastpath is not built"
     with pytest.raises(TypeError):
         allowed({object(): None})
@@ -350,3 +354,96 @@ async def test_hub_holds_live_frames_while_replaying_and_releases_them_after(fas
 async def test_a_gateway_runs_the_loops_the_fast_path_fixture_chose(fast_path: str, gw: RunningGateway) -> None:
     """The mechanism the delivery tests rely on: WSGATEWAY_FAST_PATH reaches the gateway they start."""
     assert gw.gateway.hub.writer.fast is (fast_path == "c")
+
+
+# --- the direct write to a uvloop TCP transport's socket --------------------------------------------
+
+
+class _Peer(asyncio.Protocol):
+    """The server side of a loopback TCP connection: keeps its transport."""
+
+    def __init__(self, made: asyncio.Future[asyncio.Transport]) -> None:
+        self.made = made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.set_result(transport)  # type: ignore[arg-type]
+
+
+async def _pair() -> tuple[asyncio.Transport, socket.socket, asyncio.AbstractServer]:
+    """A uvloop TCP transport (server side) and the client's plain socket, which reads nothing yet."""
+    loop = asyncio.get_running_loop()
+    made: asyncio.Future[asyncio.Transport] = loop.create_future()
+    server = await loop.create_server(lambda: _Peer(made), "127.0.0.1", 0)
+    client = socket.create_connection(server.sockets[0].getsockname()[:2])
+    client.setblocking(False)
+    return await made, client, server
+
+
+def _drain(client: socket.socket) -> bytes:
+    out = bytearray()
+    with contextlib.suppress(BlockingIOError):
+        while chunk := client.recv(1 << 20):
+            out += chunk
+    return bytes(out)
+
+
+def test_direct_sends_on_the_socket_and_falls_back_to_the_transport_in_order() -> None:
+    """The Sink writes what the kernel takes and gives the transport the rest; once the transport holds
+    bytes, everything goes behind them; the peer reads one stream, in order, complete."""
+    _, _, _, direct = fastpath.select(True)
+    assert direct is not fastpath.direct_py, "gateway.core._fastpath is not built"
+
+    async def scenario() -> None:
+        transport, client, server = await _pair()
+        sink: Any = direct(transport.write)
+        assert type(sink).__name__ == "Sink"
+        chunks = [b"%08d" % i + b"x" * 992 for i in range(8000)]  # 8 MB: far more than the socket buffers
+        got = bytearray()
+        for i, chunk in enumerate(chunks):
+            sink(chunk)
+            if i == 100:
+                assert transport.get_write_buffer_size() == 0  # so far the kernel took everything
+        assert transport.get_write_buffer_size() > 0  # the peer read nothing: the transport holds the rest
+        while len(got) < 8000 * 1000:
+            got += _drain(client)
+            await asyncio.sleep(0.001)
+        assert bytes(got) == b"".join(chunks)
+        client.close()
+        server.close()
+
+    uvloop.run(scenario())
+
+
+def test_direct_writes_nothing_on_the_socket_of_a_closing_transport() -> None:
+    _, _, _, direct = fastpath.select(True)
+
+    async def scenario() -> None:
+        transport, client, server = await _pair()
+        sink: Any = direct(transport.write)
+        sink(b"before")
+        transport.close()
+        sink(b"after")  # the transport's own write decides (uvloop ignores writes after close)
+        got = bytearray()
+        while True:
+            await asyncio.sleep(0.001)
+            try:
+                chunk = client.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break  # EOF
+            got += chunk
+        assert bytes(got) == b"before"
+        client.close()
+        server.close()
+
+    uvloop.run(scenario())
+
+
+async def test_direct_leaves_any_other_write_alone(loops: Any) -> None:
+    transport, client, server = await _pair()  # the test's own loop: asyncio's, not uvloop
+    assert loops.direct(transport.write) == transport.write
+    assert loops.direct(len) is len
+    client.close()
+    server.close()
+    transport.close()

@@ -4,6 +4,7 @@
  *   allowed(subs) -> targets
  *   fan_out(targets, seq, frame, size, max_msgs, max_bytes, dirty) -> (recipients, slow)
  *   flush_live(dirty, live, touched) -> rest
+ *   direct(write) -> a Sink for uvloop's TCP transport write (see below), else `write` itself
  *
  * Connections and frames are read and written through their __slots__ (member offsets taken from the
  * classes once, by `configure`), so a delivery costs no attribute lookup, no bytecode and no call but
@@ -14,6 +15,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <string.h>
+#include <sys/socket.h>
 
 /* Offsets of the slots used here (configure); -1 until configured. */
 static Py_ssize_t off_frames = -1, off_nbytes, off_last_seq, off_dirty, off_state, off_flag, off_native, off_write,
@@ -27,6 +29,154 @@ static PyTypeObject *flag_type = NULL;
 static Py_ssize_t off_on = -1;
 
 #define SLOT(o, off) (*(PyObject **)((char *)(o) + (off)))
+
+/* --- Sink: a transport's write that sends on the socket itself while the transport holds nothing ---------
+ *
+ * uvloop's TCPTransport.write costs about a thousand instructions per call above the send(2) it makes
+ * (buffer bookkeeping, flow-control checks). A Sink does the same for the common case directly: when the
+ * transport is not closing (so its socket is open and still this connection's: uvloop closes the socket
+ * only after `_closing` is set) and holds no bytes of its own (get_write_buffer_size() == 0: uvloop's
+ * buffer and libuv's queue, so nothing can overtake them), one non-blocking send(2). Whatever it does not
+ * send completely (a short write, EAGAIN, an error such as EPIPE) goes to transport.write, which buffers
+ * the rest, pauses the protocol, or reports the error exactly as it would have. Only for uvloop's plain
+ * TCPTransport (never TLS: that transport is another class). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *transport;
+    int fd;
+} Sink;
+
+static PyObject *str_write = NULL, *str_is_closing = NULL, *str_get_write_buffer_size = NULL;
+/* uvloop's TCPTransport and its methods (unbound: called with the transport as first argument, no lookup) */
+static PyObject *tcp_transport_type = NULL, *tcp_transport_write = NULL, *tcp_is_closing = NULL,
+                *tcp_get_write_buffer_size = NULL;
+
+static inline PyObject *call_method(PyObject *func, PyObject *transport, PyObject *arg) {
+    PyObject *args[2] = {transport, arg};
+    return PyObject_Vectorcall(func, args, arg == NULL ? 1 : 2, NULL);
+}
+
+static PyObject *sink_write(Sink *s, PyObject *data) {
+    if (PyBytes_CheckExact(data)) {
+        PyObject *r = call_method(tcp_is_closing, s->transport, NULL);
+        if (r == NULL) return NULL;
+        int closing = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (closing < 0) return NULL;
+        if (!closing) {
+            r = call_method(tcp_get_write_buffer_size, s->transport, NULL);
+            if (r == NULL) return NULL;
+            Py_ssize_t pending = PyLong_AsSsize_t(r);
+            Py_DECREF(r);
+            if (pending == -1 && PyErr_Occurred()) return NULL;
+            Py_ssize_t len = PyBytes_GET_SIZE(data);
+            if (pending == 0 && len > 0) {
+                const char *buf = PyBytes_AS_STRING(data);
+                ssize_t k = send(s->fd, buf, (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (k == len) Py_RETURN_NONE;
+                if (k > 0) { /* the rest waits in the transport */
+                    PyObject *rest = PyBytes_FromStringAndSize(buf + k, len - k);
+                    if (rest == NULL) return NULL;
+                    r = call_method(tcp_transport_write, s->transport, rest);
+                    Py_DECREF(rest);
+                    return r;
+                }
+            }
+        }
+    }
+    return call_method(tcp_transport_write, s->transport, data);
+}
+
+static PyObject *sink_call(PyObject *self, PyObject *args, PyObject *kwargs) {
+    PyObject *data;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "Sink() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Sink", 1, 1, &data)) return NULL;
+    return sink_write((Sink *)self, data);
+}
+
+static int sink_traverse(PyObject *self, visitproc visit, void *arg) {
+    Py_VISIT(((Sink *)self)->transport);
+    return 0;
+}
+
+static int sink_clear(PyObject *self) {
+    Py_CLEAR(((Sink *)self)->transport);
+    return 0;
+}
+
+static void sink_dealloc(PyObject *self) {
+    PyObject_GC_UnTrack(self);
+    sink_clear(self);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyObject *sink_repr(PyObject *self) {
+    return PyUnicode_FromFormat("<Sink fd=%d of %R>", ((Sink *)self)->fd, ((Sink *)self)->transport);
+}
+
+static PyTypeObject SinkType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "gateway.core._fastpath.Sink",
+    .tp_basicsize = sizeof(Sink),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A uvloop TCP transport's write: send(2) directly while the transport holds nothing.",
+    .tp_call = sink_call,
+    .tp_traverse = sink_traverse,
+    .tp_clear = sink_clear,
+    .tp_dealloc = sink_dealloc,
+    .tp_repr = sink_repr,
+};
+
+static PyObject *use_transport(PyObject *self, PyObject *cls) {
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "use_transport: a class");
+        return NULL;
+    }
+    PyObject *w = PyObject_GetAttr(cls, str_write);
+    PyObject *c = PyObject_GetAttr(cls, str_is_closing);
+    PyObject *g = PyObject_GetAttr(cls, str_get_write_buffer_size);
+    if (w == NULL || c == NULL || g == NULL) {
+        Py_XDECREF(w);
+        Py_XDECREF(c);
+        Py_XDECREF(g);
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(tcp_transport_type, cls);
+    Py_XSETREF(tcp_transport_write, w);
+    Py_XSETREF(tcp_is_closing, c);
+    Py_XSETREF(tcp_get_write_buffer_size, g);
+    Py_RETURN_NONE;
+}
+
+/* direct(write): a Sink when `write` is the bound write of a uvloop TCPTransport, else `write` itself. */
+static PyObject *direct(PyObject *self, PyObject *write) {
+    if (tcp_transport_type == NULL || !PyMethod_Check(write) || PyMethod_GET_FUNCTION(write) != tcp_transport_write ||
+        (PyObject *)Py_TYPE(PyMethod_GET_SELF(write)) != tcp_transport_type) {
+        Py_INCREF(write);
+        return write;
+    }
+    PyObject *transport = PyMethod_GET_SELF(write);
+    PyObject *sock = PyObject_CallMethod(transport, "get_extra_info", "s", "socket");
+    PyObject *fileno = sock == NULL || sock == Py_None ? NULL : PyObject_CallMethod(sock, "fileno", NULL);
+    Py_XDECREF(sock);
+    long fd = fileno == NULL ? -1 : PyLong_AsLong(fileno);
+    Py_XDECREF(fileno);
+    if (fd < 0) { /* no socket to write to: the transport's own write */
+        PyErr_Clear();
+        Py_INCREF(write);
+        return write;
+    }
+    Sink *s = PyObject_GC_New(Sink, &SinkType);
+    if (s == NULL) return NULL;
+    Py_INCREF(transport);
+    s->transport = transport;
+    s->fd = (int)fd;
+    PyObject_GC_Track((PyObject *)s);
+    return (PyObject *)s;
+}
 
 static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *out) {
     PyObject *d = PyObject_GetAttrString(cls, name);
@@ -321,7 +471,7 @@ static PyObject *flush_live(PyObject *self, PyObject *const *args, Py_ssize_t na
             goto fail_p;
         }
         Py_INCREF(write);
-        PyObject *r = PyObject_CallOneArg(write, data);
+        PyObject *r = Py_IS_TYPE(write, &SinkType) ? sink_write((Sink *)write, data) : PyObject_CallOneArg(write, data);
         Py_DECREF(write);
         Py_DECREF(data);
         if (r == NULL) goto fail_p;
@@ -373,6 +523,8 @@ fail:
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(Connection, OutFrame, Subscription): take the slot offsets of the three classes."},
+    {"use_transport", use_transport, METH_O, "use_transport(uvloop.loop.TCPTransport): the class `direct` knows."},
+    {"direct", direct, METH_O, "direct(write) -> a Sink for a uvloop TCPTransport's bound write, else write"},
     {"allowed", allowed, METH_O, "allowed(subs) -> the connections of the subscriptions allowed to see the scope"},
     {"fan_out", (PyCFunction)(void (*)(void))fan_out, METH_FASTCALL,
      "fan_out(targets, seq, frame, size, max_msgs, max_bytes, dirty) -> (recipients, slow)"},
@@ -388,6 +540,19 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__fastpath(void) {
     str_on = PyUnicode_InternFromString("on");
-    if (str_on == NULL) return NULL;
-    return PyModule_Create(&module);
+    str_write = PyUnicode_InternFromString("write");
+    str_is_closing = PyUnicode_InternFromString("is_closing");
+    str_get_write_buffer_size = PyUnicode_InternFromString("get_write_buffer_size");
+    if (str_on == NULL || str_write == NULL || str_is_closing == NULL || str_get_write_buffer_size == NULL)
+        return NULL;
+    if (PyType_Ready(&SinkType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&SinkType);
+    if (PyModule_AddObject(m, "Sink", (PyObject *)&SinkType) < 0) {
+        Py_DECREF(&SinkType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

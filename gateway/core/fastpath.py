@@ -17,6 +17,10 @@ delivery run under both (tests/test_fastpath.py and the parametrized end-to-end 
   (a frame's first delivery of this flush appends it to `touched`, for the latency histogram), and its
   queue is emptied in place (`written` = `last_seq`); the connections in another state are returned (`rest`),
   for the writer's replay path.
+- `direct(write) -> write`: the write a connection's flush uses, given its channel's. Compiled, a uvloop
+  TCP transport's write becomes a `Sink` that sends on the socket itself while the transport holds no
+  bytes (and is not closing), and hands everything else to the transport's write (the C module explains
+  why that is the same); in Python, the channel's write itself.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from gateway.core.queue import OutFrame
 
 log = logging.getLogger(__name__)
 
+Write = Callable[[bytes], object]
 Allowed = Callable[[dict[Subscription, None]], list[Connection]]
 FanOut = Callable[[list[Connection], int, OutFrame, int, int, int, list[Connection]], tuple[int, list[Connection]]]
 FlushLive = Callable[[list[Connection], ConnState, list[OutFrame]], list[Connection]]
@@ -40,6 +45,11 @@ class Loops(NamedTuple):
     allowed: Allowed
     fan_out: FanOut
     flush_live: FlushLive
+    direct: Callable[[Write], Write]
+
+
+def direct_py(write: Write) -> Write:
+    return write
 
 
 def fan_out_py(
@@ -99,12 +109,18 @@ def _compiled() -> Loops | None:
         return None
     mod: Any = _fastpath
     mod.configure(Connection, OutFrame, Subscription)
-    return Loops(mod.allowed, mod.fan_out, mod.flush_live)
+    try:
+        from uvloop.loop import TCPTransport  # type: ignore[attr-defined]  # (its stubs omit the class)
+    except ImportError:  # no uvloop: every write goes through its transport
+        pass
+    else:
+        mod.use_transport(TCPTransport)
+    return Loops(mod.allowed, mod.fan_out, mod.flush_live, mod.direct)
 
 
 _COMPILED = _compiled()
 AVAILABLE = _COMPILED is not None  # the C loops were built with the package
-PYTHON = Loops(allowed_conns, fan_out_py, flush_live_py)
+PYTHON = Loops(allowed_conns, fan_out_py, flush_live_py, direct_py)
 
 
 def select(fast: bool) -> Loops:
@@ -117,5 +133,6 @@ def select(fast: bool) -> Loops:
 
 
 __all__ = [
-    "AVAILABLE", "PYTHON", "Allowed", "FanOut", "FlushLive", "Loops", "fan_out_py", "flush_live_py", "select",
+    "AVAILABLE", "PYTHON", "Allowed", "FanOut", "FlushLive", "Loops", "Write", "direct_py", "fan_out_py",
+    "flush_live_py", "select",
 ]

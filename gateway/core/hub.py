@@ -85,6 +85,7 @@ class Hub:
     def open(self, channel: Channel, principal: Principal, conn_id: str, *, cursor: int | None = None) -> Connection:
         """An authenticated client joins: LIVE, counted, its token expiry armed."""
         conn = Connection(channel, principal, conn_id, cursor=cursor, owner=self)
+        conn.write = self.writer.loops.direct(conn.write)  # the fast path's write (core/fastpath.py)
         conn.move(ConnState.LIVE)
         self.connections[conn.id] = conn
         channel.on_writable = conn.channel_writable
