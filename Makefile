@@ -6,7 +6,7 @@ PYTHON ?= python3
 # `make run` needs only nats-server; the test tools come with `make test` (buildah and debootstrap: the image)
 RUN_APT_DEPS := nats-server=nats-server
 APT_DEPS := $(RUN_APT_DEPS) node=nodejs npm=npm promtool=prometheus chromium=chromium gcc=gcc \
-	buildah=buildah debootstrap=debootstrap
+	buildah=buildah debootstrap=debootstrap valgrind=valgrind
 PYTEST_ARGS ?=
 
 .PHONY: run test deps venv run-deps system-deps npm-deps lint bench clean dashboards image

@@ -95,3 +95,15 @@ def test_hotpath_benchmark_measures_the_working_tree_and_a_revision() -> None:
     assert any(line.strip().startswith("working tree") for line in lines), out.stdout
     assert any(line.strip().startswith("baseline HEAD") for line in lines), out.stdout
     assert any(line.strip().startswith("ratio working tree / baseline") for line in lines), out.stdout
+
+
+def test_hotpath_benchmark_counts_instructions_under_valgrind() -> None:
+    """bench/hotpath.py --instructions in its smallest form (the working tree only)."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hotpath.py"), "--instructions", "--connections", "200", "--scopes",
+         "10", "--flushes", "5"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.strip().startswith("working tree"))
+    assert float(line.split()[-1]) > 0, out.stdout
