@@ -18,6 +18,7 @@ after it (hub.open, hub.writer.flush).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -115,6 +116,7 @@ def probe(tree: Path, args: argparse.Namespace, flushes: int, repeat: int, prefi
         [*prefix, sys.executable, "-c", PROBE, str(tree), str(args.connections), str(args.scopes), str(args.batch),
          str(flushes), str(repeat)],
         capture_output=True, text=True, check=True, cwd=tempfile.gettempdir(),
+        env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict and set layouts in every run
     )
     return out.stdout.strip().splitlines()[-1], out.stderr
 

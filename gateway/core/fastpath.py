@@ -15,7 +15,7 @@ delivery run under both (tests/test_fastpath.py and the parametrized end-to-end 
   queued frames and a writable channel gets them in one write (the frames' own bytes joined when they
   are the wire form, else `conn.encode`), every event frame written counts one delivery in `frame.sent`
   (a frame's first delivery of this flush appends it to `touched`, for the latency histogram), and its
-  queue is emptied in place (`written` = `last_seq`); the connections in another state are returned (`rest`),
+  queue is emptied (`written` = `last_seq`); the connections in another state are returned (`rest`),
   for the writer's replay path.
 - `direct(write) -> write`: the write a connection's flush uses, given its channel's. Compiled, a uvloop
   TCP transport's write becomes a `Sink` that sends on the socket itself while the transport holds no
@@ -94,10 +94,7 @@ def flush_live_py(dirty: list[Connection], live: ConnState, touched: list[OutFra
                     touched.append(f)
                 f.sent += 1
         c.written = c.last_seq  # everything queued is now handed to the channel
-        if c.frames is p:
-            p.clear()  # emptied in place: no new list per write
-        else:
-            c.frames = []  # the write's callbacks gave the connection another list
+        c.frames = []  # (the compiled loop empties the list in place instead: the same queue, no new list)
         c.nbytes = 0
     return rest
 
