@@ -1162,8 +1162,10 @@ def snapshot_gateway(dest: Path) -> dict[str, str]:
     """Copy gateway/ once, so that every server of this run executes the same code even while the
     working tree changes; the servers get the copy first on PYTHONPATH (before the editable install)."""
     src = BENCH_DIR.parent / "gateway"
-    shutil.copytree(src, dest / "gateway", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return {"path": str(dest), "sha256": tree_digest(dest), "describe": git_describe()}
+    shutil.copytree(src, dest / "gateway", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+    compiled = build_fastpath(dest)  # the compiled loops from the C source as it is now (never a stale build)
+    return {"path": str(dest), "sha256": tree_digest(dest), "describe": git_describe(),
+            "compiled_fast_path": str(compiled)}
 
 
 def tree_digest(dest: Path) -> str:
