@@ -6,7 +6,7 @@ PYTHON ?= python3
 # `make run` needs only nats-server; the test tools come with `make test` (buildah and debootstrap: the image)
 RUN_APT_DEPS := nats-server=nats-server
 APT_DEPS := $(RUN_APT_DEPS) node=nodejs npm=npm promtool=prometheus chromium=chromium gcc=gcc \
-	buildah=buildah debootstrap=debootstrap \
+	buildah=buildah debootstrap=debootstrap valgrind=valgrind \
 	nginx=nginx /usr/lib/nginx/modules/ngx_nchan_module.so=libnginx-mod-nchan \
 	/usr/include/zlib.h=zlib1g-dev
 PYTEST_ARGS ?=
@@ -25,7 +25,7 @@ deps: venv system-deps npm-deps
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py gateway/core/_fastpath.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"

@@ -8,6 +8,8 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+from pathlib import Path
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
@@ -41,16 +43,21 @@ def child_setup() -> None:
     die_with_parent(signal.SIGTERM)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (0.0 if it is gone)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds ((0.0, 0.0) if it is gone): user space and kernel apart."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     fields = raw[raw.rindex(b")") + 2 :].split()
     # fields[0] is field 3 (state): utime is field 14, stime field 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (0.0 if it is gone)."""
+    return sum(cpu_times(pid))
 
 
 def rss_kib(pid: int) -> int:
@@ -83,6 +90,12 @@ def process_tree(pid: int) -> list[int]:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and its live descendants."""
     return sum(cpu_seconds(p) for p in process_tree(pid))
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) seconds of a process and its live descendants."""
+    times = [cpu_times(p) for p in process_tree(pid)]
+    return sum(t[0] for t in times), sum(t[1] for t in times)
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -121,3 +134,21 @@ def recv_blocking(pipe: Any) -> Any:
         return pipe.recv()
     finally:
         os.set_blocking(fd, False)
+
+
+def build_fastpath(tree: Path) -> bool:
+    """Compile tree/gateway/core/_fastpath.c in place, as the package's install does (setup.py), for a
+    snapshot made with `git archive` (which has the C source, not the built module). False when the
+    revision has no compiled part or it does not build (its gateway then runs its Python loops)."""
+    import sysconfig
+
+    src = tree / "gateway" / "core" / "_fastpath.c"
+    if not src.exists():
+        return False
+    out = src.with_name("_fastpath" + str(sysconfig.get_config_var("EXT_SUFFIX")))
+    cmd = ["gcc", "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}", str(src), "-o", str(out)]
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+

@@ -52,12 +52,14 @@ import peers  # noqa: E402
 import pubload  # noqa: E402
 import wsload  # noqa: E402
 from benchutil import (  # noqa: E402
+    build_fastpath,
     child_setup,
     cpu_seconds,
     free_port,
     percentile,
     raise_nofile,
     tree_cpu_seconds,
+    tree_cpu_times,
     tree_rss_kib,
 )
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
@@ -400,6 +402,10 @@ class Step:
     steal: float = 0.0  # % of all cores taken by the hypervisor (VM steal time)
     other_cpu: float = 0.0  # % of one core: busy time not in our processes (other tenants, softirq)
     cpu_us_per_delivery: float = float("nan")
+    # the server's utime and stime apart (/proc/<pid>/stat): the user space is the gateway's own code, the
+    # system time mostly the kernel's loopback send, the floor of any server
+    user_us_per_delivery: float = float("nan")
+    sys_us_per_delivery: float = float("nan")
     published: int = 0
     publish_errors: dict[str, int] = field(default_factory=dict)
     publisher_max_behind: int = 0
@@ -623,6 +629,7 @@ class Bench:
         time.sleep(max(0.0, w0 - time.time()))
         m0 = scrape_gateway(server.port) if server.kind in GATEWAY_KINDS else {}
         cpu0 = {k: (tree_cpu_seconds if k == "server" else cpu_seconds)(p) for k, p in pids.items()}
+        us0 = tree_cpu_times(server.pid)
         cl0 = sum(cpu_seconds(p) for p in ch.client_pids)
         h0 = host_cpu()
         wall0 = time.monotonic()
@@ -635,6 +642,7 @@ class Bench:
         time.sleep(max(0.0, w1 - time.time()))
         wall = time.monotonic() - wall0
         cpu1 = {k: (tree_cpu_seconds if k == "server" else cpu_seconds)(p) for k, p in pids.items()}
+        us1 = tree_cpu_times(server.pid)
         cl1 = sum(cpu_seconds(p) for p in ch.client_pids)
         h1 = host_cpu()
         m1 = scrape_gateway(server.port) if m0 else {}
@@ -675,6 +683,9 @@ class Bench:
         st.achieved = st.samples / duration
         if st.achieved:
             st.cpu_us_per_delivery = st.server_cpu * 1e4 / st.achieved
+            delivered = st.achieved * wall
+            st.user_us_per_delivery = (us1[0] - us0[0]) * 1e6 / delivered
+            st.sys_us_per_delivery = (us1[1] - us0[1]) * 1e6 / delivered
         values = sorted(lat)
         st.p50, st.p99 = percentile(values, 50), percentile(values, 99)
         st.p999, st.max_ms = percentile(values, 99.9), (values[-1] if values else float("nan"))
@@ -694,7 +705,8 @@ class Bench:
                f"{st.gw_lag:.0f}]" if m0 else "")
             + " | "
             f"CPU server {st.server_cpu:.0f}% nats {st.nats_cpu:.0f}% clients {st.clients_cpu:.0f}% "
-            f"pub {st.publisher_cpu:.0f}% host {st.host_busy:.0f}% | {'PASS' if st.passed else 'miss'}"
+            f"pub {st.publisher_cpu:.0f}% host {st.host_busy:.0f}% | server µs/delivery user "
+            f"{st.user_us_per_delivery:.2f} sys {st.sys_us_per_delivery:.2f} | {'PASS' if st.passed else 'miss'}"
             f"{' lost ' + str(lost) if lost else ''}{' closes ' + str(dict(closes)) if closes else ''}"
             f" | other CPU {st.other_cpu:.0f}% steal {st.steal:.0f}%")
         return st
@@ -872,6 +884,8 @@ def summarize(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
                     "p50_ms": med([s.p50 for s in steps]), "p99_ms": med([s.p99 for s in steps]),
                     "server_cpu": med([s.server_cpu for s in steps]),
                     "cpu_us_per_delivery": med([s.cpu_us_per_delivery for s in steps]),
+                    "user_us_per_delivery": med([s.user_us_per_delivery for s in steps]),
+                    "sys_us_per_delivery": med([s.sys_us_per_delivery for s in steps]),
                     "other_cpu": med([s.other_cpu for s in steps]),
                     "steal": med([s.steal for s in steps]),
                     "host_busy": med([s.host_busy for s in steps]),
@@ -924,6 +938,8 @@ HEADLINE = (
     ("capacity", "deliveries/s within the p99 target", True),
     ("p99_at_target_ms", "p99 ms at the target rate", False),
     ("cpu_s_per_1m", "server CPU s per 1M deliveries, target rate", False),
+    ("user_us", "server user µs per delivery, target rate", False),
+    ("sys_us", "server system µs per delivery, target rate", False),
     ("rss_kib_per_conn", "RSS KiB per idle connection", False),
 )
 
@@ -938,6 +954,8 @@ def headline_per_run(pts: list[Point]) -> dict[str, list[float]]:
         out["p99_at_target_ms"].append(target.p99 if target else float("nan"))
         # µs of server CPU per delivery = s per 1,000,000 deliveries.
         out["cpu_s_per_1m"].append(target.cpu_us_per_delivery if target else float("nan"))
+        out["user_us"].append(target.user_us_per_delivery if target else float("nan"))
+        out["sys_us"].append(target.sys_us_per_delivery if target else float("nan"))
         out["rss_kib_per_conn"].append(p.rss_per_conn_kib)
     return out
 
@@ -947,6 +965,7 @@ def step_brief(s: Step | None) -> dict[str, Any] | None:
         return None
     return {"offered": s.offered, "achieved": s.achieved, "p50_ms": s.p50, "p99_ms": s.p99, "passed": s.passed,
             "server_cpu": s.server_cpu, "cpu_us_per_delivery": s.cpu_us_per_delivery, "host_busy": s.host_busy,
+            "user_us_per_delivery": s.user_us_per_delivery, "sys_us_per_delivery": s.sys_us_per_delivery,
             "other_cpu": s.other_cpu, "steal": s.steal,
             "disturbed": s.other_cpu >= DISTURBED_OTHER_PCT}
 
@@ -1009,18 +1028,21 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
           + (" Load clients offer permessage-deflate (--compress)." if getattr(args, "compress", False) else ""),
           file=out)
     head = (f"{'server':8} {'conns':>6} {'step':>6} {'offered/s':>10} {'achieved/s':>11} {'p50 ms':>7} {'p99 ms':>8} "
-            f"{'srv CPU%':>8} {'us/deliv':>8} {'host%':>6} {'other%':>6} {'RSS KiB/conn':>12} {'p99 ok':>7}")
+            f"{'srv CPU%':>8} {'us/deliv':>8} {'user':>5} {'sys':>5} {'host%':>6} {'other%':>6} {'RSS KiB/conn':>12} "
+            f"{'p99 ok':>7}")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in summary["rows"]:
         print(f"{r['server']:8} {r['connections']:>6} {r['fraction']:>5g}x {r['offered']:>10,.0f} "
               f"{r['achieved']:>11,.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>8.1f} {r['server_cpu']:>8.0f} "
-              f"{r['cpu_us_per_delivery']:>8.1f} {r['host_busy']:>6.0f} {r['other_cpu']:>6.0f} "
+              f"{r['cpu_us_per_delivery']:>8.1f} {r['user_us_per_delivery']:>5.2f} {r['sys_us_per_delivery']:>5.2f} "
+              f"{r['host_busy']:>6.0f} {r['other_cpu']:>6.0f} "
               f"{r['rss_kib_per_conn']:>12.1f} "
               f"{r['passed']:>3}/{r['runs']:<3}", file=out)
     print("\nstep = offered rate as a fraction of the target rate; 'p99 ok' = runs in which the step met the p99 "
           "target with achieved >= 95% of offered and no lost connections; srv CPU% = server process, % of one "
-          "core; us/deliv = server CPU per delivery; host% = busy share of all cores (load clients, publisher, "
+          "core; us/deliv = server CPU per delivery (user + sys: µs in user space and in the kernel, from utime and "
+          "stime); host% = busy share of all cores (load clients, publisher, "
           "nats-server and other tenants of the machine included); other% = busy CPU outside the benchmark's "
           "processes (other tenants, unattributed kernel time), % of one core.", file=out)
     others = [s for r in summary["rows"] for s in [r["other_cpu"]] if s == s]
@@ -1067,7 +1089,7 @@ def print_ab(summary: dict[str, Any], args: argparse.Namespace) -> None:
             return "n/a"
         if key == "capacity":
             return f"{v:,.0f}" if v else f"<{c['lowest_offered'][kind]:,.0f}"
-        return f"{v:.1f}"
+        return f"{v:.2f}" if key in ("user_us", "sys_us") else f"{v:.1f}"
 
     for c in summary["ab"]:
         for key, label, _ in HEADLINE:
@@ -1303,8 +1325,10 @@ def snapshot_gateway(dest: Path) -> dict[str, str]:
     """Copy gateway/ once, so that every server of this run executes the same code even while the
     working tree changes; the servers get the copy first on PYTHONPATH (before the editable install)."""
     src = BENCH_DIR.parent / "gateway"
-    shutil.copytree(src, dest / "gateway", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return {"path": str(dest), "sha256": tree_digest(dest), "describe": git_describe()}
+    shutil.copytree(src, dest / "gateway", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+    compiled = build_fastpath(dest)  # the compiled loops from the C source as it is now (never a stale build)
+    return {"path": str(dest), "sha256": tree_digest(dest), "describe": git_describe(),
+            "compiled_fast_path": str(compiled)}
 
 
 def tree_digest(dest: Path) -> str:
@@ -1340,7 +1364,9 @@ def snapshot_revision(rev: str, dest: Path) -> dict[str, str]:
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
-    return {"rev": rev, "commit": commit, "describe": git("rev-parse", "--short", commit),
+    compiled = build_fastpath(dest)  # a revision with gateway/core/_fastpath.c: built as its install would
+    return {"rev": rev, "compiled_fast_path": str(compiled), "commit": commit,
+            "describe": git("rev-parse", "--short", commit),
             "subject": git("log", "-1", "--format=%s", commit), "date": git("log", "-1", "--format=%cI", commit),
             "path": str(dest), "sha256": tree_digest(dest)}
 

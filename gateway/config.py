@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     flush_interval_ms: float = Field(
         0, ge=0, le=50, description="Extra batching delay before writing queued frames (0: next loop turn)."
     )
+    fast_path: bool = Field(
+        True, description="Fan-out's per-delivery loops in C (gateway/core/_fastpath.c); false: the same in Python."
+    )
 
     # Presence (docs/protocol.md, Presence)
     presence_bucket: str = Field(

@@ -110,7 +110,7 @@ build() {
   hash="$({
     echo "base $base_id version $VERSION"
     find "${inputs[@]}" gateway operator/wsgateway_operator -type f \
-      -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+      -not -path '*/__pycache__/*' -not -name '*.pyc' -not -name '*.so' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-64)"
   # The cache key is a tag, set only after a build succeeded: <image>-inputs-<hash> (labels are no key:
   # buildah copies --label values onto the intermediate images of a build, failed ones included).

@@ -23,6 +23,19 @@ pytest_plugins = ["tests.support.idp"]
 os.environ.setdefault("WSGATEWAY_GC_GEN0_THRESHOLD", "0")
 
 
+@pytest.fixture(params=["c", "python"])
+def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with fan-out's compiled loops and once with the Python fallback (gateway/core/fastpath.py):
+    WSGATEWAY_FAST_PATH for the gateways it starts, in-process or as child processes. Modules of delivery
+    tests use it for every test: `pytestmark = pytest.mark.usefixtures("fast_path")`."""
+    from gateway.core import fastpath
+
+    if request.param == "c" and not fastpath.AVAILABLE:
+        pytest.fail("gateway.core._fastpath is not built: `pip install -e .` builds it (needs gcc and Python headers)")
+    monkeypatch.setenv("WSGATEWAY_FAST_PATH", "true" if request.param == "c" else "false")
+    return str(request.param)
+
+
 @pytest.fixture
 def nats_server() -> Iterator[NatsProcess]:
     """A fresh `nats-server -js` with its own store dir, stopped and removed after the test."""

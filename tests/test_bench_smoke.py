@@ -213,3 +213,15 @@ def test_quick_benchmark_with_compressing_load_clients(tmp_path: Path) -> None:
     (row,) = json.loads(out.read_text())["summary"]["rows"]
     assert row["achieved"] > 0 and row["p99_ms"] > 0
     assert "offer permessage-deflate" in proc.stdout
+
+
+def test_hotpath_benchmark_counts_instructions_under_valgrind() -> None:
+    """bench/hotpath.py --instructions in its smallest form (the working tree only)."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hotpath.py"), "--instructions", "--connections", "200", "--scopes",
+         "10", "--flushes", "5"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.strip().startswith("working tree"))
+    assert float(line.split()[-1]) > 0, out.stdout

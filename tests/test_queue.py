@@ -256,6 +256,7 @@ def _live(hub: Any, seq: int) -> None:
     hub.dispatch(seq, parse_event(raw, "events.t.conversation.c1"), raw)
 
 
+@pytest.mark.usefixtures("fast_path")  # under both of fan-out's loops (tests/conftest.py)
 async def test_draining_a_replaying_connection_writes_the_replay_but_not_the_held_live_frames() -> None:
     hub = _hub()
     ch = _Recording()
@@ -276,6 +277,7 @@ async def test_draining_a_replaying_connection_writes_the_replay_but_not_the_hel
     assert ch.seqs() == [1, 2, 3, 4]  # the queued replay batch, and nothing newer than the replay's position
 
 
+@pytest.mark.usefixtures("fast_path")  # under both of fan-out's loops (tests/conftest.py)
 async def test_end_of_replay_releases_the_held_frames_in_order() -> None:
     hub = _hub()
     ch = _Recording()

@@ -7,6 +7,7 @@ import contextlib
 import json
 
 import nats
+import pytest
 from nats.js.api import StreamConfig
 from websockets.exceptions import ConnectionClosed
 
@@ -26,6 +27,9 @@ from tests.support.wsclient import (
     subscribe,
     welcome,
 )
+
+# every test under both of fan-out's loops, compiled and Python (tests/conftest.py, `fast_path`)
+pytestmark = pytest.mark.usefixtures("fast_path")
 
 ADMIN = {"admins": ["user:alice"]}
 

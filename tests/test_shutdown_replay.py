@@ -31,6 +31,9 @@ from tests.support.platform import Platform
 from tests.support.procs import GatewayProcess, gateway_processes
 from tests.support.wait import eventually
 
+# every test under both of fan-out's loops, compiled and Python (tests/conftest.py, `fast_path`)
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 ADMIN = {"admins": ["user:alice"]}
 SCOPE = "conversation:c1"
 # ~10 MB of events: far more than the socket buffers hold (the kernel autotunes an SSE response's send

@@ -13,6 +13,9 @@ from tests.support.platform import Platform
 from tests.support.wait import HANG_S
 from tests.support.wsclient import closed, connect, events, nothing_before, recv, recv_type, subscribe, welcome
 
+# every test under both of fan-out's loops, compiled and Python (tests/conftest.py, `fast_path`)
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 ADMIN = {"admins": ["user:alice"]}
 
 

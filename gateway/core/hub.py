@@ -62,7 +62,9 @@ class Hub:
         self.metrics = metrics
         self.acl = acl
         self.index = SubscriptionIndex(acl, settings.max_subscriptions, metrics.subscriptions)
-        self.writer = Writer(metrics, settings.flush_interval_ms)
+        self.writer = Writer(metrics, settings.flush_interval_ms, fast=settings.fast_path)
+        self.fan_out = self.writer.fan_out  # the per-delivery loop of dispatch (C or Python: core/fastpath.py)
+        self.index.allowed = self.writer.loops.allowed  # ... and of the index's targets
         self.expiry = Expiry(self._expired)
         self.bounds = Bounds(settings.queue_max_messages, settings.queue_max_bytes)
         self.last_seq = 0  # stream sequence of the last event processed: every client's cursor base
@@ -85,6 +87,7 @@ class Hub:
     def open(self, channel: Channel, principal: Principal, conn_id: str, *, cursor: int | None = None) -> Connection:
         """An authenticated client joins: LIVE, counted, its token expiry armed."""
         conn = Connection(channel, principal, conn_id, cursor=cursor, owner=self)
+        conn.write = self.writer.loops.direct(conn.write)  # the fast path's write (core/fastpath.py)
         conn.move(ConnState.LIVE)
         self.connections[conn.id] = conn
         channel.on_writable = conn.channel_writable
@@ -308,22 +311,8 @@ class Hub:
         frame = event_frame(seq, env, raw, self.metrics.latency_by_kind.get(env.kind))
         size = len(frame.data)
         max_msgs, max_bytes = self.bounds
-        dirty = self.writer.dirty
-        slow: list[Connection] = []
-        recipients = 0
-        for c in targets:
-            if seq <= c.last_seq:
-                continue  # already queued through another subscription (e.g. a scope and `*`)
-            c.last_seq = seq
-            p = c.frames  # the connection is its own live queue
-            p.append(frame)
-            c.nbytes += size
-            recipients += 1
-            if not c.dirty:
-                c.dirty = True
-                dirty.append(c)
-            if len(p) > max_msgs or c.nbytes > max_bytes:
-                slow.append(c)
+        # for each target: append the frame, count its bytes, mark it dirty; the ones over their bounds come back
+        recipients, slow = self.fan_out(targets, seq, frame, size, max_msgs, max_bytes, self.writer.dirty)
         for c in slow:
             self.overflow(c)
         if recipients:

@@ -7,7 +7,7 @@ decide per scope on first sight and cache the answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from gateway.core.inbox import Inbox, InboxSubscription
@@ -58,6 +58,11 @@ class Change(NamedTuple):
     allowed: bool
 
 
+def allowed_conns(subs: dict[Subscription, None]) -> list[Connection]:
+    """The connections of a scope's subscriptions allowed to see it (compiled: gateway.core.fastpath)."""
+    return [sub.conn for sub in subs if sub.allowed]
+
+
 class SubscriptionIndex:
     """Subscriptions by (tenant, scope), by tenant, the `*` subscriptions by tenant, and the inbox."""
 
@@ -69,6 +74,8 @@ class SubscriptionIndex:
         self.by_tenant: dict[str, dict[Subscription, None]] = {}
         self.wild: dict[str, dict[WildSubscription, None]] = {}
         self.inbox = Inbox(acl)  # the `inbox` subscriptions and the request registry (gateway/core/inbox.py)
+        # a scope's allowed connections: `gateway.core.fastpath`'s loop (the hub sets the one it uses)
+        self.allowed: Callable[[dict[Subscription, None]], list[Connection]] = allowed_conns
 
     def add(self, conn: Connection, scope: str) -> AnySubscription | None:
         """Register interest in a scope (idempotent); None when the connection is at its limit."""
@@ -149,7 +156,7 @@ class SubscriptionIndex:
         tenant, scope = env.tenant, env.scope
         subs = self.by_scope.get((tenant, scope))
         wild = self.wild.get(tenant)
-        targets = [sub.conn for sub in subs if sub.allowed] if subs else []
+        targets = self.allowed(subs) if subs else []
         denied = len(subs) - len(targets) if subs else 0
         if wild:
             kind, rid = env.kind, env.resource_id
@@ -208,4 +215,4 @@ class SubscriptionIndex:
         return changes
 
 
-__all__ = ["AnySubscription", "Change", "Subscription", "SubscriptionIndex", "WildSubscription"]
+__all__ = ["AnySubscription", "Change", "Subscription", "SubscriptionIndex", "WildSubscription", "allowed_conns"]

@@ -4,6 +4,9 @@ gets them in ONE channel write, and delivery latency is recorded once per event,
 A LIVE connection writes its queue; a REPLAYING one writes only the replay's frames (its live frames
 are held until the replay reaches them). A channel without room keeps its frames queued; the channel's
 `on_writable` brings the connection back (`Hub` wires it to `resume`), bounded by the queue limits.
+
+The per-delivery loops (fan-out's queueing, the LIVE connections' writes) are `gateway.core.fastpath`'s:
+compiled, or the same in Python (`fast=False`, WSGATEWAY_FAST_PATH=false).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from gateway.core import fastpath
 from gateway.core.connection import Connection, ConnState
 from gateway.core.queue import OutFrame
 from gateway.metrics import Metrics
@@ -21,8 +25,11 @@ _REPLAYING = ConnState.REPLAYING
 
 
 class Writer:
-    def __init__(self, metrics: Metrics, flush_interval_ms: float) -> None:
+    def __init__(self, metrics: Metrics, flush_interval_ms: float, *, fast: bool = True) -> None:
         self.metrics = metrics
+        self.loops = fastpath.select(fast)
+        self.fan_out, self._flush_live = self.loops.fan_out, self.loops.flush_live
+        self.fast = self.loops is not fastpath.PYTHON  # the compiled loops are in use
         self._delay = flush_interval_ms / 1000.0
         self._dirty: list[Connection] = []
         self._scheduled = False
@@ -59,29 +66,10 @@ class Writer:
         touched: list[OutFrame] = []
         replayed = 0
         wake: list[Callable[[], None]] = []
-        live = _LIVE  # a local: read once per connection
-        for c in dirty:
-            c.dirty = False
-            st = c.state
-            if st is live:  # the hot path: the connection is its own live queue
-                p = c.frames
-                if not p or not c.flag.on:
-                    continue  # nothing, or no room: `on_writable` marks it again
-                if c.native:  # WebSocket: the frames' bytes as they are (an inlined `channel.encode`)
-                    c.write(p[0].data if len(p) == 1 else b"".join([f.data for f in p]))
-                else:
-                    c.write(c.encode(p))
-                for f in p:  # one check per delivery
-                    if f.seq:
-                        if not f.sent:
-                            touched.append(f)
-                        f.sent += 1
-                c.written = c.last_seq  # everything queued is now handed to the channel
-                c.frames = []
-                c.nbytes = 0
-                continue
+        # the hot path: every LIVE connection is its own queue, written in one write; the rest come back
+        for c in self._flush_live(dirty, _LIVE, touched):
             q = c.replay_queue
-            if st is not _REPLAYING or q is None or not q.frames or not c.flag.on:
+            if c.state is not _REPLAYING or q is None or not q.frames or not c.flag.on:
                 continue
             p = q.take()
             c.write(c.encode(p))

@@ -47,7 +47,8 @@ class GatewayProcess(GatewayEndpoint):
 
     def __init__(self, nats_url: str, issuer: str, audience: str | None = None, **env: str) -> None:
         self.port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATEWAY_")}
+        # WSGATEWAY_FAST_PATH stays: the loops a test runs under (the `fast_path` fixture, tests/conftest.py)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATEWAY_") or k == "WSGATEWAY_FAST_PATH"}
         self.env.update({
             "WSGATEWAY_NATS_URL": nats_url, "WSGATEWAY_OIDC_ISSUER": issuer,
             "WSGATEWAY_HOST": "127.0.0.1", "WSGATEWAY_PORT": str(self.port), "WSGATEWAY_WORKERS": "1",
