@@ -106,7 +106,7 @@ build() {
     make_base
     base_id="$(image_id "$BASE_REF")"
   fi
-  inputs=(Containerfile .containerignore pyproject.toml README.md LICENSE scripts/build-image.sh)
+  inputs=(Containerfile .containerignore pyproject.toml setup.py README.md LICENSE scripts/build-image.sh)
   hash="$({
     echo "base $base_id version $VERSION"
     find "${inputs[@]}" gateway operator/wsgateway_operator -type f \

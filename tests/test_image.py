@@ -130,6 +130,14 @@ def test_final_image_holds_no_compiler_pip_or_test_tool(container: str) -> None:
     assert out.stdout.strip() == "", f"found in the image:\n{out.stdout}"
 
 
+def test_the_image_runs_the_compiled_fan_out_loops(container: str) -> None:
+    """The fast path is built into the image (setup.py in the app stage), not silently the Python fallback."""
+    out = _run(*_run_in(container, "/opt/wsgateway/bin/python", "-c",
+                        "from gateway.core import fastpath; import gateway.core._fastpath as m; print(m.__file__)"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(".so"), out.stdout
+
+
 def test_operator_runs_from_the_same_image(container: str, config: dict[str, Any]) -> None:
     out = _run(*_run_in(container, *config["config"]["Entrypoint"], "operator", "--help"))
     assert out.returncode == 0, out.stderr

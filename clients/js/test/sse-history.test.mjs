@@ -2,6 +2,7 @@
 // (tests/test_js_client.py starts it).
 import assert from 'node:assert/strict';
 import { createServer, request } from 'node:http';
+import { connect } from 'node:net';
 import { before, describe, test } from 'node:test';
 
 import { GatewayClient, GatewayHttpError, GatewayInputError, history } from '../dist/index.js';
@@ -25,7 +26,20 @@ async function upgradeRefusingProxy() {
     req.pipe(up);
     res.on('close', () => up.destroy());
   });
-  server.on('upgrade', (req, socket) => {
+  server.refuseUpgrades = true;
+  server.on('upgrade', (req, socket, head) => {
+    if (!server.refuseUpgrades) { // pass the upgrade through to the gateway, bytes both ways
+      const up = connect(Number(target.port), target.hostname, () => {
+        const lines = [`${req.method} ${req.url} HTTP/1.1`];
+        for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+        up.write(`${lines.join('\r\n')}\r\n\r\n`);
+        up.write(head);
+        socket.pipe(up).pipe(socket);
+      });
+      up.on('error', () => socket.destroy());
+      socket.on('error', () => up.destroy());
+      return;
+    }
     server.refused = (server.refused ?? 0) + 1;
     socket.end('HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n');
   });
@@ -103,6 +117,14 @@ describe('Server-Sent Events', { timeout: 120_000 }, () => {
       await until(() => client.cursor !== null, 'the live start position');
       const seqs = await publish('conversation:s1', { count: 3 });
       await until(() => seen.seqs.length === 3, 'three events');
+      assert.deepEqual(seen.seqs, seqs);
+      // upgrades work again (the gateway behind it restarted, a proxy was fixed): the next reconnect is a
+      // WebSocket again, resumed from the cursor
+      proxy.refuseUpgrades = false;
+      client.drop({ reconnectInMs: 100 });
+      await until(() => client.transport === 'websocket' && client.state === 'open', 'the WebSocket again');
+      seqs.push(...await publish('conversation:s1', { count: 3 }));
+      await until(() => seen.seqs.length === 6, 'three more events');
       assert.deepEqual(seen.seqs, seqs);
       client.close();
     } finally {

@@ -360,6 +360,7 @@ export class GatewayClient extends Emitter {
                 this.finish(error);
                 return;
             }
+            const wasSse = useSse;
             if (opened) {
                 delay = this.initialMs;
                 wsFailures = 0;
@@ -368,6 +369,13 @@ export class GatewayClient extends Emitter {
                 wsFailures += 1;
                 if (this.transportOption === "auto" && wsFailures >= 2)
                     useSse = true; // upgrades refused: try SSE
+            }
+            if (wasSse && this.transportOption === "auto" && WS !== null) {
+                // "auto" falls back per reconnect: after an SSE session (or a failed SSE attempt) the WebSocket gets
+                // one more chance, so a gateway restart does not leave the client on SSE for good; one refused
+                // upgrade sends it back to SSE.
+                useSse = false;
+                wsFailures = 1;
             }
             let wait = Math.min(this.maxMs, Math.round(delay * (0.5 + Math.random())));
             delay = Math.min(delay * 2, this.maxMs);
