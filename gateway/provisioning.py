@@ -13,6 +13,7 @@ Kept light on purpose (nats-py only): the operator imports it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Final
 
@@ -20,6 +21,8 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig, StreamInfo
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
 
 # The Publisher sends every event with a Nats-Msg-Id; a retry inside this window is stored once
 # (docs/events.md, "2-minute duplicate window").
@@ -128,3 +131,15 @@ async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig, *, create:
         if exc.err_code != STREAM_NAME_IN_USE:
             raise
     return await js.key_value(config.bucket), False  # created meanwhile
+
+
+async def open_bucket(js: JetStreamContext, config: KeyValueConfig, *, create: bool, what: str) -> KeyValue:
+    """The gateway's side of `ensure_bucket`: the bucket, created (and logged) when missing and allowed; a
+    clear RuntimeError naming `what` (e.g. "ACL bucket") when it is missing and creation is disabled."""
+    try:
+        kv, created = await ensure_bucket(js, config, create=create)
+    except BucketNotFoundError:
+        raise RuntimeError(f"{what} {config.bucket!r} does not exist and stream creation is disabled") from None
+    if created:
+        log.info("created %s %s", what, config.bucket)
+    return kv

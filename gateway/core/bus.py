@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry.trace import Tracer
 
@@ -58,15 +58,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> int:
 async def ensure_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
     """The ACL bucket, created (with the stream's replicas) when missing and creation is allowed."""
     config = provisioning.bucket_config(settings.acl_bucket, replicas=settings.stream_replicas)
-    try:
-        kv, created = await provisioning.ensure_bucket(js, config, create=settings.create_stream)
-    except BucketNotFoundError:
-        raise RuntimeError(
-            f"ACL bucket {settings.acl_bucket!r} does not exist and stream creation is disabled"
-        ) from None
-    if created:
-        log.info("created ACL bucket %s", settings.acl_bucket)
-    return kv
+    return await provisioning.open_bucket(js, config, create=settings.create_stream, what="ACL bucket")
 
 
 class Bus:

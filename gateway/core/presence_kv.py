@@ -28,7 +28,6 @@ from typing import Any
 
 import orjson
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from gateway import provisioning
@@ -45,15 +44,7 @@ PURGE_EVERY_S = 300.0  # delete markers older than the TTL are removed (by the f
 
 async def ensure_presence_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
     config = provisioning.presence_bucket_config(settings.presence_bucket, replicas=settings.stream_replicas)
-    try:
-        kv, created = await provisioning.ensure_bucket(js, config, create=settings.create_stream)
-    except BucketNotFoundError:
-        raise RuntimeError(
-            f"presence bucket {settings.presence_bucket!r} does not exist and stream creation is disabled"
-        ) from None
-    if created:
-        log.info("created presence bucket %s", settings.presence_bucket)
-    return kv
+    return await provisioning.open_bucket(js, config, create=settings.create_stream, what="presence bucket")
 
 
 class PresenceSync:
