@@ -28,7 +28,7 @@ from gateway.devtools.natsproc import NatsProcess
 from gateway.sdk.publisher import Publisher, new_event_id
 from tests.support.gateway import run_gateway, scrape_metric
 from tests.support.idp import TestIdP
-from tests.support.platform import Platform
+from tests.support.platform import Platform, until_scopes
 from tests.support.ports import free_port
 from tests.support.procs import gateway_processes, nats_cluster, start_nats
 from tests.support.wait import HANG_S, eventually
@@ -505,6 +505,7 @@ async def test_revocation_after_a_nats_restart_takes_effect(tmp_path: Any, idp: 
         async with run_gateway(natsd.url, idp.issuer, audience=idp.audience) as g:
             platform = await Platform.connect(natsd.url)
             await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+            await until_scopes(g.http, idp.mint("mia"), ["conversation:c1"])
             ws = await connect(f"{g.ws}?scope=conversation:c1", idp.mint("mia"))
             await welcome(ws)
             assert (await recv_type(ws, "subscribed"))["scope"] == "conversation:c1"
@@ -555,12 +556,7 @@ async def test_a_starting_gateway_asks_clients_to_retry_and_then_resumes_them(tm
                 await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
                 seqs = [await platform.publish("acme", "conversation:c1") for _ in range(3)]
 
-                async def granted() -> bool:
-                    async with httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"}) as c:
-                        r = await c.get(f"{g.http}/v1/scopes")
-                        return r.status_code == 200 and [s["scope"] for s in r.json()["scopes"]] == ["conversation:c1"]
-
-                await eventually(granted, what="the grant to be applied", interval=0.05)
+                await until_scopes(g.http, token, ["conversation:c1"])
                 ws = await connect(f"{g.ws}?scope=conversation:c1&since=0", token)
                 await welcome(ws)
                 sub = await recv_type(ws, "subscribed")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import nats
 import orjson
 from nats.aio.client import Client
 
 from gateway.sdk.publisher import Publisher
+from tests.support.wait import eventually
 
 
 class Platform:
@@ -52,3 +54,17 @@ class Platform:
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         ack = await self.js.publish(subject, body, headers=headers)
         return int(ack.seq)
+
+
+async def until_scopes(http: str, token: str, scopes: list[str]) -> None:
+    """Wait until the gateway at `http` lists exactly `scopes` for the token's user (GET /v1/scopes).
+
+    A grant is a KV write the gateway applies asynchronously; a client that subscribes before that gets
+    `forbidden` and a pending subscription. Tests that need `subscribed` first wait here."""
+
+    async def listed() -> bool:
+        async with httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"}) as c:
+            r = await c.get(f"{http}/v1/scopes")
+            return r.status_code == 200 and sorted(s["scope"] for s in r.json()["scopes"]) == sorted(scopes)
+
+    await eventually(listed, what=f"{http} to list {scopes}", interval=0.05, ignore=(httpx.HTTPError,))
