@@ -40,6 +40,7 @@ from gateway.protocol import FrameError, is_resource_scope, parse_flag, parse_in
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.principal import Principal
 
 
 SCOPES_MAX_LIMIT = 1000
@@ -83,6 +84,13 @@ async def _read_history(gw: Gateway, subject: str, after: int, limit: int, compa
 def build_router(gw: Gateway) -> APIRouter:
     router = APIRouter(tags=["read APIs"])
 
+    async def authenticate_for_scope(request: Request, scope: str) -> Principal | JSONResponse:
+        """The caller's principal, or the 401/503 answer, or 400 when `scope` is not one resource scope."""
+        principal = await authenticate(gw, request)
+        if not isinstance(principal, JSONResponse) and not is_resource_scope(scope):
+            return error_response(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
+        return principal
+
     @router.get("/v1/history", openapi_extra={"security": SECURITY},
                 responses={200: {"model": HistoryBody}, **BAD_REQUEST, **UNAUTHORIZED, **FORBIDDEN, **UNAVAILABLE})
     async def history(
@@ -98,11 +106,9 @@ def build_router(gw: Gateway) -> APIRouter:
                                       json_schema_extra=FLAG)] = "false",
     ) -> Response:
         """Retained events of one scope after a stream sequence, oldest first (pages with `next_after`)."""
-        principal = await authenticate(gw, request)
+        principal = await authenticate_for_scope(request, scope)
         if isinstance(principal, JSONResponse):
             return principal
-        if not is_resource_scope(scope):
-            return error_response(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
         try:
             after_seq = parse_seq(after, "after")
             count = parse_int(limit, "limit", 1, gw.settings.history_max_limit)
@@ -192,11 +198,9 @@ def build_router(gw: Gateway) -> APIRouter:
         scope: Annotated[str, Query(description="`<conversation|process|agent>:<id>`", json_schema_extra=SCOPE)] = "",
     ) -> Response:
         """Who is watching a scope now (cluster-wide) and which agents are active in it: the presence snapshot."""
-        principal = await authenticate(gw, request)
+        principal = await authenticate_for_scope(request, scope)
         if isinstance(principal, JSONResponse):
             return principal
-        if not is_resource_scope(scope):
-            return error_response(400, "bad_request", "scope must be <conversation|process|agent>:<id>")
         kind, _, rid = scope.partition(":")
         if not gw.acl.may_see(principal, principal.tenant, kind, rid):
             return error_response(403, "forbidden", "not allowed to see this scope")
