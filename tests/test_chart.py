@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import textwrap
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from tests.operator.kube import k8s_bin_dir
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "wsgateway-operator"
 GATEWAY_CRD = CHART / "crds" / "websocketgateways.yaml"
+# the image `make image` builds (scripts/build-image.sh: wsgateway/wsgateway:<version of pyproject.toml>)
+MAKE_IMAGE = f"wsgateway/wsgateway:{tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['version']}"
 RELEASE, RELEASE_NS = "wsgw", "wsgateway-system"
 FULLNAME = f"{RELEASE}-wsgateway-operator"
 SA = FULLNAME
@@ -529,7 +532,7 @@ def test_defaults_render_only_the_operator(helm: Helm) -> None:
         ["CustomResourceDefinition"] * len(crd_documents())
         + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment"]
     )
-    assert one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0")
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == MAKE_IMAGE
 
 
 def crd_documents() -> list[dict[str, Any]]:
@@ -606,6 +609,19 @@ def test_sample_gateway(helm: Helm) -> None:
     if not GATEWAY_CRD.exists():
         pytest.skip(f"{GATEWAY_CRD.relative_to(REPO)} not generated yet: the sample cannot be validated")
     validate_custom(gw, crd_schemas())
+
+
+def test_the_defaults_and_samples_name_what_make_image_builds() -> None:
+    """`make image` tags wsgateway/wsgateway:<pyproject version> (scripts/build-image.sh); the chart's
+    operator image (above), its sample gateway, the operator's minimal sample and README name exactly that."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["sampleGateway"]["spec"]["image"] == MAKE_IMAGE
+    minimal = yaml.safe_load((REPO / "operator" / "samples" / "minimal.yaml").read_text())
+    assert minimal["spec"]["image"] == MAKE_IMAGE
+    readme = (REPO / "operator" / "README.md").read_text()
+    assert {line.split("image:", 1)[1].strip() for line in readme.splitlines() if "  image: " in line} == {MAKE_IMAGE}
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == MAKE_IMAGE.rsplit(":", 1)[1]
 
 
 def test_crd_schema_validation_can_fail() -> None:

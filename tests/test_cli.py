@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import AsyncIterator
 from importlib import metadata
 from pathlib import Path
@@ -83,6 +84,23 @@ def test_version_comes_from_the_package_metadata() -> None:
     out = subprocess.run([WSGATEWAY, "--version"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert out.stdout.strip() == f"wsgateway {metadata.version('wsgateway')}"
+
+
+def test_the_licence_is_apache_2_0_everywhere() -> None:
+    """LICENSE, the package's SPDX expression and licence file, the chart's metadata (the image's label:
+    tests/test_image.py); CHANGELOG.md and SECURITY.md exist with their sections."""
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+    meta = metadata.metadata("wsgateway")  # as installed
+    assert meta["License-Expression"] == "Apache-2.0" and meta.get_all("License-File") == ["LICENSE"]
+    chart = (ROOT / "charts" / "wsgateway-operator" / "Chart.yaml").read_text()
+    assert "artifacthub.io/license: Apache-2.0" in chart and "licenses: Apache-2.0" in chart
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "Keep a Changelog" in changelog and "## [Unreleased]" in changelog and "## [0.1.0]" in changelog
+    security = (ROOT / "SECURITY.md").read_text()
+    assert "## Supported versions" in security and "## Reporting a vulnerability" in security
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -8,6 +8,7 @@ documented breaks the build instead of silently making the docs wrong.
 from __future__ import annotations
 
 import re
+import subprocess
 import unicodedata
 from pathlib import Path
 
@@ -135,6 +136,16 @@ def test_make_targets_behind_the_quick_start_exist() -> None:
     assert run and "wsgateway dev" in run.group(1)
     assert test and "pytest" in test.group(1)
     assert "make test" in _read(ROOT / ".ci" / "run")
+
+
+def test_make_run_installs_only_the_venv_and_nats_server() -> None:
+    """The demo's system dependency is nats-server alone; chromium, prometheus, npm tools, buildah come with
+    `make test` (what `make -n -B run` would do: the venv, ensure-apt.sh nats-server, wsgateway dev)."""
+    out = subprocess.run(["make", "-n", "-B", "run"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    apt = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("scripts/ensure-apt.sh")]
+    assert apt == [["nats-server=nats-server"]], out.stdout
+    assert "ensure-npm" not in out.stdout and "build-" not in out.stdout, out.stdout
+    assert out.stdout.splitlines()[-1] == ".venv/bin/wsgateway dev", out.stdout
 
 
 # --- metrics -------------------------------------------------------------------------------------

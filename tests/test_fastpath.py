@@ -8,7 +8,6 @@ hub part of test_queue.py) run under both loops too: the `fast_path` fixture of 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import socket
 import sys
@@ -379,14 +378,6 @@ async def _pair() -> tuple[asyncio.Transport, socket.socket, asyncio.AbstractSer
     return await made, client, server
 
 
-def _drain(client: socket.socket) -> bytes:
-    out = bytearray()
-    with contextlib.suppress(BlockingIOError):
-        while chunk := client.recv(1 << 20):
-            out += chunk
-    return bytes(out)
-
-
 def test_direct_sends_on_the_socket_and_falls_back_to_the_transport_in_order() -> None:
     """The Sink writes what the kernel takes and gives the transport the rest; once the transport holds
     bytes, everything goes behind them; the peer reads one stream, in order, complete."""
@@ -404,9 +395,11 @@ def test_direct_sends_on_the_socket_and_falls_back_to_the_transport_in_order() -
             if i == 100:
                 assert transport.get_write_buffer_size() == 0  # so far the kernel took everything
         assert transport.get_write_buffer_size() > 0  # the peer read nothing: the transport holds the rest
-        while len(got) < 8000 * 1000:
-            got += _drain(client)
-            await asyncio.sleep(0.001)
+        loop = asyncio.get_running_loop()
+        while len(got) < 8000 * 1000:  # read as the loop delivers (no polling): the transport writes meanwhile
+            chunk = await loop.sock_recv(client, 1 << 20)
+            assert chunk, f"EOF after {len(got)} bytes"
+            got += chunk
         assert bytes(got) == b"".join(chunks)
         client.close()
         server.close()
@@ -424,14 +417,8 @@ def test_direct_writes_nothing_on_the_socket_of_a_closing_transport() -> None:
         transport.close()
         sink(b"after")  # the transport's own write decides (uvloop ignores writes after close)
         got = bytearray()
-        while True:
-            await asyncio.sleep(0.001)
-            try:
-                chunk = client.recv(1 << 16)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                break  # EOF
+        loop = asyncio.get_running_loop()
+        while chunk := await loop.sock_recv(client, 1 << 16):  # until EOF: the transport's close is the marker
             got += chunk
         assert bytes(got) == b"before"
         client.close()

@@ -34,7 +34,8 @@ def test_on_uvloop_a_reading_client_gets_everything_in_order_and_a_stalled_one_4
             await platform.grant("acme.org", ADMIN)
             async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=50) as g:
                 # no compression: the repetitive payload must fill the kernel's buffers as plain bytes
-                slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None)
+                slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None,
+                                     ping_interval=None)  # its reading is paused: no pings (see connect_slow)
                 await welcome(slow)
                 await subscribe(slow, "conversation:c1")
                 fast = await connect(g.ws, idp.mint("alice"))

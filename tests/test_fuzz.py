@@ -54,7 +54,7 @@ async def test_the_openapi_document_tells_the_truth(gw: RunningGateway) -> None:
         "description": "An access token of the configured OpenID provider"}
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     paths = doc["paths"]
-    for path, codes in {"/v1/history": {"200", "400", "401", "403", "503"}, "/v1/scopes": {"200", "400", "401"},
+    for path, codes in {"/v1/history": {"200", "400", "401", "403", "503"}, "/v1/scopes": {"200", "400", "401", "503"},
                         "/v1/inbox": {"200", "400", "401", "503"}, "/v1/sse": {"200", "400", "401", "503"},
                         "/v1/agui": {"200", "400", "401", "403", "503"},
                         "/v1/presence": {"200", "400", "401", "403", "503"}}.items():

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from gateway.edge.http_api import INBOX_MAX_LIMIT
 from tests.support.gateway import RunningGateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
@@ -144,6 +145,18 @@ async def test_scopes_limit(gw: RunningGateway, token: str) -> None:
     await _all_400(gw, token, "/v1/scopes?limit={}", "limit", _values(NUMBERS, extra={"zero": "0"}))
 
 
+# --- GET /v1/inbox ---------------------------------------------------------------------------------
+
+
+async def test_inbox_after(gw: RunningGateway, token: str) -> None:
+    await _all_400(gw, token, "/v1/inbox?after={}", "after", NUMBERS)
+
+
+async def test_inbox_limit(gw: RunningGateway, token: str) -> None:
+    extra = {"zero": "0", "above the maximum": str(INBOX_MAX_LIMIT + 1)}
+    await _all_400(gw, token, "/v1/inbox?limit={}", "limit", _values(NUMBERS, extra=extra))
+
+
 # --- GET /v1/presence ------------------------------------------------------------------------------
 
 
@@ -151,13 +164,13 @@ async def test_presence_scope(gw: RunningGateway, token: str) -> None:
     await _all_400(gw, token, "/v1/presence?scope={}", "scope", _values(SCOPES, extra={"wildcard": "*"}))
 
 
-# Values for a boolean parameter (`presence`, `listed`): only true, false, 1 and 0 are.
-FLAGS = {"yes": "yes", "upper case": "TRUE", "two": "2", "trailing newline": "true%0A", "NUL": "1%00",
-         "unicode one": "%EF%BC%91", "invalid UTF-8": "%FF", "very long": "t" * 10000, "empty": ""}
+# Values for a flag parameter (`presence`, `listed`, `compact`): only `true` and `false` are (`parse_flag`).
+FLAGS = {"yes": "yes", "upper case": "TRUE", "one": "1", "zero": "0", "two": "2", "trailing newline": "true%0A",
+         "NUL": "1%00", "unicode one": "%EF%BC%91", "invalid UTF-8": "%FF", "very long": "t" * 10000, "empty": ""}
 
 
-async def test_sse_presence_flags(gw: RunningGateway, token: str) -> None:
-    for param in ("presence", "listed"):
+async def test_sse_flags(gw: RunningGateway, token: str) -> None:
+    for param in ("presence", "listed", "compact"):
         await _all_400(gw, token, f"/v1/sse?scope=conversation:c1&{param}={{}}", param, FLAGS)
 
 
@@ -245,8 +258,8 @@ async def test_ws_url_since(gw: RunningGateway, token: str) -> None:
     await _ws_all_refused(gw, token, "scope=conversation:c1&since={}", "since", _values(NUMBERS, drop=("empty",)))
 
 
-async def test_ws_url_presence_flags(gw: RunningGateway, token: str) -> None:
-    for param in ("presence", "listed"):
+async def test_ws_url_flags(gw: RunningGateway, token: str) -> None:
+    for param in ("presence", "listed", "compact"):
         await _ws_all_refused(gw, token, f"scope=conversation:c1&{param}={{}}", param, FLAGS)
 
 

@@ -3,11 +3,15 @@ input, including the ones two copies of a rule used to disagree on (a trailing n
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import orjson
 import pytest
 from pydantic import ValidationError
 
 from gateway.config import Settings
+from gateway.core.presence import parse_kv_key
 from gateway.events import KINDS, Envelope, check_prefix
 from gateway.metrics import KIND_LABELS
 from gateway.permissions import OrgAcl, ResourceAcl, parse_doc
@@ -71,6 +75,12 @@ def test_the_three_kinds_are_the_same_everywhere() -> None:
         assert isinstance(parse_doc(f"t.{kind}.x1", b'{"members": ["u1"]}'), ResourceAcl)
         assert is_scope(f"{kind}:x1")
     assert parse_doc("t.thread.x1", b'{"members": ["u1"]}') is None
+    # the presence bucket's keys (m.<instance>.<tenant>.<kind>.<id>): the same kinds and the same id rule
+    instance = "0" * 32
+    for kind in KINDS:
+        assert parse_kv_key(f"m.{instance}.t.{kind}.x1") == (instance, ("t", f"{kind}:x1"))
+    for key in ("t.thread.x1", "t.conversation." + "a" * 129, "t.conversation.c1\n", "t\n.conversation.c1"):
+        assert parse_kv_key(f"m.{instance}.{key}") is None, key
 
 
 def test_acl_principal_lists_are_sets_of_ids() -> None:
@@ -80,3 +90,13 @@ def test_acl_principal_lists_are_sets_of_ids() -> None:
     for body in (b'{"members": "u1"}', b'{"members": {"u1": true}}', b'{"members": [1]}', b'{"members": [""]}',
                  b'{"project": "p1\\n"}'):
         assert parse_doc("t.conversation.c1", body) is None, body
+
+
+def test_the_data_path_imports_no_jwt_or_http_client_library() -> None:
+    """`Principal` is a leaf module: the fan-out core (bus, hub and its parts, replay) loads without
+    gateway.auth and the JWT and HTTP client libraries it uses (checked in a fresh interpreter)."""
+    core = ["bus", "hub", "index", "queue", "writer", "expiry", "connection", "channel", "replay", "window"]
+    code = "; ".join([*(f"import gateway.core.{m}" for m in core), "import sys",
+                      "print(sorted(m for m in ('gateway.auth', 'jwt', 'httpx') if m in sys.modules))"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

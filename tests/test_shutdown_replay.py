@@ -124,7 +124,8 @@ async def slow_ws(url: str, token: str) -> ClientConnection:
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
     return await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}, sock=sock,
-                                    max_queue=1, max_size=None, open_timeout=10, compression=None)
+                                    max_queue=1, max_size=None, open_timeout=10, compression=None,
+                                    ping_interval=None)  # paused reading: no client keepalive (see connect_slow)
 
 
 async def ws_events(ws: ClientConnection, into: list[int], *, until: int | None = None) -> None:

@@ -222,7 +222,8 @@ async def test_slow_client_closed_4429_others_unaffected(
     await platform.grant("acme.org", ADMIN)
     url = nats_server.url  # type: ignore[attr-defined]
     async with run_gateway(url, idp.issuer, audience=idp.audience, queue_max_messages=50) as g:
-        slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None)  # plain bytes fill buffers
+        # plain bytes fill buffers; no client pings (its reading is paused: it would drop itself, see connect_slow)
+        slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None, ping_interval=None)
         await welcome(slow)
         await subscribe(slow, "conversation:c1")
         fast = await connect(g.ws, idp.mint("alice"))

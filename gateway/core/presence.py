@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from gateway.core.queue import OutFrame, control
+from gateway.events import KINDS, NAME_RE
 from gateway.principal import Principal, profile_name, profile_picture
 from gateway.protocol import INBOX, WILDCARD
 
@@ -45,8 +46,6 @@ MAX_RUNS_PER_SCOPE = 1024  # runs remembered per scope (a publisher that never f
 MAX_ENTRY_MEMBERS = 10_000  # members one entry names (well under NATS's 1 MB payload); the rest are counted
 _ID_MAX = 256
 INSTANCE_RE = re.compile(r"[0-9a-f]{32}")
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_KINDS = frozenset({"conversation", "process", "agent"})
 
 
 class Member(NamedTuple):
@@ -175,7 +174,7 @@ def parse_kv_key(text: str) -> tuple[str, Key] | None:
     if len(parts) != 5 or parts[0] != "m" or not INSTANCE_RE.fullmatch(parts[1]):
         return None
     _, inst, tenant, kind, rid = parts
-    if kind not in _KINDS or not _TOKEN_RE.fullmatch(tenant) or not _TOKEN_RE.fullmatch(rid):
+    if kind not in KINDS or not NAME_RE.fullmatch(tenant) or not NAME_RE.fullmatch(rid):
         return None
     return inst, (tenant, f"{kind}:{rid}")
 

@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNAVAILABLE_OR_FULL: Responses = {503: {"model": ErrorBody, "description": (
-    "NATS is unavailable right now (the stream cannot be read back), or this instance is at "
-    "WSGATEWAY_MAX_CONNECTIONS; retry")}}
+    "NATS is unavailable right now (the stream cannot be read back), this instance is at "
+    "WSGATEWAY_MAX_CONNECTIONS, or it is starting (ACLs and stream position not loaded yet); retry")}}
 
 
 def _data(events: Sequence[AgEvent], seq: int) -> bytes:

@@ -134,7 +134,7 @@ def build_router(gw: Gateway) -> APIRouter:
         return Response(body, media_type="application/json")
 
     @router.get("/v1/scopes", openapi_extra={"security": SECURITY},
-                responses={200: {"model": ScopesBody}, **BAD_REQUEST, **UNAUTHORIZED})
+                responses={200: {"model": ScopesBody}, **BAD_REQUEST, **UNAUTHORIZED, **UNAVAILABLE})
     async def scopes(
         request: Request,
         after: Annotated[str, Query(description="The last scope of the previous page (empty: from the start)")] = "",

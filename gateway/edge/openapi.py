@@ -92,8 +92,10 @@ Responses = dict[int | str, dict[str, Any]]
 BAD_REQUEST: Responses = {400: _error("A parameter is invalid: the message names it")}
 UNAUTHORIZED: Responses = {401: _error("No token, or one the gateway does not accept (`WWW-Authenticate: Bearer`)")}
 FORBIDDEN: Responses = {403: _error("The caller may not see this scope")}
-UNAVAILABLE: Responses = {503: _error("NATS is unavailable right now; retry")}
-OVER_LIMIT: Responses = {503: _error("This instance is at WSGATEWAY_MAX_CONNECTIONS; retry on another")}
+UNAVAILABLE: Responses = {503: _error("NATS is unavailable right now, or this instance is starting (ACLs and stream "
+                                      "position not loaded yet); retry")}
+OVER_LIMIT: Responses = {503: _error("This instance is at WSGATEWAY_MAX_CONNECTIONS (retry on another), or is starting "
+                                     "(retry shortly)")}
 
 # Parameter schemas as the gateway checks them (gateway/protocol.py). The routes declare their parameters as
 # plain strings, so FastAPI never refuses one with a 422: the gateway's own 400 does, with its message.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from kopf.testing import KopfRunner
 
 from tests.operator.emulator import GATEWAYS, ApiServer, parse_path_with_namespaces
 from tests.operator.kube import CHART, ControlPlane, Helm, Kube, k8s_bin_dir, path
+from tests.support.wait import HANG_S, eventually_sync
+from tests.support.wait import eventually as _eventually
 from wsgateway_operator.controller import OperatorConfig
 from wsgateway_operator.handlers import register
 
@@ -115,20 +116,14 @@ async def running_operator(config: OperatorConfig = FAST) -> AsyncIterator[KopfR
             print(runner.output)
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll `check` until it returns something truthy (and return that)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (KeyError, IndexError, TypeError, AssertionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+# The suite's one waiting helper (tests/support/wait.py), with what the emulator's state reads raise while an
+# object or a field does not exist yet counted as "not yet".
+NOT_YET = (KeyError, IndexError, TypeError, AssertionError)
+
+
+async def eventually(check: Callable[[], Any], *, what: str, timeout: float = HANG_S) -> Any:
+    """`tests.support.wait.eventually` with NOT_YET ignored: poll `check` until it returns something truthy."""
+    return await _eventually(check, what=what, timeout=timeout, ignore=NOT_YET)
 
 
 class Client:
@@ -214,10 +209,8 @@ def control_plane(api_server: ControlPlane, helm_cli: Helm) -> ControlPlane:
     assert not any(_crds_established(api_server).values()), "a fresh API server has no CRDs"
     helm_cli.run("install", OPERATOR_RELEASE, str(CHART), "-n", OPERATOR_RELEASE_NS, "--create-namespace",
                  check=True)
-    deadline = time.monotonic() + 30
-    while not all((state := _crds_established(api_server)).values()):
-        assert time.monotonic() < deadline, f"CRDs not established: {state}"
-        time.sleep(0.1)
+    eventually_sync(lambda: all(_crds_established(api_server).values()), what="the chart's CRDs established",
+                    info=lambda: f"established: {_crds_established(api_server)}")
     api_server.start_controller_manager()
     return api_server
 

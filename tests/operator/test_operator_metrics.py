@@ -83,7 +83,13 @@ async def test_operator_metrics_over_http(api: ApiServer, kubectl: Client, nats_
             await eventually(lambda: is_condition(api, "gw", "Ready", "True", "Serving"), what="gw Ready")
             await eventually(lambda: is_condition(api, "offline", "NatsReady", "False"), what="offline")
             await eventually(lambda: is_condition(api, "broken", "Ready", "False", "InvalidSpec"), what="broken")
-            await asyncio.sleep(1.5)  # a periodic refresh of each (resync 1 s)
+
+            async def refreshed() -> bool:  # a periodic refresh of each (resync 1 s)
+                _, now = await scrape(port)
+                return all(value(now, "wsgateway_operator_reconciles_total", namespace=NAMESPACE, gateway=name,
+                                 trigger="refresh") >= 1 for name in ("gw", "broken", "offline"))
+
+            await eventually(refreshed, what="a periodic refresh of each gateway")
             text, samples = await scrape(port)
 
             gw = {"namespace": NAMESPACE, "gateway": "gw"}
@@ -178,18 +184,14 @@ async def test_wsgateway_operator_command_serves_metrics(
         await kubectl.create(GATEWAYS, gateway("gw", nats_server.url))
         await eventually(lambda: is_condition(api, "gw", "NatsReady", "True"), timeout=30, what="NatsReady")
 
-        async def reconciled() -> float:
+        async def reconciled() -> bool:
             try:
                 _, samples = await scrape(port)
             except httpx.HTTPError:
-                return 0
-            return value(samples, "wsgateway_operator_reconciles_total", gateway="gw", outcome="success")
+                return False
+            return value(samples, "wsgateway_operator_reconciles_total", gateway="gw", outcome="success") >= 1
 
-        for _ in range(100):
-            if await reconciled() >= 1:
-                break
-            await asyncio.sleep(0.1)
-        assert await reconciled() >= 1
+        await eventually(reconciled, what="a successful reconcile counted on the operator's /metrics")
     finally:
         proc.terminate()
         output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)

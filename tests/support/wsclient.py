@@ -35,7 +35,9 @@ async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnec
     """A client with a tiny socket receive buffer (so the server's queue, not the kernel, absorbs a backlog).
 
     It does not offer compression: the backlog is the frames' plain bytes (compressed, the tests'
-    repetitive payloads would take many times more events to fill the kernel's buffers)."""
+    repetitive payloads would take many times more events to fill the kernel's buffers). Nor does it ping
+    (websockets' keepalive): a test pauses its reading, so it would not see the pongs and, on a loaded
+    machine, would drop the connection itself (1006) after ping interval + timeout (40 s)."""
     import socket
     from urllib.parse import urlparse
 
@@ -44,7 +46,7 @@ async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnec
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (u.hostname or "127.0.0.1", u.port or 80))
-    return await connect(url, token, sock=sock, max_queue=1, compression=None)
+    return await connect(url, token, sock=sock, max_queue=1, compression=None, ping_interval=None)
 
 
 async def connect_stalled(url: str, token: str) -> ClientConnection:
