@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import inspect
 import re
 import textwrap
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -584,5 +586,43 @@ async def test_a_taken_over_upgrade_is_answered_as_wsproto_answers_it() -> None:
                               b"Sec-WebSocket-Protocol: wsgateway.v1\r\n\r\n"), got
         assert seen == ["_Handshake"] * 3
     finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.parametrize("case", ["valid", "a body"])  # taken over / uvicorn's own path through wsproto
+async def test_an_upgraded_http_protocol_is_freed_without_the_cycle_collector(case: str) -> None:
+    """The HTTP protocol that handed a connection over drops its parser (which holds its callbacks): it
+    leaves no reference cycle for the garbage collector (gateway/gc_tuning.py)."""
+    made: list[weakref.ref[asyncio.Protocol]] = []
+
+    class Recording(HeaderDeadline):
+        def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Protocol:
+            proto = super().__call__(*args, **kwargs)
+            made.append(weakref.ref(proto))
+            return proto
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="critical",
+                                           http=Recording(60, 10, "httptools"),  # type: ignore[arg-type]
+                                           ws=GatewayWSProtocol))
+    task = asyncio.create_task(server.serve())
+    gc.disable()
+    try:
+        await eventually(lambda: server.started, what="uvicorn to listen", watch=[task])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(UPGRADE_REQUESTS[case])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert len(made) == 1 and made[0]() is None, "the upgraded HTTP protocol is still alive"
+        writer.close()
+    finally:
+        gc.enable()
         server.should_exit = True
         await asyncio.wait_for(task, 30)

@@ -24,7 +24,6 @@ from gateway.core.connection import Connection
 from gateway.core.queue import control
 from gateway.edge.httpauth import STARTING
 from gateway.edge.transport import EXTENSION, RawChannel
-from gateway.gc_tuning import after_handshake
 from gateway.principal import Principal
 from gateway.protocol import (
     CLOSE_BAD_REQUEST,
@@ -209,7 +208,6 @@ def open_connection(gw: Gateway, channel: Channel, principal: Principal, initial
     """An authenticated client joins the hub: counted, welcomed, its expiry armed, its URL subscriptions
     started. Shared by the WebSocket session and the SSE endpoint."""
     conn = gw.hub.open(channel, principal, uuid.uuid4().hex, cursor=initial.since)
-    after_handshake()
     gw.metrics.connection_attempts.labels("accepted").inc()
     heartbeat = gw.settings.heartbeat_s if channel.kind == "websocket" else None  # SSE: comment lines
     gw.hub.send(conn, control(
