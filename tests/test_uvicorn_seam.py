@@ -78,7 +78,7 @@ METHODS: dict[str, tuple[str, ...]] = {
 }
 # What GatewayWSProtocol adds: names uvicorn's class must not have (or an override would be silent).
 ADDED = ("channel", "flag", "close_now", "fail", "failed", "inflate", "detached", "holding", "receive_with",
-         "hold_reading", "release_reading", "_read_on", "upgrade", "accept_now")
+         "hold_reading", "release_reading", "_read_on", "upgrade", "accept_now", "connection_made_from")
 # What uvicorn may call on the objects transport.py replaces with lighter ones.
 QUEUE_USES = {"put_nowait", "get", "empty"}  # _Inbox
 WRITABLE_USES = {"set", "clear", "is_set", "wait"}  # _Flag
@@ -103,6 +103,11 @@ MIRRORED: dict[str, list[str]] = {
     ],
     # ... and relies on connection_lost to cancel that timer and to wake writers waiting on `writable`
     "connection_lost": ["self.close_timer.cancel()", "self.writable.set()", "self.disconnected = True"],
+    # connection_made_from is connection_made with the HTTP protocol's addresses (read the same way there)
+    "connection_made": ["self.connections.add(self)", "self.transport = transport",
+                        "self.server = get_local_addr(transport)", "self.client = get_remote_addr(transport)",
+                        "self.scheme = 'wss' if is_ssl(transport) else 'ws'",
+                        "self.logger.log(TRACE_LOG_LEVEL, '%sWebSocket connection made', prefix)"],
     "pause_writing": ["self.writable.clear()"],
     "resume_writing": ["self.writable.set()"],
     # the `shutdown` override falls back to uvicorn's, which must still close with 1012 itself
@@ -316,6 +321,9 @@ HTTP_MIRRORED: dict[type, dict[str, list[str]]] = {
         ],
         # the headers upgrade_request reads: lower-case names, in order, as the parser gave them
         "on_header": ["name = name.lower()", "self.headers.append((name, value))"],
+        "connection_made": ["self.transport = transport", "self.server = get_local_addr(transport)",
+                            "self.client = get_remote_addr(transport)",
+                            "self.scheme = 'https' if is_ssl(transport) else 'http'"],
         "on_url": ["self.url += url"],
         "data_received": ["self.parser.feed_data(data)", "self.handle_websocket_upgrade()"],
     },
@@ -549,6 +557,10 @@ async def test_a_taken_over_upgrade_is_answered_as_wsproto_answers_it() -> None:
         proto = scope["extensions"]["wsgateway.raw"]._proto
         assert isinstance(proto, GatewayWSProtocol)
         seen.append(type(proto.conn).__name__)
+        # the addresses and scheme the HTTP protocol read (connection_made_from)
+        assert scope["scheme"] == "ws" and scope["client"][0] == "127.0.0.1", scope
+        assert scope["server"] == ("127.0.0.1", port) and proto.connections is server.server_state.connections
+        assert proto in proto.connections
         await receive()
         if scope["path"] == "/reject":
             await send({"type": "websocket.close"})

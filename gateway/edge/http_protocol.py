@@ -205,7 +205,7 @@ if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] bring
                     return
                 self.connections.discard(self)
                 protocol = ws(config=self.config, server_state=self.server_state, app_state=self.app_state)
-                protocol.connection_made(self.transport)
+                protocol.connection_made_from(self)
                 url, headers = self.url, self.headers
                 protocol.upgrade(request, lambda: request_bytes(method, url, headers))
                 self.transport.set_protocol(protocol)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import wsproto.events
+from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.utils import ClientDisconnected, get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
@@ -418,6 +419,17 @@ class GatewayWSProtocol(WSProtocol):
         # uvicorn types extension values as dicts; ours is an object the session reads back (session.py)
         extensions = cast("dict[str, object]", self.scope["extensions"])
         extensions[EXTENSION] = self.channel
+
+    def connection_made_from(self, http: Any) -> None:
+        """uvicorn's `connection_made` for a connection that `http` (its HTTP protocol) hands over, with the
+        addresses and scheme that protocol already read from the socket instead of asking it again."""
+        self.connections.add(self)
+        self.transport = http.transport
+        self.server, self.client = http.server, http.client
+        self.scheme = "wss" if http.scheme == "https" else "ws"
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+            self.logger.log(TRACE_LOG_LEVEL, "%sWebSocket connection made", prefix)
 
     def upgrade(self, request: wsproto.events.Request, raw: Callable[[], bytes]) -> None:
         """Take over an upgrade request that `upgrade_request` read (instead of `data_received` with the
