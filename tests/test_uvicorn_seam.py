@@ -638,3 +638,21 @@ async def test_an_upgraded_http_protocol_is_freed_without_the_cycle_collector(ca
         gc.enable()
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+def test_wsproto_drops_what_arrives_before_the_101() -> None:
+    """_Handshake drops client bytes that arrive before the 101, because wsproto's handshake does (h11 holds
+    what follows an upgrade request and the post-handshake Connection never sees it); if wsproto starts
+    passing them on, _Handshake must buffer them too."""
+    conn = WSConnection(ConnectionType.SERVER)
+    conn.receive_data(UPGRADE_REQUESTS["valid"])
+    assert [type(e).__name__ for e in conn.events()] == ["Request"]
+    conn.receive_data(b"\x89\x80abcd")  # a masked, empty ping, before the 101
+    assert not list(conn.events())
+    conn.send(wsproto.events.AcceptConnection())
+    assert not list(conn.events())
+    conn.receive_data(b"\x89\x80abcd")
+    assert [type(e).__name__ for e in conn.events()] == ["Ping"]
+    ours = _Handshake(WSConnection(ConnectionType.SERVER), lambda: UPGRADE_REQUESTS["valid"])
+    ours.receive_data(b"\x89\x80abcd")
+    assert not list(ours.events()) and ours.state is ConnectionState.CONNECTING
