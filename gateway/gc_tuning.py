@@ -11,14 +11,16 @@ which is most of the p99 latency (measured with bench/fanout.py, docs/performanc
 - a larger generation-0 threshold (setting `gc_gen0_threshold`), so far fewer short-lived objects
   are promoted and full collections become rare.
 
-The price of the larger threshold is that cyclic garbage waits longer. Each WebSocket handshake
-leaves uvicorn's HTTP protocol object and its parser behind as a small reference cycle, so a burst of
-handshakes piles up to a threshold's worth of garbage, and the memory it held stays with the process
-(measured at 1,000 connections: 16.2 instead of 13.6 KiB per idle connection). A generation-0
-collection after every 128 accepted connections (`after_handshake`, a few ms per 128 handshakes)
-keeps a connection storm from accumulating more than that. (A once-a-second young collection while
-"quiet" was tried too and removed: the hot path allocates so few tracked objects that it also ran
-under load, where it only promotes objects in flight.)
+The price of the larger threshold is that cyclic garbage waits longer. Each WebSocket handshake used
+to leave uvicorn's HTTP protocol object and its parser behind as a reference cycle (~23 objects), so a
+burst of handshakes piled up to a threshold's worth of garbage (measured at 1,000 connections: 16.2
+instead of 13.6 KiB per idle connection), and a generation-0 collection ran after every 128 accepted
+connections. The cycle is now broken at the hand-over (edge/http_protocol.py drops the parser), a
+handshake leaves no cyclic garbage, and that collection is gone: it cost ~60 µs of CPU per handshake
+(each young collection ~10 ms on the shared benchmark machine; bench/handshakes.py,
+docs/performance.md). (A once-a-second young collection while "quiet" was tried too and removed: the
+hot path allocates so few tracked objects that it also ran under load, where it only promotes objects
+in flight.)
 
 The tuning is process-wide, like the collector itself.
 """
@@ -30,9 +32,6 @@ import logging
 
 log = logging.getLogger(__name__)
 
-HANDSHAKES_PER_COLLECTION = 128
-_state = {"tuned": False, "handshakes": 0}
-
 
 def tune_gc(gen0_threshold: int) -> None:
     """Freeze what exists now and raise the generation-0 threshold (the caller skips this for 0).
@@ -42,17 +41,6 @@ def tune_gc(gen0_threshold: int) -> None:
     """
     gc.collect()
     gc.freeze()
-    _state["tuned"] = True
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(gen0_threshold, gen1, gen2)
     log.debug("gc: froze %d objects; thresholds %s", gc.get_freeze_count(), gc.get_threshold())
-
-
-def after_handshake() -> None:
-    """Called for each accepted connection: a generation-0 collection every 128 of them (if tuned)."""
-    if not _state["tuned"]:
-        return
-    _state["handshakes"] += 1
-    if _state["handshakes"] % HANDSHAKES_PER_COLLECTION == 0:
-        gc.collect(0)
-

@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, TypeAdapter, ValidationError, model_validator
-from wsproto.frame_protocol import FrameProtocol
 
 from gateway.events import SCOPE_BODY, Envelope
 
@@ -322,12 +321,18 @@ ServerFrame = Annotated[
     Field(discriminator="type"),
 ]
 
-_encoder = FrameProtocol(client=False, extensions=[])
-
 
 def ws_text_frame(payload: bytes) -> bytes:
-    """One complete, unmasked WebSocket text frame around a UTF-8 payload (wsproto does the framing)."""
-    return bytes(_encoder.send_data(payload.decode("utf-8"), fin=True))
+    """One complete, unmasked WebSocket text frame around a UTF-8 payload (RFC 6455 5.2: FIN and opcode 1,
+    the 7-, 16- or 64-bit length, no mask), byte for byte what wsproto's framing makes (a tenth of its
+    time; tests/test_uvicorn_seam.py compares them). A payload that is not UTF-8 raises, as there."""
+    payload.decode("utf-8")
+    n = len(payload)
+    if n < 126:
+        return b"\x81%c%b" % (n, payload)
+    if n < 65536:
+        return b"\x81\x7e%b%b" % (n.to_bytes(2, "big"), payload)
+    return b"\x81\x7f%b%b" % (n.to_bytes(8, "big"), payload)
 
 
 def server_payload(kind: str, **fields: Any) -> bytes:

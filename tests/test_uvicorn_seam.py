@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import inspect
 import re
 import textwrap
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import h11
+import httptools
 import pytest
 import uvicorn
 import websockets
@@ -33,7 +36,14 @@ from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 
 from gateway.edge.http_protocol import H11HeaderDeadline, HeaderDeadline, HttpToolsHeaderDeadline, Implementation
-from gateway.edge.transport import _Established
+from gateway.edge.transport import (
+    GatewayWSProtocol,
+    _Established,
+    _Handshake,
+    request_bytes,
+    upgrade_request,
+)
+from gateway.protocol import ws_text_frame
 from tests.support.ports import free_port
 from tests.support.wait import eventually
 
@@ -42,7 +52,7 @@ ATTRIBUTES: dict[str, type | tuple[type, ...]] = {
     "transport": asyncio.Transport,  # RawChannel writes frames to it directly
     "loop": asyncio.AbstractEventLoop,  # close_now arms the close timer on it
     "scope": dict,  # handle_connect puts the RawChannel into scope["extensions"]
-    "conn": WSConnection,  # swapped for a lighter wrapper of `conn.connection` after the accept
+    "conn": WSConnection,  # _Handshake before the accept (see upgrade_request), then _Established
     "queue": object,  # replaced by _Inbox (see QUEUE_USES)
     "writable": object,  # replaced by _Flag (see WRITABLE_USES)
     "handshake_complete": bool,
@@ -68,11 +78,11 @@ METHODS: dict[str, tuple[str, ...]] = {
 }
 # What GatewayWSProtocol adds: names uvicorn's class must not have (or an override would be silent).
 ADDED = ("channel", "flag", "close_now", "fail", "failed", "inflate", "detached", "holding", "receive_with",
-         "hold_reading", "release_reading", "_read_on")
+         "hold_reading", "release_reading", "_read_on", "upgrade", "accept_now", "connection_made_from")
 # What uvicorn may call on the objects transport.py replaces with lighter ones.
 QUEUE_USES = {"put_nowait", "get", "empty"}  # _Inbox
 WRITABLE_USES = {"set", "clear", "is_set", "wait"}  # _Flag
-CONN_USES = {"send", "receive_data", "events", "state"}  # _Established (after the accept)
+CONN_USES = {"send", "receive_data", "events", "state"}  # _Handshake (before the accept), _Established (after)
 # Statements of uvicorn's own code that transport.py mirrors or depends on, by method.
 MIRRORED: dict[str, list[str]] = {
     # close_now repeats the `websocket.close` branch of send, minus its awaits (it may run while paused)
@@ -84,9 +94,20 @@ MIRRORED: dict[str, list[str]] = {
         "self.transport.resume_reading()",
         "self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)",
         "await self.writable.wait()",
+        # accept_now is the `websocket.accept` branch, the 101 written as wsproto's handshake writes it
+        "raise ClientDisconnected()",
+        "extra_headers = self.default_headers + list(message.get('headers', []))",
+        "self.handshake_complete = True",
+        "self.transport.write(output)",
+        "self.start_keepalive()",
     ],
     # ... and relies on connection_lost to cancel that timer and to wake writers waiting on `writable`
     "connection_lost": ["self.close_timer.cancel()", "self.writable.set()", "self.disconnected = True"],
+    # connection_made_from is connection_made with the HTTP protocol's addresses (read the same way there)
+    "connection_made": ["self.connections.add(self)", "self.transport = transport",
+                        "self.server = get_local_addr(transport)", "self.client = get_remote_addr(transport)",
+                        "self.scheme = 'wss' if is_ssl(transport) else 'ws'",
+                        "self.logger.log(TRACE_LOG_LEVEL, '%sWebSocket connection made', prefix)"],
     "pause_writing": ["self.writable.clear()"],
     "resume_writing": ["self.writable.set()"],
     # the `shutdown` override falls back to uvicorn's, which must still close with 1012 itself
@@ -194,6 +215,8 @@ def test_replaced_objects_serve_every_use_uvicorn_makes() -> None:
         extra = _uses_of(attr) - allowed
         if extra:
             problems.append(f"WSProtocol now uses self.{attr}.{sorted(extra)}, which transport.py's {by} lacks")
+    for cls in (_Handshake, _Established):
+        problems += [f"transport.{cls.__name__} has no `{u}`" for u in CONN_USES if not hasattr(cls, u)]
     assert not problems, "\n".join(problems)
 
 
@@ -268,6 +291,7 @@ HTTP_METHODS: dict[type, dict[str, tuple[str, ...]]] = {
         "connection_lost": ("exc",),
         "on_message_begin": (),  # httptools: a request's first byte
         "on_headers_complete": (),  # httptools: its headers are complete
+        "handle_websocket_upgrade": (),
     },
     H11Protocol: {
         "__init__": ("config", "server_state", "app_state", "_loop"),
@@ -280,8 +304,27 @@ HTTP_METHODS: dict[type, dict[str, tuple[str, ...]]] = {
 HTTP_MIRRORED: dict[type, dict[str, list[str]]] = {
     HttpToolsProtocol: {
         # the WebSocket hand-over happens after on_headers_complete (the parser raises HttpParserUpgrade
-        # once its callbacks ran), and the HTTP protocol hears of the connection no more afterwards
-        "handle_websocket_upgrade": ["self.transport.set_protocol(protocol)"],
+        # once its callbacks ran), and the HTTP protocol hears of the connection no more afterwards;
+        # HttpToolsHeaderDeadline.handle_websocket_upgrade repeats it, without the re-serialized request
+        # (transport.request_bytes, made only for a rejection) going through wsproto's parser
+        "handle_websocket_upgrade": [
+            "self.transport.set_protocol(protocol)",
+            "self.connections.discard(self)",
+            "method = self.scope['method'].encode()",
+            "output = [method, b' ', self.url, b' HTTP/1.1\\r\\n']",
+            "output += [name, b': ', value, b'\\r\\n']",
+            "output.append(b'\\r\\n')",
+            "protocol = self.ws_protocol_class(config=self.config, server_state=self.server_state, "
+            "app_state=self.app_state)",
+            "protocol.connection_made(self.transport)",
+            "protocol.data_received(b''.join(output))",
+        ],
+        # the headers upgrade_request reads: lower-case names, in order, as the parser gave them
+        "on_header": ["name = name.lower()", "self.headers.append((name, value))"],
+        "connection_made": ["self.transport = transport", "self.server = get_local_addr(transport)",
+                            "self.client = get_remote_addr(transport)",
+                            "self.scheme = 'https' if is_ssl(transport) else 'http'"],
+        "on_url": ["self.url += url"],
         "data_received": ["self.parser.feed_data(data)", "self.handle_websocket_upgrade()"],
     },
     H11Protocol: {
@@ -375,3 +418,241 @@ async def test_a_real_http_connection_is_the_deadlines(impl: Implementation) -> 
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+# --- the upgrade request: read once, by httptools (transport.upgrade_request) ----------------------------
+#
+# HttpToolsHeaderDeadline hands a valid upgrade request to GatewayWSProtocol as httptools parsed it, and
+# wsproto's handshake (h11) never parses it again. upgrade_request must accept only what wsproto accepts,
+# and make the same Request event of it; anything it declines takes uvicorn's path, so it may decline more.
+
+_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+_VALID = [(b"Host", b"gw.example:8000"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
+          (b"Sec-WebSocket-Key", _KEY), (b"Sec-WebSocket-Version", b"13")]
+
+
+def _request(target: bytes = b"/v1/ws?scope=a", method: bytes = b"GET",
+             headers: list[tuple[bytes, bytes]] | None = None, drop: tuple[bytes, ...] = (),
+             add: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    hs = [(n, v) for n, v in (_VALID if headers is None else headers) if n.lower() not in drop] + (add or [])
+    return method + b" " + target + b" HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in hs) + b"\r\n"
+
+
+UPGRADE_REQUESTS = {
+    "valid": _request(),
+    "with subprotocols, extensions and a token": _request(add=[
+        (b"Sec-WebSocket-Protocol", b"wsgateway.v1, bearer.abc.def.ghi"),
+        (b"Sec-WebSocket-Extensions", b"permessage-deflate; client_max_window_bits"),
+        (b"Authorization", b"Bearer abc.def.ghi"), (b"X-Forwarded-For", b"10.0.0.1, 10.0.0.2")]),
+    "mixed-case values": _request(headers=[(b"HOST", b"gw"), (b"upgrade", b"WebSocket"),
+                                           (b"connection", b"keep-alive, UPGRADE"), (b"sec-websocket-key", _KEY),
+                                           (b"sec-websocket-version", b"13")]),
+    "no key": _request(drop=(b"sec-websocket-key",)),
+    "no version": _request(drop=(b"sec-websocket-version",)),
+    "version 8": _request(drop=(b"sec-websocket-version",), add=[(b"Sec-WebSocket-Version", b"8")]),
+    "no Connection: upgrade": _request(drop=(b"connection",), add=[(b"Connection", b"keep-alive")]),
+    "Upgrade: h2c": _request(drop=(b"upgrade",), add=[(b"Upgrade", b"h2c")]),
+    "no host": _request(drop=(b"host",)),
+    "two hosts": _request(add=[(b"Host", b"other")]),
+    "POST": _request(method=b"POST"),
+    "a body": _request(add=[(b"Content-Length", b"0")]),
+    "a later Connection header wins": _request(add=[(b"Connection", b"close")]),
+    "a later version wins": _request(add=[(b"Sec-WebSocket-Version", b"12")]),
+    "obs-text in a value": _request(add=[(b"X-Name", "café".encode())]),
+    "non-ASCII extensions": _request(add=[(b"Sec-WebSocket-Extensions", "défl".encode())]),
+    "non-ASCII subprotocol": _request(add=[(b"Sec-WebSocket-Protocol", "é".encode())]),
+    "a bad IDNA host": _request(drop=(b"host",), add=[(b"Host", b"a" * 64 + b".example")]),
+    "a non-ASCII host": _request(drop=(b"host",), add=[(b"Host", "bücher.example".encode())]),
+    "an empty value": _request(add=[(b"X-Empty", b"")]),
+}
+
+
+class _Parsed:
+    """What uvicorn's httptools protocol has of a request when it hands an upgrade over (on_url, on_header)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+        parser = httptools.HttpRequestParser(self)
+        try:
+            parser.feed_data(raw)
+        except httptools.HttpParserUpgrade:
+            pass
+        self.method = parser.get_method().decode("ascii")
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _wsproto_reads(raw: bytes) -> wsproto.events.Request | None:
+    conn = WSConnection(ConnectionType.SERVER)
+    try:
+        conn.receive_data(raw)
+        events = list(conn.events())
+    except (wsproto.utilities.RemoteProtocolError, UnicodeError):
+        return None
+    assert len(events) == 1 and isinstance(events[0], wsproto.events.Request), events
+    return events[0]
+
+
+@pytest.mark.parametrize("case", list(UPGRADE_REQUESTS))
+def test_upgrade_request_reads_what_wsproto_reads(case: str) -> None:
+    raw = UPGRADE_REQUESTS[case]
+    parsed = _Parsed(raw)
+    if not parsed.complete:
+        pytest.fail(f"httptools refused {case!r}; the case tests nothing")
+    ours = upgrade_request(parsed.method, parsed.url, parsed.headers)
+    theirs = _wsproto_reads(request_bytes(parsed.method, parsed.url, parsed.headers))  # what uvicorn feeds it
+    if ours is None:
+        # declined: uvicorn's own path answers it; wsproto refusing it is the usual reason
+        assert case not in ("valid", "with subprotocols, extensions and a token", "mixed-case values",
+                            "obs-text in a value", "an empty value"), f"{case}: a valid request was declined"
+        return
+    assert theirs is not None, f"{case}: upgrade_request accepted what wsproto refuses"
+    for field in ("host", "target", "extensions", "extra_headers", "subprotocols"):
+        assert getattr(ours, field) == getattr(theirs, field), (case, field)
+
+
+def test_request_bytes_is_what_uvicorn_feeds_wsproto() -> None:
+    parsed = _Parsed(UPGRADE_REQUESTS["with subprotocols, extensions and a token"])
+    raw = request_bytes(parsed.method, parsed.url, parsed.headers)
+    assert raw.startswith(b"GET /v1/ws?scope=a HTTP/1.1\r\nhost: gw.example:8000\r\n") and raw.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_ws_text_frame_is_wsprotos_framing(size: int) -> None:
+    payload = ("é" * (size // 2) + "x" * (size % 2)).encode()
+    wsproto_frame = bytes(wsproto.frame_protocol.FrameProtocol(client=False, extensions=[]).send_data(
+        payload.decode(), fin=True))
+    assert ws_text_frame(payload) == wsproto_frame
+    with pytest.raises(UnicodeDecodeError):
+        ws_text_frame(b"\xff")
+
+
+async def _roundtrip(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        length = re.search(rb"(?i)content-length: (\d+)", head)
+        return head + (await asyncio.wait_for(reader.readexactly(int(length.group(1))), 30) if length else b"")
+    finally:
+        writer.close()
+
+
+async def test_a_taken_over_upgrade_is_answered_as_wsproto_answers_it() -> None:
+    """Through a real uvicorn (HeaderDeadline over httptools, GatewayWSProtocol): a valid request is taken
+    over (its protocol's conn is a _Handshake until the 101), and what the app answers instead of a 101,
+    uvicorn's 403 and 500, is byte for byte what wsproto's handshake writes for the same request."""
+    seen: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        proto = scope["extensions"]["wsgateway.raw"]._proto
+        assert isinstance(proto, GatewayWSProtocol)
+        seen.append(type(proto.conn).__name__)
+        # the addresses and scheme the HTTP protocol read (connection_made_from)
+        assert scope["scheme"] == "ws" and scope["client"][0] == "127.0.0.1", scope
+        assert scope["server"] == ("127.0.0.1", port) and proto.connections is server.server_state.connections
+        assert proto in proto.connections
+        await receive()
+        if scope["path"] == "/reject":
+            await send({"type": "websocket.close"})
+        elif scope["path"] == "/fail":
+            raise RuntimeError("an app that fails before its accept (uvicorn's 500)")
+        else:
+            await send({"type": "websocket.accept", "subprotocol": "wsgateway.v1"})
+            await send({"type": "websocket.close", "code": 1000})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="critical",
+                                           http=HeaderDeadline(60, 10, "httptools"),  # type: ignore[arg-type]
+                                           ws=GatewayWSProtocol, server_header=False, date_header=False))
+    task = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started, what="uvicorn to listen", watch=[task])
+        extra = [(b"Sec-WebSocket-Protocol", b"wsgateway.v1")]
+        for path, event in ((b"/reject", wsproto.events.RejectConnection(status_code=403, headers=[])),
+                            (b"/fail", None)):
+            raw = _request(target=path, add=extra)
+            expected = WSConnection(ConnectionType.SERVER)
+            expected.receive_data(request_bytes("GET", path, _Parsed(raw).headers))
+            list(expected.events())
+            if event is None:  # uvicorn's send_500_response
+                headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
+                           (b"content-length", b"21")]
+                want = expected.send(wsproto.events.RejectConnection(status_code=500, headers=headers, has_body=True))
+                want += expected.send(wsproto.events.RejectData(data=b"Internal Server Error"))
+            else:
+                want = expected.send(event)
+            assert await _roundtrip(port, raw) == want, path
+        got = await _roundtrip(port, _request(target=b"/ok", add=extra))
+        assert got.startswith(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                              b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+                              b"Sec-WebSocket-Protocol: wsgateway.v1\r\n\r\n"), got
+        assert seen == ["_Handshake"] * 3
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.parametrize("case", ["valid", "a body"])  # taken over / uvicorn's own path through wsproto
+async def test_an_upgraded_http_protocol_is_freed_without_the_cycle_collector(case: str) -> None:
+    """The HTTP protocol that handed a connection over drops its parser (which holds its callbacks): it
+    leaves no reference cycle for the garbage collector (gateway/gc_tuning.py)."""
+    made: list[weakref.ref[asyncio.Protocol]] = []
+
+    class Recording(HeaderDeadline):
+        def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Protocol:
+            proto = super().__call__(*args, **kwargs)
+            made.append(weakref.ref(proto))
+            return proto
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="critical",
+                                           http=Recording(60, 10, "httptools"),  # type: ignore[arg-type]
+                                           ws=GatewayWSProtocol))
+    task = asyncio.create_task(server.serve())
+    gc.disable()
+    try:
+        await eventually(lambda: server.started, what="uvicorn to listen", watch=[task])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(UPGRADE_REQUESTS[case])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert len(made) == 1 and made[0]() is None, "the upgraded HTTP protocol is still alive"
+        writer.close()
+    finally:
+        gc.enable()
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+
+
+def test_wsproto_drops_what_arrives_before_the_101() -> None:
+    """_Handshake drops client bytes that arrive before the 101, because wsproto's handshake does (h11 holds
+    what follows an upgrade request and the post-handshake Connection never sees it); if wsproto starts
+    passing them on, _Handshake must buffer them too."""
+    conn = WSConnection(ConnectionType.SERVER)
+    conn.receive_data(UPGRADE_REQUESTS["valid"])
+    assert [type(e).__name__ for e in conn.events()] == ["Request"]
+    conn.receive_data(b"\x89\x80abcd")  # a masked, empty ping, before the 101
+    assert not list(conn.events())
+    conn.send(wsproto.events.AcceptConnection())
+    assert not list(conn.events())
+    conn.receive_data(b"\x89\x80abcd")
+    assert [type(e).__name__ for e in conn.events()] == ["Ping"]
+    ours = _Handshake(WSConnection(ConnectionType.SERVER), lambda: UPGRADE_REQUESTS["valid"])
+    ours.receive_data(b"\x89\x80abcd")
+    assert not list(ours.events()) and ours.state is ConnectionState.CONNECTING

@@ -156,6 +156,8 @@ class H11HeaderDeadline(H11Protocol):
 if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] brings it; h11 is the fallback
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+    from gateway.edge.transport import GatewayWSProtocol, request_bytes, upgrade_request
+
     class HttpToolsHeaderDeadline(HttpToolsProtocol):
         """uvicorn's httptools protocol with a `HeaderDeadline`."""
 
@@ -185,3 +187,27 @@ if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] bring
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
             self.deadline.disarm(self)
+
+        def handle_websocket_upgrade(self) -> None:
+            """uvicorn's hand-over to the WebSocket protocol, without having wsproto parse the request again:
+            a valid upgrade request goes to the gateway's protocol as httptools parsed it
+            (transport.upgrade_request); anything else takes uvicorn's way, and is answered as there.
+
+            Then this object is done with, and its parser (which holds its callbacks, a reference cycle)
+            goes: the object is freed at once instead of waiting, with 20-odd others, for the cyclic
+            garbage collector (uvicorn breaks the same cycle in connection_lost, which is never called
+            on a protocol that handed its connection over)."""
+            ws, method = self.ws_protocol_class, self.scope["method"]
+            try:
+                if (not isinstance(ws, type) or not issubclass(ws, GatewayWSProtocol)
+                        or (request := upgrade_request(method, self.url, self.headers)) is None):
+                    super().handle_websocket_upgrade()
+                    return
+                self.connections.discard(self)
+                protocol = ws(config=self.config, server_state=self.server_state, app_state=self.app_state)
+                protocol.connection_made_from(self)
+                url, headers = self.url, self.headers
+                protocol.upgrade(request, lambda: request_bytes(method, url, headers))
+                self.transport.set_protocol(protocol)
+            finally:
+                self.parser = None  # type: ignore[assignment]

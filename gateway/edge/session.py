@@ -14,8 +14,8 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from starlette.datastructures import Headers, QueryParams
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket
 
 from gateway import tracing
 from gateway.auth import AuthError, extract_token
@@ -24,7 +24,6 @@ from gateway.core.connection import Connection
 from gateway.core.queue import control
 from gateway.edge.httpauth import STARTING
 from gateway.edge.transport import EXTENSION, RawChannel
-from gateway.gc_tuning import after_handshake
 from gateway.principal import Principal
 from gateway.protocol import (
     CLOSE_BAD_REQUEST,
@@ -83,12 +82,12 @@ async def serve_socket(gw: Gateway, scope: Scope, receive: Receive, send: Send) 
     if channel is None:
         raise RuntimeError("the gateway must run with ws=gateway.edge.transport:GatewayWSProtocol")
     if gw.tracer is None:
-        conn = await _handshake(gw, channel, scope, receive, send)
+        conn = await _handshake(gw, channel, scope)
     else:
         # FastAPI's instrumentation never sees /v1/ws (GatewayApp dispatches it first): a span of our own,
         # current while URL subscriptions start, so a `since` replay becomes its child
         with tracing.handshake_span(gw.tracer, scope) as span:
-            conn = await _handshake(gw, channel, scope, receive, send)
+            conn = await _handshake(gw, channel, scope)
             if isinstance(conn, Refused):
                 tracing.handshake_refused(span, conn.outcome, conn.code, conn.auth_failure)
             else:
@@ -164,16 +163,17 @@ class ClientFrames:
                 self.channel.release_reading()
 
 
-async def _handshake(
-    gw: Gateway, channel: RawChannel, scope: Scope, receive: Receive, send: Send
-) -> Connection | Refused:
-    """Accept, check capacity, verify the token and the URL parameters: a connection in the hub, or a close."""
-    ws = WebSocket(scope, receive, send)
+async def _handshake(gw: Gateway, channel: RawChannel, scope: Scope) -> Connection | Refused:
+    """Accept, check capacity, verify the token and the URL parameters: a connection in the hub, or a close.
+
+    The 101 goes out through the channel (`RawChannel.accept`), not as an ASGI message: a Starlette
+    WebSocket and uvicorn's ASGI send were a twentieth of a handshake's CPU."""
     metrics, hub, settings = gw.metrics, gw.hub, gw.settings
+    q = QueryParams(scope["query_string"])
     src = extract_token(
-        ws.headers, ws.scope.get("subprotocols") or [], ws.query_params, allow_query=settings.allow_query_token
+        Headers(scope=scope), scope.get("subprotocols") or [], q, allow_query=settings.allow_query_token
     )
-    await ws.accept(subprotocol=src.subprotocol)
+    await channel.accept(src.subprotocol)
     if channel.compresses:
         channel.compress_with(gw.deflater)
     if hub.full:
@@ -192,14 +192,13 @@ async def _handshake(
         channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
         return Refused("unauthorized", CLOSE_UNAUTHORIZED, exc.reason)
     try:
-        q = ws.query_params
         initial = parse_initial(q.getlist("scope"), q.get("since"), q.get("presence"), q.get("listed"),
                                 q.get("compact"))
     except FrameError as exc:
         metrics.connection_attempts.labels("rejected").inc()
         channel.close(CLOSE_BAD_REQUEST, exc.message)
         return Refused("rejected", CLOSE_BAD_REQUEST)
-    del ws, src  # from here on the session only receives; the handshake objects and the token can go
+    del q, src  # from here on the session only receives; the handshake objects and the token can go
     _forget_credentials(scope)
     channel.limit_kernel_buffer(settings.socket_send_buffer)
     return open_connection(gw, channel, principal, initial)
@@ -209,7 +208,6 @@ def open_connection(gw: Gateway, channel: Channel, principal: Principal, initial
     """An authenticated client joins the hub: counted, welcomed, its expiry armed, its URL subscriptions
     started. Shared by the WebSocket session and the SSE endpoint."""
     conn = gw.hub.open(channel, principal, uuid.uuid4().hex, cursor=initial.since)
-    after_handshake()
     gw.metrics.connection_attempts.labels("accepted").inc()
     heartbeat = gw.settings.heartbeat_s if channel.kind == "websocket" else None  # SSE: comment lines
     gw.hub.send(conn, control(

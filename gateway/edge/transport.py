@@ -8,7 +8,10 @@ parsing, pings, size limits and the close handshake stay uvicorn's; the hot path
 
 - a frame that breaks RFC 6455 gets its close frame (1002, 1007 for bad UTF-8) before the connection
   ends, where uvicorn would drop it without one (`handle_close`);
-- permessage-deflate is negotiated here (edge/deflate.py), and the 101 is written here (`_Accepting`);
+- permessage-deflate is negotiated here (edge/deflate.py), and the 101 is written here (`accept_now`);
+- a valid upgrade request that uvicorn's httptools protocol parsed is taken over as it is
+  (`upgrade_request`, `GatewayWSProtocol.upgrade`, called by edge/http_protocol.py), not parsed a second
+  time by wsproto's handshake (h11); anything unusual, and every rejection, stays wsproto's;
 - after the handshake the session may take client events through a callback (`receive_with`), so an
   idle connection keeps no ASGI task or coroutine frames alive.
 """
@@ -17,19 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import wsproto.events
-from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.utils import ClientDisconnected, get_client_addr, get_path_with_query_string
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason
-from wsproto.utilities import LocalProtocolError, generate_accept_token
+from wsproto.utilities import LocalProtocolError, generate_accept_token, split_comma_header
 
 from gateway.core.channel import websocket_encode
 from gateway.edge.deflate import NAME, Inflate, negotiate
@@ -108,6 +113,18 @@ class RawChannel:
     def close(self, code: int, reason: str = "") -> None:
         """Start the close handshake now, even when the transport is paused (a slow client)."""
         self._proto.close_now(code, reason)
+
+    async def accept(self, subprotocol: str | None) -> None:
+        """Send the 101 (the ASGI `websocket.accept` without its message, its Starlette wrapper and its
+        ASGI send): the session's handshake. The `websocket.connect` event uvicorn queued, which the
+        session never reads, is dropped."""
+        proto = self._proto
+        inbox = proto.queue
+        if isinstance(inbox, _Inbox) and inbox._items and inbox._items[0].get("type") == "websocket.connect":
+            del inbox._items[0]
+        if not proto.flag.on:  # (uvicorn's first step; nothing has been written yet, so never in practice)
+            await proto.flag.wait()
+        proto.accept_now(subprotocol)
 
     def receive_with(self, handler: Callable[[dict[str, Any]], None]) -> None:
         """Client events go to `handler` from now on, not to the ASGI `receive` (see GatewayWSProtocol)."""
@@ -259,54 +276,113 @@ class _Established:
         yield from self.connection.events()
 
 
-class _Accepting:
-    """The handshake's WSConnection while uvicorn sends the 101 (`AcceptConnection`).
+class _Handshake:
+    """The connection's WSConnection until the 101, for an upgrade request that `upgrade_request` already
+    read from what uvicorn's httptools protocol parsed: wsproto's handshake (which parses the request again,
+    through h11: a tenth of a handshake's CPU) never sees it, unless the app answers with anything but the
+    101 (a rejection, uvicorn's 500): then the WSConnection is fed the request as uvicorn would have fed it
+    and answers, byte for byte as it does. The 101 itself is written by `GatewayWSProtocol.accept_now`.
 
-    The 101 is written here, the way wsproto's handshake writes it (RFC 6455 4.2.2: Upgrade, Connection,
-    Sec-WebSocket-Accept, the selected subprotocol, our permessage-deflate answer when one was negotiated,
-    then uvicorn's headers), without building it as an h11 response: that was a tenth of a handshake's
-    CPU. The post-handshake wsproto `Connection` is made here too (with the extension, never uvicorn's
-    own unbounded one). Every other event goes to the WSConnection."""
+    Bytes the client sends before the 101 are dropped, as wsproto's handshake drops them (h11 holds what
+    follows an upgrade request, and wsproto never passes it on)."""
 
-    __slots__ = ("_conn", "_inflate", "_key", "_offered")
+    __slots__ = ("_conn", "_raw", "_wsconn")
 
-    def __init__(self, conn: WSConnection, inflate: Inflate | None, key: bytes, offered: list[str]) -> None:
-        self._conn = conn
-        self._inflate = inflate
-        self._key = key  # Sec-WebSocket-Key of the request (wsproto checked that there is one)
-        self._offered = offered  # subprotocols the client offered
+    def __init__(self, conn: WSConnection, raw: Callable[[], bytes]) -> None:
+        self._wsconn = conn  # uvicorn's fresh WSConnection of this protocol, fed nothing yet
+        self._raw = raw  # the request as uvicorn re-serializes it for wsproto
+        self._conn: WSConnection | None = None
+
+    def _wire(self) -> WSConnection:
+        if self._conn is None:
+            self._wsconn.receive_data(self._raw())
+            for _ in self._wsconn.events():  # the Request event, already handled
+                pass
+            self._conn = self._wsconn
+        return self._conn
 
     @property
     def state(self) -> ConnectionState:
-        return self._conn.state
+        return ConnectionState.CONNECTING if self._conn is None else self._conn.state
 
     def send(self, event: wsproto.events.Event) -> bytes:
-        if not isinstance(event, wsproto.events.AcceptConnection) or self._conn.connection is not None:
-            return self._conn.send(event)
-        headers = [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
-                   (b"Sec-WebSocket-Accept", generate_accept_token(self._key))]
-        if event.subprotocol is not None:
-            if event.subprotocol not in self._offered:
-                raise LocalProtocolError(f"unexpected subprotocol {event.subprotocol}")
-            headers.append((b"Sec-WebSocket-Protocol", event.subprotocol.encode("ascii")))
-        extensions: list[Extension] = []
-        if self._inflate is not None:
-            extensions.append(self._inflate)
-            headers.append((b"Sec-WebSocket-Extensions", f"{NAME}; {self._inflate.answer}".encode("ascii")))
-        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
-        for name, value in [*headers, *event.extra_headers]:
-            if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
-                raise LocalProtocolError(f"illegal header {name!r}")  # as h11 would refuse to write it
-            lines.append(b"%s: %s\r\n" % (name, value))
-        lines.append(b"\r\n")
-        self._conn.connection = Connection(ConnectionType.SERVER, extensions)
-        return b"".join(lines)
+        return self._wire().send(event)
 
     def receive_data(self, data: bytes | None) -> None:
-        self._conn.receive_data(data)
+        if self._conn is not None:
+            self._conn.receive_data(data)
 
     def events(self) -> Iterator[wsproto.events.Event]:
-        yield from self._conn.events()
+        if self._conn is not None:
+            yield from self._conn.events()
+
+
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")  # h11's field-value (h11/_abnf.py)
+_REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")  # h11's request-target
+_BODY_HEADERS = (b"content-length", b"transfer-encoding")
+
+
+def upgrade_request(
+    method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]]
+) -> wsproto.events.Request | None:
+    """The `Request` event wsproto's server handshake would make of this upgrade request, from what
+    uvicorn's httptools protocol parsed (`headers`: lower-case names, in order), or None when wsproto
+    would refuse it or any part of it is unusual (a header h11 would not read, a second Host, a body):
+    such a request takes uvicorn's own path through wsproto and is answered exactly as before.
+
+    The checks are h11's (on the request uvicorn re-serializes) and wsproto's
+    (`H11Handshake._process_connection_request`, the same loop: a later header wins, as there);
+    tests/test_uvicorn_seam.py compares the outcome with wsproto's for valid and invalid requests."""
+    if method != "GET" or not _REQUEST_TARGET.fullmatch(target):
+        return None
+    connection: list[str] | None = None
+    extensions: list[str] = []
+    subprotocols: list[str] = []
+    extra: list[tuple[bytes, bytes]] = []
+    host: str | None = None
+    hosts = 0
+    key = version = None
+    upgrade = b""
+    try:
+        for name, value in headers:
+            if not _HEADER_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value) or name in _BODY_HEADERS:
+                return None
+            if name == b"connection":
+                connection = split_comma_header(value)
+            elif name == b"host":
+                hosts += 1
+                host = value.decode("idna")
+                continue
+            elif name == b"sec-websocket-extensions":
+                extensions.extend(split_comma_header(value))
+                continue
+            elif name == b"sec-websocket-key":
+                key = value
+            elif name == b"sec-websocket-protocol":
+                subprotocols.extend(split_comma_header(value))
+                continue
+            elif name == b"sec-websocket-version":
+                version = value
+            elif name == b"upgrade":
+                upgrade = value
+            extra.append((name, value))
+        path = target.decode("ascii")
+    except UnicodeError:
+        return None
+    if (hosts != 1 or host is None or connection is None or not any(t.lower() == "upgrade" for t in connection)
+            or version != b"13" or key is None or upgrade.lower() != b"websocket"):
+        return None
+    return wsproto.events.Request(host=host, target=path, extensions=extensions, extra_headers=extra,
+                                  subprotocols=subprotocols)
+
+
+def request_bytes(method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The request as uvicorn's httptools protocol re-serializes it for wsproto (`handle_websocket_upgrade`)."""
+    output = [method.encode(), b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        output += [name, b": ", value, b"\r\n"]
+    output.append(b"\r\n")
+    return b"".join(output)
 
 
 _HEADER_NAME = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
@@ -344,23 +420,70 @@ class GatewayWSProtocol(WSProtocol):
         extensions = cast("dict[str, object]", self.scope["extensions"])
         extensions[EXTENSION] = self.channel
 
+    def connection_made_from(self, http: Any) -> None:
+        """uvicorn's `connection_made` for a connection that `http` (its HTTP protocol) hands over, with the
+        addresses and scheme that protocol already read from the socket instead of asking it again."""
+        self.connections.add(self)
+        self.transport = http.transport
+        self.server, self.client = http.server, http.client
+        self.scheme = "wss" if http.scheme == "https" else "ws"
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+            self.logger.log(TRACE_LOG_LEVEL, "%sWebSocket connection made", prefix)
+
+    def upgrade(self, request: wsproto.events.Request, raw: Callable[[], bytes]) -> None:
+        """Take over an upgrade request that `upgrade_request` read (instead of `data_received` with the
+        re-serialized request, uvicorn's way): the WSConnection waits in a `_Handshake`, and the request is
+        handled as wsproto's event for it is."""
+        self.conn = _Handshake(self.conn, raw)  # type: ignore[assignment]
+        self.handle_connect(request)
+
     async def send(self, message: Any) -> None:
         if message["type"] == "websocket.accept" and not self.handshake_complete:
-            await self.writable.wait()  # (uvicorn's first step) so the stand-in is in place only while it sends
-            conn = self.conn
-            key = next((v for k, v in self.scope["headers"] if k == b"sec-websocket-key"), b"")
-            accepting = _Accepting(conn, self.inflate, key, list(self.scope["subprotocols"]))
-            self.conn = accepting  # type: ignore[assignment]
-            try:
-                await super().send(message)
-            finally:
-                if cast("object", self.conn) is accepting:
-                    self.conn = conn
-        else:
-            await super().send(message)
-        conn = self.conn
-        if message["type"] == "websocket.accept" and isinstance(conn, WSConnection) and conn.connection is not None:
-            self.conn = _Established(conn.connection)  # type: ignore[assignment]
+            await self.writable.wait()
+            self.accept_now(message.get("subprotocol"), list(message.get("headers", [])))
+            return
+        await super().send(message)
+
+    def accept_now(self, subprotocol: str | None, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        """uvicorn's `websocket.accept` (the 101), now: its checks, log line and keepalive, and the 101 as
+        wsproto's handshake writes it (RFC 6455 4.2.2: Upgrade, Connection, Sec-WebSocket-Accept, the
+        selected subprotocol, our permessage-deflate answer when one was negotiated, then uvicorn's
+        headers), without building it as an h11 response. The session's handshake calls it through
+        `RawChannel.accept` (no ASGI send, no Starlette), `send` for the ASGI message.
+
+        The post-handshake wsproto `Connection` is made here, with our extension (never uvicorn's own
+        unbounded one), held by a lighter `_Established`."""
+        if self.disconnected:
+            raise ClientDisconnected()
+        if self.handshake_complete:
+            raise RuntimeError("the WebSocket handshake is complete already")
+        scope = self.scope
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info('%s - "WebSocket %s" [accepted]', get_client_addr(scope),
+                             get_path_with_query_string(scope))
+        key = next((v for k, v in scope["headers"] if k == b"sec-websocket-key"), b"")  # wsproto: there is one
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Accept: %s\r\n" % generate_accept_token(key)]
+        if subprotocol is not None:
+            if subprotocol not in scope["subprotocols"]:
+                raise LocalProtocolError(f"unexpected subprotocol {subprotocol}")
+            lines.append(b"Sec-WebSocket-Protocol: %s\r\n" % subprotocol.encode("ascii"))
+        extensions: list[Extension] = []
+        if self.inflate is not None:
+            extensions.append(self.inflate)
+            lines.append(f"Sec-WebSocket-Extensions: {NAME}; {self.inflate.answer}\r\n".encode("ascii"))
+        for name, value in (*self.default_headers, *headers):
+            if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
+                raise LocalProtocolError(f"illegal header {name!r}")  # as h11 would refuse to write it
+            lines.append(b"%s: %s\r\n" % (name, value))
+        lines.append(b"\r\n")
+        if self.transport.is_closing():
+            return  # as uvicorn's: nothing is sent, and the handshake is not complete
+        self.handshake_complete = True
+        self.conn = _Established(Connection(ConnectionType.SERVER, extensions))  # type: ignore[assignment]
+        self.transport.write(b"".join(lines))
+        self.start_keepalive()
 
     def receive_with(self, handler: Callable[[dict[str, Any]], None]) -> None:
         """Hand every later client event (`websocket.receive`, `websocket.disconnect`) to `handler` as it is
