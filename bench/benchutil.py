@@ -29,6 +29,28 @@ def raise_nofile() -> int:
     return soft
 
 
+# Descriptors a benchmark process holds besides its sockets to the server (stdio, epoll, pipes, its log,
+# a NATS connection, a scrape of /metrics): kept free under RLIMIT_NOFILE when connections are planned.
+FD_MARGIN = 64
+
+
+def load_processes(connections: int, fd_limit: int) -> int:
+    """How many load-client processes hold `connections` sockets with none above its own fd limit (the
+    limit is per process: RLIMIT_NOFILE cannot be raised above the hard limit, splitting can)."""
+    return max(1, -(-connections // max(1, fd_limit - FD_MARGIN)))
+
+
+def fd_usage(pid: int) -> tuple[int, int]:
+    """(open descriptors, soft RLIMIT_NOFILE) of a process ((0, 0) if it is gone)."""
+    try:
+        count = len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/limits") as f:
+            limit = next(int(line.split()[3]) for line in f if line.startswith("Max open files"))
+    except (OSError, StopIteration, ValueError):
+        return 0, 0
+    return count, limit
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to send `sig` to this process when its parent dies (Linux; no-op elsewhere)."""
     try:

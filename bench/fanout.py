@@ -52,11 +52,15 @@ import peers  # noqa: E402
 import pubload  # noqa: E402
 import wsload  # noqa: E402
 from benchutil import (  # noqa: E402
+    FD_MARGIN,
     build_fastpath,
     child_setup,
     cpu_seconds,
+    fd_usage,
     free_port,
+    load_processes,
     percentile,
+    process_tree,
     raise_nofile,
     tree_cpu_seconds,
     tree_cpu_times,
@@ -428,6 +432,8 @@ class Point:
     rss_before_kib: int = 0
     rss_after_kib: int = 0
     rss_per_conn_kib: float = float("nan")
+    server_fds: int = 0  # open descriptors of the server (its largest process) with every client connected
+    server_fd_limit: int = 0  # its RLIMIT_NOFILE: one process holds at most limit - (fds - connected) clients
     steps: list[Step] = field(default_factory=list)
 
 
@@ -513,9 +519,11 @@ class Bench:
             pt.rss_after_kib = int(statistics.median(samples))
             if got:
                 pt.rss_per_conn_kib = (pt.rss_after_kib - pt.rss_before_kib) / got
+            pt.server_fds, pt.server_fd_limit = max(fd_usage(p) for p in process_tree(server.pid))
             log(f"{kind:7} n={n} run {run}: {pt.connected} connected (+{got} in {secs:.1f}s"
                 f"{', errors ' + str(dict(errors)) if errors else ''}); RSS {pt.rss_before_kib} -> "
-                f"{pt.rss_after_kib} KiB = {pt.rss_per_conn_kib:.1f} KiB/conn")
+                f"{pt.rss_after_kib} KiB = {pt.rss_per_conn_kib:.1f} KiB/conn; {pt.server_fds} fds open of "
+                f"{pt.server_fd_limit} ({pt.server_fds - pt.connected} its own)")
             if pt.connected < n * 0.9:
                 log(f"{kind}: only {pt.connected}/{n} connections; skipping load steps\n{server.log_tail()}")
                 return pt
@@ -1267,10 +1275,14 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    limit = raise_nofile()
-    need = max(args.connections) + 256
-    if limit < need:
-        log(f"warning: file-descriptor limit {limit} < {need}: connections will fail")
+    limit = raise_nofile()  # per process: the server needs one per connection and its own, each load client its share
+    n = max(args.connections)
+    if n + FD_MARGIN > limit:
+        log(f"warning: file-descriptor limit {limit} per process < {n} connections + {FD_MARGIN} of the server's "
+            "own: connections will fail")
+    if -(-n // args.clients) + FD_MARGIN > limit:
+        log(f"warning: {n} connections over {args.clients} load processes exceed each one's file-descriptor "
+            f"limit {limit}: use --clients {load_processes(n, limit)}")
     signal.signal(signal.SIGTERM, _terminate)
     if args.pin:  # inherited by nats-server, the load clients and the publisher; servers set their own
         os.sched_setaffinity(0, set(range(NCPU)) - {SERVER_CPU})

@@ -42,13 +42,14 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 import cload  # noqa: E402
 import fanout  # noqa: E402
 import jwt  # noqa: E402
-from benchutil import process_tree, raise_nofile  # noqa: E402
+from benchutil import fd_usage, load_processes, process_tree, raise_nofile  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm  # noqa: E402
 
 from gateway.devtools.natsproc import NatsProcess  # noqa: E402
 
 ALGS = ("RS256", "ES256")
+WARM = 8  # warm-up connections per round (imports, first-use allocations), opened before the phase
 
 
 class Keys:
@@ -123,39 +124,56 @@ def host_busy() -> tuple[float, float]:
 
 def one(kind: str, alg: str, tokens: list[str], env: dict[str, str], ctx: dict[str, Any],
         args: argparse.Namespace, profile: Path | None = None) -> dict[str, float]:
-    """One fresh gateway, N handshakes: wall seconds, server CPU µs per handshake, machine load."""
+    """One fresh gateway, N handshakes: wall seconds, server CPU µs per handshake, machine load; the
+    connections are dealt over `--clients` load processes (each of them opens its warm-up ones first)."""
     server = fanout.Server(kind, ctx["nats"].url, ctx["keys"], ctx["tmp"], env)
-    client = cload.CLoadClient(ctx["binary"], 0, 1, tokens)
+    k = args.clients
+    clients = [cload.CLoadClient(ctx["binary"], i, k, tokens[i::k]) for i in range(k)]
+    path = "/v1/ws?scope=conversation:c0"
     spy = None
+
+    def connect_all(upto: list[int], concurrency: int, timeout: float) -> tuple[int, dict[str, int], float]:
+        for c, n in zip(clients, upto, strict=True):
+            c.send(("connect", "127.0.0.1", server.port, path, n, 1, concurrency))
+        replies = [fanout.Children.expect(c, "connected", timeout) for c in clients]
+        errors: dict[str, int] = {}
+        for r in replies:
+            for why, count in r[2].items():
+                errors[why] = errors.get(why, 0) + count
+        return sum(r[1] for r in replies), errors, max(r[3] for r in replies)
+
     try:
-        fanout.Children.expect(client, "ready", 60)
+        for c in clients:
+            fanout.Children.expect(c, "ready", 60)
         server.wait_ready()
         pin(server.pid, {args.server_cpu})
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(client.pid, {args.client_cpu})
-        client.send(("connect", "127.0.0.1", server.port, "/v1/ws?scope=conversation:c0", 8, 1, 8))  # warm-up
-        fanout.Children.expect(client, "connected", 60)
+        for c in clients:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(c.pid, {args.client_cpu})
+        warm = -(-WARM // k)
+        warmed, _, _ = connect_all([warm] * k, warm, 60)
         if profile is not None:
             # a duration about that of the phase (py-spy writes its output when it ends)
             spy = fanout.start_py_spy(server.pid, args.profile_seconds, profile / f"{kind}-{alg}.txt")
         (u0, s0), (busy0, total0), t0 = user_sys(server.pid), host_busy(), time.monotonic()
-        client.send(("connect", "127.0.0.1", server.port, "/v1/ws?scope=conversation:c0", len(tokens), 1,
-                     args.concurrency))
-        _, ok, errors, secs = fanout.Children.expect(client, "connected", 300)
+        got, errors, secs = connect_all([len(tokens[i::k]) for i in range(k)], -(-args.concurrency // k), 300)
         (u1, s1), (busy1, total1), t1 = user_sys(server.pid), host_busy(), time.monotonic()
-        got = ok
+        fds, fd_limit = max(fd_usage(p) for p in process_tree(server.pid))
         if errors:
             fanout.log(f"{kind} {alg}: connect errors {errors}")
-        return {"connected": got, "wall_s": secs, "per_s": got / secs if secs else float("nan"),
+        return {"connected": got, "open": warmed + got, "wall_s": secs, "per_s": got / secs if secs else float("nan"),
                 "cpu_us": (u1 - u0 + s1 - s0) / max(1, got) * 1e6, "sys_us": (s1 - s0) / max(1, got) * 1e6,
                 "host_busy_pct": 100 * (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1),
-                "phase_s": t1 - t0}
+                "phase_s": t1 - t0, "server_fds": fds, "server_fd_limit": fd_limit,
+                # descriptors the gateway holds besides its clients' sockets: the ceiling is the limit minus these
+                "server_own_fds": fds - warmed - got}
     finally:
         if spy is not None:
             ctx["profiles"][f"{kind} {alg}"] = fanout.finish_py_spy(spy)
-        with contextlib.suppress(Exception):
-            client.send(("exit",))
-        client.close()
+        for c in clients:
+            with contextlib.suppress(Exception):
+                c.send(("exit",))
+            c.close()
         server.stop()
 
 
@@ -163,7 +181,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--connections", type=int, default=3000)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--concurrency", type=int, default=64, help="handshakes in flight (the load client's)")
+    p.add_argument("--concurrency", type=int, default=64, help="handshakes in flight (over all load clients)")
+    p.add_argument("--clients", type=int, default=0,
+                   help="load-client processes, all on --client-cpu (0: as few as keep each under its own "
+                        "file-descriptor limit minus 64: one up to 19,928 connections with a limit of 20,000)")
     p.add_argument("--algs", default=",".join(ALGS))
     p.add_argument("--baseline", default=None, metavar="REV", help="also measure gateway/ of this git revision")
     p.add_argument("--server-cpu", type=int, default=0)
@@ -175,7 +196,9 @@ def main() -> int:
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args()
     algs = [a for a in args.algs.split(",") if a]
-    raise_nofile()
+    nofile = raise_nofile()
+    args.clients = args.clients or load_processes(args.connections + WARM, nofile)
+    n_tokens = args.connections + -(-WARM // args.clients) * args.clients  # the phase's and the warm-up's
     tmp = Path(tempfile.mkdtemp(prefix="wsgw-hs-"))
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     with contextlib.ExitStack() as stack:
@@ -200,21 +223,24 @@ def main() -> int:
         runs = [(kind, alg) for alg in algs for kind in envs]
         for r in range(args.rounds):
             for kind, alg in (runs if r % 2 == 0 else list(reversed(runs))):
-                tokens = keys.mint(alg, args.connections + 8, f"{r}{kind}")
+                tokens = keys.mint(alg, n_tokens, f"{r}{kind}")
                 res = one(kind, alg, tokens, envs[kind], ctx, args)
                 results.setdefault((kind, alg), []).append(res)
                 fanout.log(f"round {r + 1} {kind:8} {alg}: {res['connected']} in {res['wall_s']:.2f}s = "
                            f"{res['per_s']:,.0f}/s, server {res['cpu_us']:.0f} µs CPU each "
                            f"({res['sys_us']:.0f} system) "
-                           f"({1e6 / res['cpu_us']:,.0f} per core-second), machine busy {res['host_busy_pct']:.0f}%")
+                           f"({1e6 / res['cpu_us']:,.0f} per core-second), machine busy {res['host_busy_pct']:.0f}%; "
+                           f"{res['open']} open, the gateway holds {res['server_fds']} fds of its limit "
+                           f"{res['server_fd_limit']} ({res['server_own_fds']} its own)")
         if args.profile:
             prof = Path(args.profile)
             prof.mkdir(parents=True, exist_ok=True)
             for kind in envs:
-                one(kind, "ES256", keys.mint("ES256", args.connections + 8, f"p{kind}"), envs[kind], ctx, args, prof)
+                one(kind, "ES256", keys.mint("ES256", n_tokens, f"p{kind}"), envs[kind], ctx, args, prof)
             fanout.print_profiles(ctx["profiles"])
     print(f"\nhandshakes (connect + token check + welcome + subscribe), {args.connections} per round, "
-          f"{args.concurrency} in flight, server on CPU {args.server_cpu}; median of {args.rounds} rounds")
+          f"{args.concurrency} in flight from {args.clients} load process(es), server on CPU {args.server_cpu}; "
+          f"median of {args.rounds} rounds")
     print(f"  {'tree':10s} {'alg':6s} {'handshakes/s':>13s} {'CPU µs each':>12s} {'of it sys':>10s} {'per core-s':>11s}"
           f" {'busy%':>6s}")
     summary = {}
@@ -225,6 +251,12 @@ def main() -> int:
               f"{1e6 / m['cpu_us']:11,.0f} "
               f"{m['host_busy_pct']:6.0f}   (per core-s by round: "
               f"{' '.join(format(1e6 / r['cpu_us'], ',.0f') for r in rs)})")
+    every = [r for rs in results.values() for r in rs]
+    if every:
+        own, limit = max(r["server_own_fds"] for r in every), min(r["server_fd_limit"] for r in every)
+        print(f"  connections open at the end of a phase: {min(r['open'] for r in every):,}; the gateway's own "
+              f"descriptors besides them: at most {own} of its limit {limit:,}, so one process holds at most "
+              f"{limit - own:,} connections (the scrapes of /metrics and /readyz and a JWKS fetch need a few more)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=1))
     return 0

@@ -92,7 +92,9 @@ worker_rlimit_nofile 20000;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{
-    worker_connections 19000;
+    # above the descriptor limit, so that the limit is what bounds the subscribers: when fewer than 1/16 of
+    # worker_connections are free, nginx closes its reusable connections (the publisher's keep-alive ones)
+    worker_connections 24000;
     use epoll;
     multi_accept on;
 }}

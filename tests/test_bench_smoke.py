@@ -37,9 +37,12 @@ def test_quick_benchmark_with_the_compiled_load_client(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=170,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["summary"]["rows"]
+    doc = json.loads(out.read_text())
+    (row,) = doc["summary"]["rows"]
     assert row["server"] == "gateway"
     assert row["achieved"] > 0 and row["p99_ms"] > 0 and row["rss_kib_per_conn"] > 0
+    (point,) = doc["points"]  # the descriptors it held with every client connected: the ceiling's figures
+    assert point["server_fds"] > point["connected"] == 300 and point["server_fd_limit"] >= point["server_fds"]
 
 
 @pytest.mark.timeout(180)
@@ -194,6 +197,23 @@ def test_handshake_benchmark_reports_both_algorithms(tmp_path: Path) -> None:
     assert set(summary) == {"gateway RS256", "gateway ES256"}
     for row in summary.values():
         assert row["rounds"][0]["connected"] == 40 and row["per_core_s"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_handshake_benchmark_deals_connections_over_load_processes(tmp_path: Path) -> None:
+    """`--clients 2`: the connections of a round are dealt over two load processes (as a count near the
+    per-process descriptor limit needs), all of them counted, with the gateway's own descriptors reported."""
+    out = tmp_path / "hs2.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "handshakes.py"), "--rounds", "1", "--connections", "40", "--clients",
+         "2", "--algs", "ES256", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ((rnd,),) = [row["rounds"] for row in json.loads(out.read_text()).values()]
+    assert rnd["connected"] == 40 and rnd["open"] == 48  # and 4 warm-up connections per process
+    assert 0 < rnd["server_own_fds"] < rnd["server_fds"] <= rnd["server_fd_limit"]
+    assert "from 2 load process(es)" in proc.stdout and "one process holds at most" in proc.stdout
 
 
 @pytest.mark.timeout(180)
