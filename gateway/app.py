@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import package_version, tracing
 from gateway.auth import TokenVerifier
-from gateway.config import Settings
+from gateway.config import Settings, fit_open_file_limit
 from gateway.core.bus import Bus
 from gateway.core.history import StreamReader
 from gateway.core.hub import Hub
@@ -187,7 +187,9 @@ def create_app(
     it), else one built from the settings (none unless WSGATEWAY_OTEL_ENDPOINT is set), shut down with
     the app.
     """
-    settings = settings or Settings()
+    settings, fd_warning = fit_open_file_limit(settings or Settings())
+    if fd_warning:
+        log.warning("%s", fd_warning)
     if settings.dev_mode and dev_idp is None and not (settings.oidc_issuer or settings.jwks_url):
         raise ValueError("dev_mode needs the development identity provider: run `wsgateway dev`, not `serve`")
     install_redaction()

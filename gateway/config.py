@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import resource
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -387,3 +388,24 @@ def load_settings(**overrides: Any) -> tuple[Settings, list[str]]:
     if unknown and settings.strict_env:
         raise ConfigError([*unknown, "WSGATEWAY_STRICT_ENV is true: unknown WSGATEWAY_* variables are errors"])
     return settings, unknown
+
+
+
+# Descriptors a process keeps besides its clients' sockets: listeners, NATS, a JWKS fetch, scrapes, logs,
+# and the one a connection over the limit needs for its 4429 / 503 answer (measured: 16 while idle).
+FD_RESERVE = 64
+
+
+def fit_open_file_limit(settings: Settings, soft_limit: int | None = None) -> tuple[Settings, str | None]:
+    """`settings` with `max_connections` lowered to what the open-file limit leaves (every connection is
+    a descriptor), and the warning saying so; beyond the limit a client would get a TCP reset instead
+    of close 4429 or 503. `soft_limit`: RLIMIT_NOFILE's soft value (read from the process if None)."""
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_limit == resource.RLIM_INFINITY or settings.max_connections <= soft_limit - FD_RESERVE:
+        return settings, None
+    fitted = max(1, soft_limit - FD_RESERVE)
+    warning = (f"{env_name('max_connections')}={settings.max_connections} is more than the open-file limit "
+               f"({soft_limit}, ulimit -n) allows: at most {fitted} connections per process "
+               f"({FD_RESERVE} descriptors kept for the rest); raise the limit to allow more")
+    return settings.model_copy(update={"max_connections": fitted}), warning

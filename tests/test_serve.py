@@ -18,7 +18,7 @@ from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
 from tests.support.wait import HANG_S, eventually
-from tests.support.wsclient import connect, events, subscribe, welcome
+from tests.support.wsclient import closed, connect, events, subscribe, welcome
 
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
 
@@ -127,3 +127,37 @@ async def test_shutdown_ends_sse_streams_with_a_close_event_at_once(
         if proc.poll() is None:
             proc.kill()
             await asyncio.to_thread(proc.wait, 20)
+
+
+@pytest.mark.timeout(90)
+async def test_the_connection_limit_fits_the_open_file_limit(nats_server: NatsProcess, idp: TestIdP) -> None:
+    """With `ulimit -n` 100 and the default WSGATEWAY_MAX_CONNECTIONS (50,000), descriptors would run out
+    at about 84 connections and the next client would get a TCP reset. The gateway lowers its limit to
+    100 - 64 and says so at start-up: the 37th client gets the documented close 4429."""
+    from gateway.config import FD_RESERVE
+    from tests.support.procs import GatewayProcess
+
+    nofile = 100
+    limit = nofile - FD_RESERVE
+    g = GatewayProcess(nats_server.url, idp.issuer, idp.audience, nofile=nofile).start()
+    clients = []
+    try:
+        await g.wait_ready()
+        assert "WSGATEWAY_MAX_CONNECTIONS=50000 is more than the open-file limit (100" in g.log()
+        assert await g.metric("wsgateway_connections_limit") == limit
+        for _ in range(limit):
+            ws = await connect(g.ws, idp.mint("alice"))
+            await welcome(ws)
+            clients.append(ws)
+        extra = await connect(g.ws, idp.mint("alice"))
+        code, reason = await closed(extra)
+        assert code == 4429 and "connection limit" in reason
+        await clients.pop().close()
+        await g.metric_reaches("wsgateway_connections", limit - 1)
+        again = await connect(g.ws, idp.mint("alice"))  # room for one again
+        await welcome(again)
+        clients.append(again)
+    finally:
+        for ws in clients:
+            await ws.close()
+        await asyncio.to_thread(g.cleanup)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -45,8 +46,11 @@ def free_ports(n: int) -> list[int]:
 class GatewayProcess(GatewayEndpoint):
     """One `wsgateway serve --workers 1` on a free loopback port; its output goes to a log file."""
 
-    def __init__(self, nats_url: str, issuer: str, audience: str | None = None, **env: str) -> None:
+    def __init__(
+        self, nats_url: str, issuer: str, audience: str | None = None, *, nofile: int | None = None, **env: str
+    ) -> None:
         self.port = free_port()
+        self.nofile = nofile  # the process's open-file limit (soft and hard), if not the inherited one
         # WSGATEWAY_FAST_PATH stays: the loops a test runs under (the `fast_path` fixture, tests/conftest.py)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATEWAY_") or k == "WSGATEWAY_FAST_PATH"}
         self.env.update({
@@ -67,9 +71,14 @@ class GatewayProcess(GatewayEndpoint):
     def start(self) -> GatewayProcess:
         self.proc = subprocess.Popen(
             [WSGATEWAY, "serve", "--workers", "1"], env=self.env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True,
+            stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=self._in_child, start_new_session=True,
         )
         return self
+
+    def _in_child(self) -> None:  # between fork and exec
+        _die_with_parent()
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def log(self, tail: int = 4000) -> str:
         self._log.flush()
