@@ -47,8 +47,9 @@ def _maps_mention(pid: int, package: str) -> bool:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("scheme", ["nats", "ws"])
 async def test_serve_loads_aiohttp_only_for_a_websocket_nats_url(scheme: str, idp: TestIdP) -> None:
-    """Over either transport the gateway consumes and delivers; aiohttp (nats-py's WebSocket transport,
-    about 8 MiB) is in the process only when the NATS URL is a WebSocket one."""
+    """Over either transport the gateway consumes and delivers (its routes were built without
+    pydantic.v1); aiohttp (nats-py's WebSocket transport, about 8 MiB) is in the process only when the
+    NATS URL is a WebSocket one."""
     with WebSocketNats() as nats:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("WSGATEWAY_")}
@@ -69,6 +70,7 @@ async def test_serve_loads_aiohttp_only_for_a_websocket_nats_url(scheme: str, id
             assert [f["seq"] for f in await events(ws, 1)] == [seq]
             await ws.close()
             assert _maps_mention(proc.pid, "aiohttp") is (scheme == "ws")
+            assert not _maps_mention(proc.pid, "watchfiles")  # uvicorn's --reload, which serve does not have
         finally:
             await platform.close()
             proc.terminate()
