@@ -261,9 +261,10 @@ def create_app(
     return app
 
 
-def app_from_env() -> FastAPI:
-    """uvicorn factory for `wsgateway serve` worker processes: settings from WSGATEWAY_* variables."""
-    settings = Settings()
+def app_from_env(settings: Settings | None = None) -> FastAPI:
+    """uvicorn factory for `wsgateway serve` worker processes: settings from WSGATEWAY_* variables
+    (or the ones given, read from them already)."""
+    settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)
 

@@ -37,18 +37,22 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 def serve_app() -> ASGIApp:
     """uvicorn factory of `wsgateway serve`: the gateway app from WSGATEWAY_* variables, timed for the
-    access lines (gateway/logs.py)."""
+    access lines (gateway/logs.py). A worker process of `--workers N` starts here."""
+    from gateway.config import Settings
+    from gateway.lean_imports import PYDANTIC_V1, defer_unused_imports, without
+
+    settings = Settings()
+    defer_unused_imports(settings.nats_servers)  # before gateway.app imports nats-py, httpx and uvicorn
     from gateway.app import app_from_env
     from gateway.logs import AccessTiming
 
-    return AccessTiming(app_from_env())
+    with without(PYDANTIC_V1):  # FastAPI's check that no route uses a pydantic v1 model (lean_imports.py)
+        return AccessTiming(app_from_env(settings))
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway.app import uvicorn_options
     from gateway.config import ConfigError, load_settings
+    from gateway.lean_imports import defer_unused_imports
     from gateway.logs import config_summary, configure_logging
 
     overrides = {"host": args.host, "port": args.port, "workers": args.workers}
@@ -65,6 +69,11 @@ def _serve(args: argparse.Namespace) -> int:
         print("wsgateway serve: WSGATEWAY_DEV_MODE is reserved for `wsgateway dev` (it has no production identity "
               "provider); unset it and set WSGATEWAY_OIDC_ISSUER or WSGATEWAY_JWKS_URL", file=sys.stderr)
         return 2
+    defer_unused_imports(settings.nats_servers)  # before anything imports nats-py, httpx and uvicorn
+    import uvicorn
+
+    from gateway.app import uvicorn_options
+
     configure_logging(settings.log_level, settings.log_format)
     for line in unknown:
         log.warning("%s", line)

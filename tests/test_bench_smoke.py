@@ -216,6 +216,20 @@ def test_handshake_benchmark_deals_connections_over_load_processes(tmp_path: Pat
     assert "from 2 load process(es)" in proc.stdout and "one process holds at most" in proc.stdout
 
 
+def test_idle_rss_benchmark_reports_the_window_empty_and_full(tmp_path: Path) -> None:
+    """bench/idle_rss.py in its quickest form: one round, a small stream to read back."""
+    out = tmp_path / "idle.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "idle_rss.py"), "--rounds", "1", "--fill", "2000", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert sorted(key.rsplit(", ", 1)[1] for key in summary) == ["window empty", "window full"]
+    for row in summary.values():
+        assert len(row["rounds_kib"]) == 1 and row["median_kib"]["VmRSS"] > 0
+
+
 @pytest.mark.timeout(180)
 def test_quick_benchmark_with_compressing_load_clients(tmp_path: Path) -> None:
     """`--compress`: the compiled clients offer permessage-deflate and count the (inflated) events. Without

@@ -187,13 +187,16 @@ class Deflater:
     def __init__(self, counted: Callable[[int], object], level: int = 1) -> None:
         # level 1: for event-sized JSON (hundreds of bytes) within a few % of level 6's size, at a fraction of
         # its CPU on larger frames (bench/deflate.py)
-        self._z = zlib.compressobj(level, zlib.DEFLATED, -15, 8)
+        self._level = level
+        self._z: zlib._Compress | None = None  # made for the first compressed frame: ~260 KiB of zlib state
         self._counted = counted
 
     def frame(self, f: OutFrame) -> bytes:
         z = f.deflated
         if z is None:
             c = self._z
+            if c is None:
+                c = self._z = zlib.compressobj(self._level, zlib.DEFLATED, -15, 8)
             body = (c.compress(f.payload) + c.flush(zlib.Z_FULL_FLUSH))[:-4]
             z = f.deflated = frame_header(_FIN_RSV1_TEXT, len(body)) + body if len(body) < len(f.payload) else f.data
             self._counted(1)
