@@ -259,6 +259,12 @@ async def operator_rbac(helm_cli: Helm, control_plane: ControlPlane, admin: Kube
     fullname = f"{release}-wsgateway-operator"
     await asyncio.to_thread(helm_cli.run, "install", release, str(CHART), "-n", namespace,
                             check=True)
+    # The authoriser sees the new Role and bindings through its informers: the operator starts once it
+    # is allowed to watch its resources (what kopf does first), not while its first calls could be refused.
+    user = f"system:serviceaccount:{namespace}:{fullname}"
+    await admin.until_allowed(user, "watch", "customresourcedefinitions", None, "apiextensions.k8s.io")
+    await admin.until_allowed(user, "watch", "websocketgateways", namespace, "wsgateway.dev")
+    await admin.until_allowed(user, "create", "deployments", namespace, "apps")
     token = await admin.token(namespace, fullname)
     config = control_plane.token_kubeconfig(token, tmp_path / "operator.kubeconfig")
     yield OperatorRbac(namespace, release, fullname, fullname, config, token)

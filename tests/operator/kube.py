@@ -51,7 +51,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.devtools.natsproc import die_with_parent
 from tests.support.ports import free_port
-from tests.support.wait import eventually_sync
+from tests.support.wait import eventually, eventually_sync
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-k8s.sh"
@@ -461,6 +461,29 @@ class Kube:
     async def delete(self, url: str, *, propagation: str = "Background") -> bool:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
         return await self.call("DELETE", url, body=body, missing_ok=True) is not None
+
+    async def allowed(self, user: str, verb: str, resource: str, namespace: str | None = None,
+                      group: str = "") -> bool:
+        """The API server's authoriser (RBAC, a SubjectAccessReview): may this service account user do it?
+
+        RBAC objects reach the authoriser through its informers, asynchronously: after a write of a
+        Role or binding, wait for the answer with `until_allowed`, never read it once."""
+        attributes: dict[str, Any] = {"verb": verb, "resource": resource, "group": group}
+        if namespace:
+            attributes["namespace"] = namespace
+        review = await self.create("/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": user, "groups": ["system:serviceaccounts"], "resourceAttributes": attributes}})
+        return bool(review["status"].get("allowed"))
+
+    async def until_allowed(self, user: str, verb: str, resource: str, namespace: str | None = None,
+                            group: str = "", *, allowed: bool = True) -> None:
+        """Wait until the authoriser's answer is `allowed` (a grant or a removal has taken effect)."""
+        async def answered() -> bool:
+            return await self.allowed(user, verb, resource, namespace, group) is allowed
+
+        await eventually(answered, what=f"the authoriser to {'allow' if allowed else 'refuse'} {user}: "
+                                        f"{verb} {group or 'core'}/{resource} in {namespace or 'the cluster'}")
 
     async def token(self, namespace: str, service_account: str, seconds: int = 3600) -> str:
         """A token of the ServiceAccount from the TokenRequest API."""

@@ -36,17 +36,6 @@ async def namespaces(admin: Kube) -> AsyncIterator[tuple[str, str, str]]:
         await admin.delete(path("v1", "namespaces", name=name))
 
 
-async def can(admin: Kube, user: str, verb: str, resource: str, namespace: str | None, group: str = "") -> bool:
-    """The API server's authoriser (RBAC): may `user` do this?"""
-    attributes: dict[str, Any] = {"verb": verb, "resource": resource, "group": group}
-    if namespace:
-        attributes["namespace"] = namespace
-    review = await admin.create("/apis/authorization.k8s.io/v1/subjectaccessreviews", {
-        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-        "spec": {"user": user, "groups": ["system:serviceaccounts"], "resourceAttributes": attributes}})
-    return bool(review["status"].get("allowed"))
-
-
 async def helm(cli: Helm, *args: str, values: dict[str, Any] | None = None) -> str:
     result = await asyncio.to_thread(cli.run, *args, values=values, check=True)
     return result.stdout
@@ -80,15 +69,17 @@ async def test_install_upgrade_uninstall(admin: Kube, helm_cli: Helm, control_pl
     assert await admin.get(path(RBAC, "clusterroles", name=f"{fullname}-crd-reader")) is not None
     assert await admin.get(path(RBAC, "clusterrolebindings", name=f"{fullname}-crd-reader")) is not None
     # What the authoriser allows the operator: the children in the served namespaces, nothing elsewhere.
-    assert await can(admin, user, "create", "deployments", team_a, "apps")
-    assert await can(admin, user, "patch", "websocketgateways", team_b, "wsgateway.dev")
-    assert await can(admin, user, "patch", "websocketgateways/status", team_b, "wsgateway.dev")
-    assert await can(admin, user, "get", "secrets", team_a)
-    assert not await can(admin, user, "list", "secrets", team_a)  # one named Secret, never all of them
-    assert not await can(admin, user, "create", "deployments", ops, "apps")
-    assert not await can(admin, user, "create", "configmaps", "default")
-    assert await can(admin, user, "watch", "customresourcedefinitions", None, "apiextensions.k8s.io")
-    assert not await can(admin, user, "create", "customresourcedefinitions", None, "apiextensions.k8s.io")
+    # Its informers see new RBAC objects asynchronously: each grant is waited for, and the refusals are
+    # read once the grants of the same objects are seen.
+    await admin.until_allowed(user, "create", "deployments", team_a, "apps")
+    await admin.until_allowed(user, "patch", "websocketgateways", team_b, "wsgateway.dev")
+    await admin.until_allowed(user, "patch", "websocketgateways/status", team_b, "wsgateway.dev")
+    await admin.until_allowed(user, "get", "secrets", team_a)
+    await admin.until_allowed(user, "watch", "customresourcedefinitions", None, "apiextensions.k8s.io")
+    assert not await admin.allowed(user, "list", "secrets", team_a)  # one named Secret, never all of them
+    assert not await admin.allowed(user, "create", "deployments", ops, "apps")
+    assert not await admin.allowed(user, "create", "configmaps", "default")
+    assert not await admin.allowed(user, "create", "customresourcedefinitions", None, "apiextensions.k8s.io")
 
     # --- upgrade with non-default values: cluster-wide, peering, another image, a sample gateway ---
     values = {
@@ -122,8 +113,8 @@ async def test_install_upgrade_uninstall(admin: Kube, helm_cli: Helm, control_pl
     assert sample is not None and sample["spec"]["replicas"] == {"min": 2, "max": 10}
     assert sample["spec"]["autoscaling"]["mode"] == "hpa"  # defaulted by the server from the CRD
     assert await admin.get(path("v1", "configmaps", ops, f"{fullname}-adapter-rules")) is not None
-    assert await can(admin, user, "create", "configmaps", "default")
-    assert not await can(admin, user, "list", "secrets", "default")
+    await admin.until_allowed(user, "create", "configmaps", "default")  # the new ClusterRoleBinding
+    assert not await admin.allowed(user, "list", "secrets", "default")
 
     # --- uninstall: everything the release made is gone, the CRDs stay (helm never deletes crds/) ---
     await helm(helm_cli, "uninstall", release, "-n", ops)
@@ -135,7 +126,7 @@ async def test_install_upgrade_uninstall(admin: Kube, helm_cli: Helm, control_pl
     assert await admin.get(path("wsgateway.dev/v1alpha1", "websocketgateways", team_a, "wsgateway")) is None
     for name in CRD_NAMES:
         assert await admin.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}") is not None
-    assert not await can(admin, user, "create", "configmaps", "default")
+    await admin.until_allowed(user, "create", "configmaps", "default", allowed=False)  # its binding is gone
     listed = await helm(helm_cli, "list", "-n", ops, "-q")
     assert release not in listed.split()
 

@@ -173,8 +173,8 @@ async def test_reconcile_rollout_drift_restart_and_deletion(
         gw = await when_condition(admin, ns, "gw", "Ready", "False", "NoReadyPods")
         assert "0 of 2 pods are ready; 2 Pending" in condition(gw, "Ready")["message"]
         assert gw["status"]["replicas"] == 2 and gw["status"]["readyReplicas"] == 0
-        applied = [e for e in await events_of(admin, ns, uid) if e["reason"] == "Applied"]
-        assert applied and "created Deployment/gw" in applied[0]["message"]
+        # kopf posts Events in the background, and a list returns them by name (generated, not in order).
+        await eventually(lambda: _applied(admin, ns, uid, "created Deployment/gw"), what="the Applied Event")
 
         # --- a reconcile that finds nothing to do writes nothing ---
         quiet = {plural: (await admin.get(child_path(ns, v, plural, n.format("gw"))) or {})["metadata"][
@@ -261,6 +261,10 @@ async def test_reconcile_rollout_drift_restart_and_deletion(
             "kept stream EVENTS and ACL bucket wsgateway-acl (deletionPolicy Retain)"}), what="the Deleting events")
     assert await consumer_count(nats_server.url) == 0
     assert await stream_names(nats_server.url) == ["EVENTS", "KV_wsgateway-acl", "KV_wsgateway-presence"]  # Retain
+
+
+async def _applied(admin: Kube, namespace: str, uid: str, text: str) -> bool:
+    return any(e["reason"] == "Applied" and text in e["message"] for e in await events_of(admin, namespace, uid))
 
 
 async def warned(admin: Kube, namespace: str, uid: str, reason: str, text: str) -> bool:
@@ -367,6 +371,10 @@ async def test_forbidden_calls_and_other_problems_are_reported(
     without_pdb = [r for r in rules if "poddisruptionbudgets" not in r["resources"]]
     assert len(without_pdb) == len(rules) - 1
     await admin.patch(role_url, {"rules": without_pdb})
+    user = f"system:serviceaccount:{ns}:{operator_rbac.service_account}"
+    # The authoriser sees the changed Role through its informers: wait until it refuses, or the operator
+    # could still be allowed its first PodDisruptionBudget.
+    await admin.until_allowed(user, "get", "poddisruptionbudgets", ns, "policy", allowed=False)
     foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gw2", "namespace": ns},
                "spec": {"ports": [{"port": 1}]}}
     await admin.create(path("v1", "services", ns), foreign)
@@ -374,7 +382,6 @@ async def test_forbidden_calls_and_other_problems_are_reported(
         created = await admin.create(gw_path(ns), gateway(ns, "gw", nats_server.url))
         gw = await when_condition(admin, ns, "gw", "Degraded", "True", "ChildrenNotApplied")
         message = condition(gw, "Degraded")["message"]
-        user = f"system:serviceaccount:{ns}:{operator_rbac.service_account}"
         assert "Forbidden" in message and f'User "{user}" cannot get resource "poddisruptionbudgets"' in message
         for api_version, plural, name in CHILDREN:  # everything else is in place
             if plural != "poddisruptionbudgets":
