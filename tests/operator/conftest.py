@@ -63,16 +63,6 @@ CORE = {
                                  verbs={"get", "list", "watch", "create", "patch", "delete"},
                                  subresources={"status"}),
 }
-MONITORING = {
-    "monitoring.coreos.com/v1/servicemonitors": kmock.ResourceInfo(
-        kind="ServiceMonitor", namespaced=True, verbs={"get", "create", "patch", "delete"}),
-    "monitoring.coreos.com/v1/prometheusrules": kmock.ResourceInfo(
-        kind="PrometheusRule", namespaced=True, verbs={"get", "create", "patch", "delete"}),
-}
-KEDA = {
-    "keda.sh/v1alpha1/scaledobjects": kmock.ResourceInfo(
-        kind="ScaledObject", namespaced=True, verbs={"get", "create", "patch", "delete"}),
-}
 
 
 @pytest.fixture
@@ -93,11 +83,6 @@ async def api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[
         )
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         yield server
-
-
-def declare(server: ApiServer, resources: dict[str, kmock.ResourceInfo]) -> None:
-    for key, info in resources.items():
-        server.resources[key] = info
 
 
 @contextlib.asynccontextmanager
