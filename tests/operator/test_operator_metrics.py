@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,7 @@ from tests.operator.test_operator_kmock import (
     is_condition,
     metrics_endpoint,
 )
+from tests.support import wait
 from tests.support.ports import free_port
 from tests.support.promql import queried_metrics
 from wsgateway_operator.metrics import (
@@ -83,10 +85,18 @@ async def test_operator_metrics_over_http(api: ApiServer, kubectl: Client, nats_
             await eventually(lambda: is_condition(api, "gw", "Ready", "True", "Serving"), what="gw Ready")
             await eventually(lambda: is_condition(api, "offline", "NatsReady", "False"), what="offline")
             await eventually(lambda: is_condition(api, "broken", "Ready", "False", "InvalidSpec"), what="broken")
-            await asyncio.sleep(1.5)  # a periodic refresh of each (resync 1 s)
-            text, samples = await scrape(port)
-
             gw = {"namespace": NAMESPACE, "gateway": "gw"}
+
+            async def refreshed() -> tuple[str, Samples] | None:
+                """A scrape after gw's first successful periodic refresh (resync 1 s)."""
+                text, samples = await scrape(port)
+                done = value(samples, "wsgateway_operator_reconciles_total", **gw, trigger="refresh",
+                             outcome="success")
+                return (text, samples) if done >= 1 else None
+
+            scraped = await wait.eventually(refreshed, what="a periodic refresh of gw")
+            assert scraped is not None
+            text, samples = scraped
             for trigger in TRIGGERS:
                 assert value(samples, "wsgateway_operator_reconciles_total", **gw, trigger=trigger,
                              outcome="success") >= 1, trigger
@@ -185,13 +195,13 @@ async def test_wsgateway_operator_command_serves_metrics(
                 return 0
             return value(samples, "wsgateway_operator_reconciles_total", gateway="gw", outcome="success")
 
-        for _ in range(100):
-            if await reconciled() >= 1:
-                break
-            await asyncio.sleep(0.1)
-        assert await reconciled() >= 1
+        await wait.eventually(lambda: _at_least(reconciled(), 1), what="a successful reconcile on /metrics")
     finally:
         proc.terminate()
         output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, output.decode()[-2000:]
     assert f"serving the operator's metrics on http://127.0.0.1:{port}/metrics" in output.decode()
+
+
+async def _at_least(value: Awaitable[float], n: float) -> bool:
+    return await value >= n
