@@ -7,18 +7,17 @@ CRDs, then kube-controller-manager), `admin` (an async cluster-admin client), `n
 operator's ServiceAccount, its Role and a kubeconfig holding a TokenRequest token of that account).
 
 The emulated API server (kmock, tests/operator/emulator.py) for the fault-injection tests that remain:
-`api`, a kubeconfig pointing at it, the operator running under kopf.testing.KopfRunner, and polling
-helpers. NATS is a real nats-server (the shared `nats_server` fixture of tests/conftest.py, or a
-NatsProcess the test controls)."""
+`api`, a kubeconfig pointing at it, and the operator running under kopf.testing.KopfRunner. Tests wait
+with tests/support/wait.py. NATS is a real nats-server (the `nats_server` fixture of tests/conftest.py,
+or a NatsProcess the test controls)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from kopf.testing import KopfRunner
 
 from tests.operator.emulator import GATEWAYS, ApiServer, parse_path_with_namespaces
 from tests.operator.kube import CHART, ControlPlane, Helm, Kube, k8s_bin_dir, path
+from tests.support.wait import eventually_sync
 from wsgateway_operator.controller import OperatorConfig
 from wsgateway_operator.handlers import register
 
@@ -98,22 +98,6 @@ async def running_operator(config: OperatorConfig = FAST) -> AsyncIterator[KopfR
         await asyncio.to_thread(runner.__exit__, None, None, None)
         if os.environ.get("WSGATEWAY_TEST_OPERATOR_LOG"):  # debugging aid: the operator's whole log
             print(runner.output)
-
-
-async def eventually(check: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition") -> Any:
-    """Poll `check` until it returns something truthy (and return that)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (KeyError, IndexError, TypeError, AssertionError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 class Client:
@@ -199,10 +183,8 @@ def control_plane(api_server: ControlPlane, helm_cli: Helm) -> ControlPlane:
     assert not any(_crds_established(api_server).values()), "a fresh API server has no CRDs"
     helm_cli.run("install", OPERATOR_RELEASE, str(CHART), "-n", OPERATOR_RELEASE_NS, "--create-namespace",
                  check=True)
-    deadline = time.monotonic() + 30
-    while not all((state := _crds_established(api_server)).values()):
-        assert time.monotonic() < deadline, f"CRDs not established: {state}"
-        time.sleep(0.1)
+    eventually_sync(lambda: all(_crds_established(api_server).values()), what="the chart's CRDs established",
+                    info=lambda: str(_crds_established(api_server)))
     api_server.start_controller_manager()
     return api_server
 

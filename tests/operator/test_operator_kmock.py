@@ -28,8 +28,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.devtools.natsproc import NatsProcess
 from gateway.metrics import Metrics
-from tests.operator.conftest import NAMESPACE, Client, eventually, running_operator
+from tests.operator.conftest import NAMESPACE, Client, running_operator
 from tests.operator.emulator import GATEWAYS, ApiServer
+from tests.support.wait import eventually
 
 DEPLOYMENTS = "apps/v1/deployments"
 PODS = "v1/pods"

@@ -23,7 +23,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.devtools.natsproc import NatsProcess
-from tests.operator.conftest import FAST, NAMESPACE, Client, eventually, running_operator
+from tests.operator.conftest import FAST, NAMESPACE, Client, running_operator
 from tests.operator.emulator import GATEWAYS, ApiServer
 from tests.operator.test_operator_kmock import (
     PODS,
@@ -33,9 +33,9 @@ from tests.operator.test_operator_kmock import (
     is_condition,
     metrics_endpoint,
 )
-from tests.support import wait
 from tests.support.ports import free_port
 from tests.support.promql import queried_metrics
+from tests.support.wait import eventually
 from wsgateway_operator.metrics import (
     CONDITION_TYPES,
     ERROR_REASONS,
@@ -94,7 +94,7 @@ async def test_operator_metrics_over_http(api: ApiServer, kubectl: Client, nats_
                              outcome="success")
                 return (text, samples) if done >= 1 else None
 
-            scraped = await wait.eventually(refreshed, what="a periodic refresh of gw")
+            scraped = await eventually(refreshed, what="a periodic refresh of gw")
             assert scraped is not None
             text, samples = scraped
             for trigger in TRIGGERS:
@@ -195,7 +195,7 @@ async def test_wsgateway_operator_command_serves_metrics(
                 return 0
             return value(samples, "wsgateway_operator_reconciles_total", gateway="gw", outcome="success")
 
-        await wait.eventually(lambda: _at_least(reconciled(), 1), what="a successful reconcile on /metrics")
+        await eventually(lambda: _at_least(reconciled(), 1), what="a successful reconcile on /metrics")
     finally:
         proc.terminate()
         output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
