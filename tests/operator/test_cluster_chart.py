@@ -151,3 +151,20 @@ def test_the_server_is_the_pinned_release(control_plane: ControlPlane) -> None:
     assert (control_plane.version["major"], control_plane.version["minor"]) == ("1", pinned.split(".")[1])
     docs = (CHART.parents[1] / "docs" / "operations.md").read_text()
     assert f"**Kubernetes {pinned.removeprefix('v')}**" in docs
+    for module, name in (("go.etcd.io/etcd/server/v3", "etcd"), ("helm.sh/helm/v4", "helm")):
+        version = next(words[1] for line in go_mod.splitlines()
+                       if (words := line.removeprefix("require ").split())[:1] == [module])
+        assert f"**{name} {version.removeprefix('v')}**" in docs, (module, version)
+
+
+def test_staging_modules_are_the_pinned_release() -> None:
+    """Each k8s.io/<staging> module is replaced by the release matching the pinned Kubernetes (v1.37.2 ->
+    v0.37.2), so a change of the pin that forgets one fails here, not as a silently mixed build."""
+    go_mod = (CHART.parents[1] / "tools" / "k8s" / "go.mod").read_text()
+    pinned = next(line.split()[1] for line in go_mod.splitlines() if line.split()[:1] == ["k8s.io/kubernetes"])
+    staging = "v0." + pinned.removeprefix("v1.")
+    replaces = [line.split() for line in go_mod.splitlines() if " => " in line]
+    assert all(len(r) == 4 and r[0] == r[2] for r in replaces), replaces  # a module by its own release
+    replaced = {r[0]: r[3] for r in replaces if r[0].startswith("k8s.io/")}
+    assert len(replaced) > 20, replaced  # kube-apiserver and kube-controller-manager need about 30
+    assert {m: v for m, v in replaced.items() if v != staging} == {}
