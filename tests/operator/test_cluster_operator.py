@@ -10,11 +10,13 @@ children by their ownerReferences. Tests wait for conditions by polling the API,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +32,8 @@ from tests.operator.kube import ControlPlane, Kube, OperatorProcess, operator_ru
 from tests.support.ports import free_port
 from tests.support.wait import eventually
 from wsgateway_operator.builders import CONFIG_HASH_ANNOTATION
+from wsgateway_operator.controller import Controller, OperatorConfig
+from wsgateway_operator.kube import KubeClient
 
 GW = "wsgateway.dev/v1alpha1"
 CHILDREN = (("v1", "configmaps", "{}-config"), ("apps/v1", "deployments", "{}"), ("v1", "services", "{}"),
@@ -538,3 +542,48 @@ async def test_conflict_is_retried(admin: Kube, operator_rbac: OperatorRbac, nat
         assert 'AlreadyExists: configmaps "gw-config" already exists' in op.output()
         assert op.running
     assert raced == ["gw-config"]
+
+
+# ------------------------------------------------------------------------------------- stopping
+
+
+@dataclass(frozen=True)
+class TokenLogin:
+    """What the operator's client takes from kopf's login: the server, a bearer token, the server's CA."""
+
+    server: str
+    token: str
+    tls: ssl.SSLContext
+
+    def as_http_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def as_ssl_context(self) -> ssl.SSLContext:
+        return self.tls
+
+
+async def test_stopping_lets_a_running_reconcile_finish(
+    admin: Kube, operator_rbac: OperatorRbac, nats_server: NatsProcess, control_plane: ControlPlane
+) -> None:
+    """kopf runs the operator's cleanup while a timer's reconcile may still be running (seen in CI: the
+    client closed under it, a RuntimeError traceback at every such stop). Stopping waits for the
+    running pass, then no pass starts any more."""
+    ns = operator_rbac.namespace
+    created = await admin.create(gw_path(ns), gateway(ns, "gw", nats_server.url))
+    meta = created["metadata"]
+    ctrl = Controller(OperatorConfig(nats_timeout=5.0, scrape_timeout=0.5))
+    ctrl.kube = KubeClient(TokenLogin(control_plane.server, operator_rbac.token, control_plane.ssl_context()))
+    args = {"name": "gw", "namespace": ns, "uid": meta["uid"], "generation": meta["generation"],
+            "spec": created["spec"], "status": None}
+    running = asyncio.create_task(ctrl.reconcile(**args, trigger="refresh"))
+    await eventually(lambda: ctrl._lock(meta["uid"]).locked(), what="the reconcile holding its lock")
+    await ctrl.close()
+    assert running.done()  # close() waited for it
+    result = running.result()  # and it ran to its end with the client open
+    assert result is not None and not result.applied.errors and result.nats_problem is None, result
+    assert await admin.get(child_path(ns, "apps/v1", "deployments", "gw")) is not None
+    assert ctrl.kube is None
+    assert await ctrl.reconcile(**args, trigger="refresh") is None  # a late timer tick: nothing
+    step = await ctrl.finalize(name="gw", namespace=ns, uid=meta["uid"], spec=created["spec"], annotations={},
+                               stream_shared_with=[])
+    assert step.pending and "stopping" in step.pending and not step.done
