@@ -8,8 +8,8 @@ KEDA and the Prometheus Operator are not available offline, so their CRDs are st
 version, kind and plural with an open schema (`x-kubernetes-preserve-unknown-fields`); what the operator
 sends is checked by tests/operator/test_builders.py, what the server does with it here. They live in a
 control plane of their own (this module's): in the session's shared one they would change API discovery
-for every other test (which expects KEDA to be missing), and removing CRDs again stalls the garbage
-collector's resync for up to its 30 s period.
+for every other test (test_cluster_operator.py expects KEDA to be missing), and removing them afterwards
+would change it again under that control plane's garbage collector and namespace controller.
 """
 
 from __future__ import annotations
