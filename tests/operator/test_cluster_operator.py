@@ -576,7 +576,9 @@ async def test_stopping_lets_a_running_reconcile_finish(
     args = {"name": "gw", "namespace": ns, "uid": meta["uid"], "generation": meta["generation"],
             "spec": created["spec"], "status": None}
     running = asyncio.create_task(ctrl.reconcile(**args, trigger="refresh"))
-    await eventually(lambda: ctrl._lock(meta["uid"]).locked(), what="the reconcile holding its lock")
+    # Polled at every turn of the loop: the task takes its lock at its first step and then holds it
+    # across many API calls, so this sees it in the middle of its pass, however fast the machine.
+    await eventually(lambda: ctrl._lock(meta["uid"]).locked(), what="the reconcile holding its lock", interval=0)
     await ctrl.close()
     assert running.done()  # close() waited for it
     result = running.result()  # and it ran to its end with the client open
