@@ -10,15 +10,17 @@ what the chart grants in the namespaces it serves, nothing elsewhere, never Secr
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from tests.operator.conftest import CRD_NAMES
-from tests.operator.kube import CHART, ControlPlane, Helm, Kube, path
+from tests.operator.kube import CHART, ControlPlane, Helm, Kube, k8s_bin_dir, path
 
 RBAC = "rbac.authorization.k8s.io/v1"
 
@@ -168,3 +170,20 @@ def test_staging_modules_are_the_pinned_release() -> None:
     replaced = {r[0]: r[3] for r in replaces if r[0].startswith("k8s.io/")}
     assert len(replaced) > 20, replaced  # kube-apiserver and kube-controller-manager need about 30
     assert {m: v for m, v in replaced.items() if v != staging} == {}
+
+
+def test_the_control_plane_starts_again_when_its_port_was_taken(tmp_path: Path) -> None:
+    """`free_port` can only say that a port was free: another process may bind it first. The control
+    plane then starts again on other ports instead of failing the whole session."""
+    cp = ControlPlane(k8s_bin_dir(), tmp_path)
+    taken = cp.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        cp.start(controller_manager=False)
+        try:
+            assert cp.attempt == 2 and cp.port != taken
+            with cp.sync_client() as http:
+                assert http.get("/readyz").status_code == 200
+        finally:
+            cp.stop()
