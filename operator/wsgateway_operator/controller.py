@@ -137,6 +137,7 @@ class Controller:
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
         self.kube: KubeClient | None = None
+        self.closing = False  # set by close(): no reconcile or finalizer pass starts any more
         self._locks: dict[str, asyncio.Lock] = {}
         self._api_cache: dict[str, tuple[float, bool]] = {}
         self.metrics = OperatorMetrics()
@@ -151,6 +152,18 @@ class Controller:
         self._locks.pop(uid, None)
         if namespace is not None and name is not None:
             self.metrics.forget(namespace, name)
+
+    async def close(self) -> None:
+        """Stop (kopf's cleanup): no reconcile or finalizer pass starts any more, the ones running end,
+        then the client is closed. kopf runs its cleanup while a timer's reconcile may still be running
+        (and may start one after it): closing the client under it failed that reconcile."""
+        self.closing = True
+        for lock in list(self._locks.values()):
+            async with lock:  # every pass holds its gateway's lock; later ones see `closing`
+                pass
+        if self.kube is not None:
+            await self.kube.aclose()
+            self.kube = None
 
     @property
     def api(self) -> KubeClient:
@@ -259,7 +272,7 @@ class Controller:
         is counted in the operator's metrics (`trigger`: change or refresh).
         """
         async with self._lock(uid):
-            if deleting():
+            if deleting() or self.closing:
                 return None
             started = time.perf_counter()
             try:
@@ -349,6 +362,8 @@ class Controller:
         pods would re-create their consumers), wait until the pods are gone (they drain their clients),
         then clean JetStream. Returns what is still pending, if anything (the handler retries)."""
         async with self._lock(uid):
+            if self.closing:
+                return FinalizeStep(pending="the operator is stopping; its next start finishes the deletion")
             return await self._finalize(name, namespace, uid, spec, annotations, stream_shared_with)
 
     async def _finalize(

@@ -96,9 +96,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
 
     @kopf.on.cleanup(registry=registry, id="close")
     async def close(**_: Any) -> None:
-        if ctrl.kube is not None:
-            await ctrl.kube.aclose()
-            ctrl.kube = None
+        await ctrl.close()
         while metrics_server:
             await metrics_server.pop().cleanup()
 
@@ -109,7 +107,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig | None = No
         return {_stream_key(dict(spec)): f"{namespace}/{name}"}
 
     async def reconcile(body: kopf.Body, patch: kopf.Patch, trigger: str) -> ReconcileResult | None:
-        if ctrl.kube is None:  # the operator is stopping (a late timer tick after cleanup)
+        if ctrl.closing:  # the operator is stopping (a late timer tick after cleanup)
             return None
         meta = body.metadata
         result = await ctrl.reconcile(

@@ -7,9 +7,9 @@ CRDs, then kube-controller-manager), `admin` (an async cluster-admin client), `n
 operator's ServiceAccount, its Role and a kubeconfig holding a TokenRequest token of that account).
 
 The emulated API server (kmock, tests/operator/emulator.py) for the fault-injection tests that remain:
-`api`, a kubeconfig pointing at it, the operator running under kopf.testing.KopfRunner, and polling
-helpers. NATS is a real nats-server (the shared `nats_server` fixture of tests/conftest.py, or a
-NatsProcess the test controls)."""
+`api`, a kubeconfig pointing at it, and the operator running under kopf.testing.KopfRunner. Tests wait
+with tests/support/wait.py. NATS is a real nats-server (the `nats_server` fixture of tests/conftest.py,
+or a NatsProcess the test controls)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,7 @@ from kopf.testing import KopfRunner
 
 from tests.operator.emulator import GATEWAYS, ApiServer, parse_path_with_namespaces
 from tests.operator.kube import CHART, ControlPlane, Helm, Kube, k8s_bin_dir, path
-from tests.support.wait import HANG_S, eventually_sync
-from tests.support.wait import eventually as _eventually
+from tests.support.wait import eventually_sync
 from wsgateway_operator.controller import OperatorConfig
 from wsgateway_operator.handlers import register
 
@@ -64,16 +63,6 @@ CORE = {
                                  verbs={"get", "list", "watch", "create", "patch", "delete"},
                                  subresources={"status"}),
 }
-MONITORING = {
-    "monitoring.coreos.com/v1/servicemonitors": kmock.ResourceInfo(
-        kind="ServiceMonitor", namespaced=True, verbs={"get", "create", "patch", "delete"}),
-    "monitoring.coreos.com/v1/prometheusrules": kmock.ResourceInfo(
-        kind="PrometheusRule", namespaced=True, verbs={"get", "create", "patch", "delete"}),
-}
-KEDA = {
-    "keda.sh/v1alpha1/scaledobjects": kmock.ResourceInfo(
-        kind="ScaledObject", namespaced=True, verbs={"get", "create", "patch", "delete"}),
-}
 
 
 @pytest.fixture
@@ -96,11 +85,6 @@ async def api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[
         yield server
 
 
-def declare(server: ApiServer, resources: dict[str, kmock.ResourceInfo]) -> None:
-    for key, info in resources.items():
-        server.resources[key] = info
-
-
 @contextlib.asynccontextmanager
 async def running_operator(config: OperatorConfig = FAST) -> AsyncIterator[KopfRunner]:
     """The operator (our registry, kopf's CLI `run`) in a thread; the test's loop keeps serving the API."""
@@ -114,16 +98,6 @@ async def running_operator(config: OperatorConfig = FAST) -> AsyncIterator[KopfR
         await asyncio.to_thread(runner.__exit__, None, None, None)
         if os.environ.get("WSGATEWAY_TEST_OPERATOR_LOG"):  # debugging aid: the operator's whole log
             print(runner.output)
-
-
-# The suite's one waiting helper (tests/support/wait.py), with what the emulator's state reads raise while an
-# object or a field does not exist yet counted as "not yet".
-NOT_YET = (KeyError, IndexError, TypeError, AssertionError)
-
-
-async def eventually(check: Callable[[], Any], *, what: str, timeout: float = HANG_S) -> Any:
-    """`tests.support.wait.eventually` with NOT_YET ignored: poll `check` until it returns something truthy."""
-    return await _eventually(check, what=what, timeout=timeout, ignore=NOT_YET)
 
 
 class Client:
@@ -210,7 +184,7 @@ def control_plane(api_server: ControlPlane, helm_cli: Helm) -> ControlPlane:
     helm_cli.run("install", OPERATOR_RELEASE, str(CHART), "-n", OPERATOR_RELEASE_NS, "--create-namespace",
                  check=True)
     eventually_sync(lambda: all(_crds_established(api_server).values()), what="the chart's CRDs established",
-                    info=lambda: f"established: {_crds_established(api_server)}")
+                    info=lambda: str(_crds_established(api_server)))
     api_server.start_controller_manager()
     return api_server
 
@@ -252,6 +226,12 @@ async def operator_rbac(helm_cli: Helm, control_plane: ControlPlane, admin: Kube
     fullname = f"{release}-wsgateway-operator"
     await asyncio.to_thread(helm_cli.run, "install", release, str(CHART), "-n", namespace,
                             check=True)
+    # The authoriser sees the new Role and bindings through its informers: the operator starts once it
+    # is allowed to watch its resources (what kopf does first), not while its first calls could be refused.
+    user = f"system:serviceaccount:{namespace}:{fullname}"
+    await admin.until_allowed(user, "watch", "customresourcedefinitions", None, "apiextensions.k8s.io")
+    await admin.until_allowed(user, "watch", "websocketgateways", namespace, "wsgateway.dev")
+    await admin.until_allowed(user, "create", "deployments", namespace, "apps")
     token = await admin.token(namespace, fullname)
     config = control_plane.token_kubeconfig(token, tmp_path / "operator.kubeconfig")
     yield OperatorRbac(namespace, release, fullname, fullname, config, token)

@@ -51,7 +51,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.devtools.natsproc import die_with_parent
 from tests.support.ports import free_port
-from tests.support.wait import eventually_sync
+from tests.support.wait import eventually, eventually_sync
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-k8s.sh"
@@ -205,6 +205,10 @@ class Process:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
 
+    def lost_its_port(self) -> bool:
+        """Whether it exited because another process took one of its ports first (see `free_port`)."""
+        return self.proc.poll() is not None and "address already in use" in self.tail(200)
+
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -233,22 +237,40 @@ class ControlPlane:
         self.bin_dir = bin_dir
         self.workdir = workdir
         self.pki = Pki(workdir / "pki")
-        self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
         self.procs: list[Process] = []
         self.admin_cert = self.pki.issue("admin", "wsgateway-test-admin", org="system:masters")
         self.admin_kubeconfig = workdir / "admin.kubeconfig"
-        self.admin_kubeconfig.write_text(kubeconfig(self.server, self.pki.ca_pem, user=_cert_user(*self.admin_cert)))
+        self.attempt = 0
+        self._choose_port()
         self.version: dict[str, Any] = {}
+
+    def _choose_port(self) -> None:
+        self.port = free_port()
+        self.server = f"https://127.0.0.1:{self.port}"
+        self.admin_kubeconfig.write_text(kubeconfig(self.server, self.pki.ca_pem, user=_cert_user(*self.admin_cert)))
 
     def binary(self, name: str) -> str:
         return str(self.bin_dir / name)
 
     def start(self, *, controller_manager: bool = True) -> ControlPlane:
-        """etcd and kube-apiserver, then (unless told not to) kube-controller-manager."""
+        """etcd and kube-apiserver, then (unless told not to) kube-controller-manager.
+
+        Their ports come from `free_port`, which only says a port was free a moment ago: on a busy machine
+        another process (an outgoing connection, too) can take it first. Then the one that lost its port
+        exits with "address already in use", and both start again on other ports (at most three times)."""
         try:
-            self._start_etcd()
-            self._start_apiserver()
+            for attempt in range(1, 4):
+                self.attempt = attempt
+                try:
+                    self._start_etcd()
+                    self._start_apiserver()
+                    break
+                except RuntimeError:
+                    lost = any(p.lost_its_port() for p in self.procs)
+                    self.stop()
+                    if not lost or attempt == 3:
+                        raise
+                    self._choose_port()
             if controller_manager:
                 self.start_controller_manager()
         except BaseException:
@@ -271,7 +293,7 @@ class ControlPlane:
         client, peer = free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{client}"
         etcd = Process("etcd", [
-            self.binary("etcd"), "--name", "test", "--data-dir", str(self.workdir / "etcd"),
+            self.binary("etcd"), "--name", "test", "--data-dir", str(self.workdir / f"etcd-{self.attempt}"),
             "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
@@ -461,6 +483,29 @@ class Kube:
     async def delete(self, url: str, *, propagation: str = "Background") -> bool:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
         return await self.call("DELETE", url, body=body, missing_ok=True) is not None
+
+    async def allowed(self, user: str, verb: str, resource: str, namespace: str | None = None,
+                      group: str = "") -> bool:
+        """The API server's authoriser (RBAC, a SubjectAccessReview): may this service account user do it?
+
+        RBAC objects reach the authoriser through its informers, asynchronously: after a write of a
+        Role or binding, wait for the answer with `until_allowed`, never read it once."""
+        attributes: dict[str, Any] = {"verb": verb, "resource": resource, "group": group}
+        if namespace:
+            attributes["namespace"] = namespace
+        review = await self.create("/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": user, "groups": ["system:serviceaccounts"], "resourceAttributes": attributes}})
+        return bool(review["status"].get("allowed"))
+
+    async def until_allowed(self, user: str, verb: str, resource: str, namespace: str | None = None,
+                            group: str = "", *, allowed: bool = True) -> None:
+        """Wait until the authoriser's answer is `allowed` (a grant or a removal has taken effect)."""
+        async def answered() -> bool:
+            return await self.allowed(user, verb, resource, namespace, group) is allowed
+
+        await eventually(answered, what=f"the authoriser to {'allow' if allowed else 'refuse'} {user}: "
+                                        f"{verb} {group or 'core'}/{resource} in {namespace or 'the cluster'}")
 
     async def token(self, namespace: str, service_account: str, seconds: int = 3600) -> str:
         """A token of the ServiceAccount from the TokenRequest API."""

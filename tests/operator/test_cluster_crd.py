@@ -20,6 +20,7 @@ from tests.operator.kube import CHART, ApiFailure, Kube, path
 from tests.operator.test_crd import _DELETE, CEL_CASES, INVALID, SAMPLES, _with
 from wsgateway_operator.crd import build_crd
 from wsgateway_operator.spec import (
+    CEL_RULES,
     RULE_NAME,
     RULE_STORAGE_IMMUTABLE,
     RULE_STREAM_NAME_IMMUTABLE,
@@ -127,8 +128,34 @@ async def test_schema_violations_are_refused_by_the_server(admin: Kube, namespac
     if keyword == "required":
         missing = f"spec.{field}" if value is _DELETE else f"{where}.name"
         assert missing in fields and "Required value" in error.message, error
-    else:
-        assert _server_field(where) in fields, (fields, error.message)
+        return
+    # Refused at that field for that keyword, with the bound the CRD's schema sets.
+    causes = [c for c in error.causes if c.get("field") == _server_field(where)]
+    assert causes, (fields, error.message)
+    expected = _server_message(keyword, _schema_at(where))
+    assert any(expected in c["message"] for c in causes), (expected, causes)
+
+
+def _schema_at(where: str) -> dict[str, Any]:
+    """The CRD's schema node at a JSON Schema error path (spec.nats.urls.0: the items of spec.nats.urls)."""
+    node: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for part in where.split("."):
+        node = node["items"] if part.isdigit() else node["properties"][part]
+    return node
+
+
+def _server_message(keyword: str, schema: dict[str, Any]) -> str:
+    """How the API server words a violation of this keyword of `schema` (k8s.io/kube-openapi's validate)."""
+    value = schema[keyword]
+    if keyword == "enum":
+        return "supported values: " + ", ".join(f'"{v}"' for v in value)
+    return {
+        "minimum": f"should be greater than or equal to {value}",
+        "maximum": f"should be less than or equal to {value}",
+        "minItems": f"should have at least {value} items",
+        "pattern": f"should match '{value}'",
+        "type": f"must be of type {value}",
+    }[keyword]
 
 
 async def test_unknown_fields_are_pruned_without_strict_validation(admin: Kube, namespace: str) -> None:
@@ -183,6 +210,18 @@ async def test_transition_rules_make_the_stream_immutable(admin: Kube, namespace
     # A status write through the main resource is ignored (status subresource): the generation stays.
     unchanged = await admin.patch(url, {"status": {"replicas": 5}})
     assert "status" not in unchanged and unchanged["metadata"]["generation"] == 2
+
+
+def test_every_cel_rule_is_enforced_by_the_server() -> None:
+    """Each x-kubernetes-validations rule of the CRD has a case above that the server must refuse with
+    its message: a new rule without one fails here."""
+    def key(rule: dict[str, str]) -> tuple[str, str]:
+        return rule["rule"], rule["message"]
+
+    refused_here = ({key(rule) for rule, _, _, ok in CEL_CASES if not ok}  # test_cel_rules_are_evaluated_...
+                    | {key(RULE_NAME)}  # test_the_name_rule
+                    | {key(RULE_STREAM_NAME_IMMUTABLE), key(RULE_STORAGE_IMMUTABLE)})  # test_transition_rules_...
+    assert refused_here == {key(rule) for rule in CEL_RULES}
 
 
 def _without_bounds(node: Any) -> Any:

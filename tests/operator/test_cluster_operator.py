@@ -10,11 +10,13 @@ children by their ownerReferences. Tests wait for conditions by polling the API,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import functools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +32,8 @@ from tests.operator.kube import ControlPlane, Kube, OperatorProcess, operator_ru
 from tests.support.ports import free_port
 from tests.support.wait import eventually
 from wsgateway_operator.builders import CONFIG_HASH_ANNOTATION
+from wsgateway_operator.controller import Controller, OperatorConfig
+from wsgateway_operator.kube import KubeClient
 
 GW = "wsgateway.dev/v1alpha1"
 CHILDREN = (("v1", "configmaps", "{}-config"), ("apps/v1", "deployments", "{}"), ("v1", "services", "{}"),
@@ -173,8 +177,8 @@ async def test_reconcile_rollout_drift_restart_and_deletion(
         gw = await when_condition(admin, ns, "gw", "Ready", "False", "NoReadyPods")
         assert "0 of 2 pods are ready; 2 Pending" in condition(gw, "Ready")["message"]
         assert gw["status"]["replicas"] == 2 and gw["status"]["readyReplicas"] == 0
-        applied = [e for e in await events_of(admin, ns, uid) if e["reason"] == "Applied"]
-        assert applied and "created Deployment/gw" in applied[0]["message"]
+        # kopf posts Events in the background, and a list returns them by name (generated, not in order).
+        await eventually(lambda: _applied(admin, ns, uid, "created Deployment/gw"), what="the Applied Event")
 
         # --- a reconcile that finds nothing to do writes nothing ---
         quiet = {plural: (await admin.get(child_path(ns, v, plural, n.format("gw"))) or {})["metadata"][
@@ -261,6 +265,10 @@ async def test_reconcile_rollout_drift_restart_and_deletion(
             "kept stream EVENTS and ACL bucket wsgateway-acl (deletionPolicy Retain)"}), what="the Deleting events")
     assert await consumer_count(nats_server.url) == 0
     assert await stream_names(nats_server.url) == ["EVENTS", "KV_wsgateway-acl", "KV_wsgateway-presence"]  # Retain
+
+
+async def _applied(admin: Kube, namespace: str, uid: str, text: str) -> bool:
+    return any(e["reason"] == "Applied" and text in e["message"] for e in await events_of(admin, namespace, uid))
 
 
 async def warned(admin: Kube, namespace: str, uid: str, reason: str, text: str) -> bool:
@@ -367,6 +375,10 @@ async def test_forbidden_calls_and_other_problems_are_reported(
     without_pdb = [r for r in rules if "poddisruptionbudgets" not in r["resources"]]
     assert len(without_pdb) == len(rules) - 1
     await admin.patch(role_url, {"rules": without_pdb})
+    user = f"system:serviceaccount:{ns}:{operator_rbac.service_account}"
+    # The authoriser sees the changed Role through its informers: wait until it refuses, or the operator
+    # could still be allowed its first PodDisruptionBudget.
+    await admin.until_allowed(user, "get", "poddisruptionbudgets", ns, "policy", allowed=False)
     foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gw2", "namespace": ns},
                "spec": {"ports": [{"port": 1}]}}
     await admin.create(path("v1", "services", ns), foreign)
@@ -374,7 +386,6 @@ async def test_forbidden_calls_and_other_problems_are_reported(
         created = await admin.create(gw_path(ns), gateway(ns, "gw", nats_server.url))
         gw = await when_condition(admin, ns, "gw", "Degraded", "True", "ChildrenNotApplied")
         message = condition(gw, "Degraded")["message"]
-        user = f"system:serviceaccount:{ns}:{operator_rbac.service_account}"
         assert "Forbidden" in message and f'User "{user}" cannot get resource "poddisruptionbudgets"' in message
         for api_version, plural, name in CHILDREN:  # everything else is in place
             if plural != "poddisruptionbudgets":
@@ -531,3 +542,50 @@ async def test_conflict_is_retried(admin: Kube, operator_rbac: OperatorRbac, nat
         assert 'AlreadyExists: configmaps "gw-config" already exists' in op.output()
         assert op.running
     assert raced == ["gw-config"]
+
+
+# ------------------------------------------------------------------------------------- stopping
+
+
+@dataclass(frozen=True)
+class TokenLogin:
+    """What the operator's client takes from kopf's login: the server, a bearer token, the server's CA."""
+
+    server: str
+    token: str
+    tls: ssl.SSLContext
+
+    def as_http_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def as_ssl_context(self) -> ssl.SSLContext:
+        return self.tls
+
+
+async def test_stopping_lets_a_running_reconcile_finish(
+    admin: Kube, operator_rbac: OperatorRbac, nats_server: NatsProcess, control_plane: ControlPlane
+) -> None:
+    """kopf runs the operator's cleanup while a timer's reconcile may still be running (seen in CI: the
+    client closed under it, a RuntimeError traceback at every such stop). Stopping waits for the
+    running pass, then no pass starts any more."""
+    ns = operator_rbac.namespace
+    created = await admin.create(gw_path(ns), gateway(ns, "gw", nats_server.url))
+    meta = created["metadata"]
+    ctrl = Controller(OperatorConfig(nats_timeout=5.0, scrape_timeout=0.5))
+    ctrl.kube = KubeClient(TokenLogin(control_plane.server, operator_rbac.token, control_plane.ssl_context()))
+    args = {"name": "gw", "namespace": ns, "uid": meta["uid"], "generation": meta["generation"],
+            "spec": created["spec"], "status": None}
+    running = asyncio.create_task(ctrl.reconcile(**args, trigger="refresh"))
+    # Polled at every turn of the loop: the task takes its lock at its first step and then holds it
+    # across many API calls, so this sees it in the middle of its pass, however fast the machine.
+    await eventually(lambda: ctrl._lock(meta["uid"]).locked(), what="the reconcile holding its lock", interval=0)
+    await ctrl.close()
+    assert running.done()  # close() waited for it
+    result = running.result()  # and it ran to its end with the client open
+    assert result is not None and not result.applied.errors and result.nats_problem is None, result
+    assert await admin.get(child_path(ns, "apps/v1", "deployments", "gw")) is not None
+    assert ctrl.kube is None
+    assert await ctrl.reconcile(**args, trigger="refresh") is None  # a late timer tick: nothing
+    step = await ctrl.finalize(name="gw", namespace=ns, uid=meta["uid"], spec=created["spec"], annotations={},
+                               stream_shared_with=[])
+    assert step.pending and "stopping" in step.pending and not step.done

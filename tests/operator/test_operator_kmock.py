@@ -2,16 +2,15 @@
 emulated API server (kmock, tests/operator/emulator.py) and a real nats-server: only what a real control
 plane cannot show. Everything else the operator does -- children and ownerReferences, the status
 subresource, rollouts, drift, restarts, RBAC, 403/409 handling, NATS down and back, the finalizer with
-Retain and Delete, shared streams, garbage collection -- is tested against real etcd, kube-apiserver and
-kube-controller-manager in test_cluster_operator.py (and test_cluster_crd.py, test_cluster_chart.py).
+Retain and Delete, shared streams, garbage collection, the KEDA and Prometheus Operator objects -- is tested
+against real etcd, kube-apiserver and kube-controller-manager in test_cluster_operator.py (and
+test_cluster_optional_apis.py, test_cluster_crd.py, test_cluster_chart.py).
 
 Kept here, and why (fault injection the real control plane cannot do):
 
 * test_status_counts_connections_of_ready_pods -- ready pods whose /metrics answer (and one that does not)
   need a kubelet running them; the test control plane has none (its pods stay Pending). Here the test
   writes the pods and the Deployment's status as the kubelet and the Deployment controller would.
-* test_keda_and_monitoring -- the KEDA and Prometheus Operator APIs; their CRDs are not available offline,
-  and stand-in CRDs in the shared control plane would change API discovery for every other test.
 * test_invalid_spec_that_bypassed_validation -- a resource the CRD's schema and CEL rules forbid, as it
   would reach the operator from an API server that does not enforce them; the real server refuses it.
 
@@ -29,15 +28,12 @@ from prometheus_client import CollectorRegistry
 
 from gateway.devtools.natsproc import NatsProcess
 from gateway.metrics import Metrics
-from tests.operator.conftest import KEDA, MONITORING, NAMESPACE, Client, declare, eventually, running_operator
+from tests.operator.conftest import NAMESPACE, Client, running_operator
 from tests.operator.emulator import GATEWAYS, ApiServer
+from tests.support.wait import eventually
 
 DEPLOYMENTS = "apps/v1/deployments"
-HPAS = "autoscaling/v2/horizontalpodautoscalers"
 PODS = "v1/pods"
-SCALEDOBJECTS = "keda.sh/v1alpha1/scaledobjects"
-SERVICEMONITORS = "monitoring.coreos.com/v1/servicemonitors"
-PROMETHEUSRULES = "monitoring.coreos.com/v1/prometheusrules"
 
 
 def gateway(name: str, nats_url: str, **spec: Any) -> dict[str, Any]:
@@ -118,25 +114,6 @@ async def test_status_counts_connections_of_ready_pods(api: ApiServer, kubectl: 
         assert "7 connections" in condition(api, "gw", "Ready")[2]  # type: ignore[index]
         assert is_condition(api, "gw", "Degraded", "True", "MetricsUnavailable")
         assert "gw-1-c" in condition(api, "gw", "Degraded")[2]  # type: ignore[index]
-
-
-async def test_keda_and_monitoring(api: ApiServer, kubectl: Client, nats_server: NatsProcess) -> None:
-    """With KEDA and the Prometheus Operator installed: a ScaledObject instead of the HPA, a ServiceMonitor
-    and a PrometheusRule; switching the spec back replaces/removes them."""
-    declare(api, {**KEDA, **MONITORING})
-    async with running_operator():
-        await kubectl.create(GATEWAYS, gateway("gw", nats_server.url, autoscaling={
-            "mode": "keda", "prometheusAddress": "http://prometheus:9090"}))
-        await eventually(lambda: api.get_object(SCALEDOBJECTS, NAMESPACE, "gw"), what="ScaledObject")
-        await eventually(lambda: api.get_object(PROMETHEUSRULES, NAMESPACE, "gw"), what="PrometheusRule")
-        assert api.get_object(SERVICEMONITORS, NAMESPACE, "gw") is not None
-        assert api.get_object(HPAS, NAMESPACE, "gw") is None
-        await kubectl.patch(GATEWAYS, NAMESPACE, "gw", {"spec": {
-            "autoscaling": {"mode": "hpa", "prometheusAddress": None}, "observability": {"prometheusRule": False}}})
-        await eventually(lambda: api.get_object(HPAS, NAMESPACE, "gw"), what="HPA")
-        await eventually(lambda: api.get_object(SCALEDOBJECTS, NAMESPACE, "gw") is None, what="ScaledObject gone")
-        await eventually(lambda: api.get_object(PROMETHEUSRULES, NAMESPACE, "gw") is None, what="rule gone")
-        assert api.get_object(SERVICEMONITORS, NAMESPACE, "gw") is not None
 
 
 async def test_invalid_spec_that_bypassed_validation(api: ApiServer, kubectl: Client, nats_server: NatsProcess) -> None:

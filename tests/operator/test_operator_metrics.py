@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.devtools.natsproc import NatsProcess
-from tests.operator.conftest import FAST, NAMESPACE, Client, eventually, running_operator
+from tests.operator.conftest import FAST, NAMESPACE, Client, running_operator
 from tests.operator.emulator import GATEWAYS, ApiServer
 from tests.operator.test_operator_kmock import (
     PODS,
@@ -34,6 +35,7 @@ from tests.operator.test_operator_kmock import (
 )
 from tests.support.ports import free_port
 from tests.support.promql import queried_metrics
+from tests.support.wait import eventually
 from wsgateway_operator.metrics import (
     CONDITION_TYPES,
     ERROR_REASONS,
@@ -83,16 +85,18 @@ async def test_operator_metrics_over_http(api: ApiServer, kubectl: Client, nats_
             await eventually(lambda: is_condition(api, "gw", "Ready", "True", "Serving"), what="gw Ready")
             await eventually(lambda: is_condition(api, "offline", "NatsReady", "False"), what="offline")
             await eventually(lambda: is_condition(api, "broken", "Ready", "False", "InvalidSpec"), what="broken")
-
-            async def refreshed() -> bool:  # a periodic refresh of each (resync 1 s)
-                _, now = await scrape(port)
-                return all(value(now, "wsgateway_operator_reconciles_total", namespace=NAMESPACE, gateway=name,
-                                 trigger="refresh") >= 1 for name in ("gw", "broken", "offline"))
-
-            await eventually(refreshed, what="a periodic refresh of each gateway")
-            text, samples = await scrape(port)
-
             gw = {"namespace": NAMESPACE, "gateway": "gw"}
+
+            async def refreshed() -> tuple[str, Samples] | None:
+                """A scrape after gw's first successful periodic refresh (resync 1 s)."""
+                text, samples = await scrape(port)
+                done = value(samples, "wsgateway_operator_reconciles_total", **gw, trigger="refresh",
+                             outcome="success")
+                return (text, samples) if done >= 1 else None
+
+            scraped = await eventually(refreshed, what="a periodic refresh of gw")
+            assert scraped is not None
+            text, samples = scraped
             for trigger in TRIGGERS:
                 assert value(samples, "wsgateway_operator_reconciles_total", **gw, trigger=trigger,
                              outcome="success") >= 1, trigger
@@ -184,16 +188,20 @@ async def test_wsgateway_operator_command_serves_metrics(
         await kubectl.create(GATEWAYS, gateway("gw", nats_server.url))
         await eventually(lambda: is_condition(api, "gw", "NatsReady", "True"), timeout=30, what="NatsReady")
 
-        async def reconciled() -> bool:
+        async def reconciled() -> float:
             try:
                 _, samples = await scrape(port)
             except httpx.HTTPError:
-                return False
-            return value(samples, "wsgateway_operator_reconciles_total", gateway="gw", outcome="success") >= 1
+                return 0
+            return value(samples, "wsgateway_operator_reconciles_total", gateway="gw", outcome="success")
 
-        await eventually(reconciled, what="a successful reconcile counted on the operator's /metrics")
+        await eventually(lambda: _at_least(reconciled(), 1), what="a successful reconcile on /metrics")
     finally:
         proc.terminate()
         output, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, output.decode()[-2000:]
     assert f"serving the operator's metrics on http://127.0.0.1:{port}/metrics" in output.decode()
+
+
+async def _at_least(value: Awaitable[float], n: float) -> bool:
+    return await value >= n
