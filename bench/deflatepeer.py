@@ -67,10 +67,22 @@ def log(msg: str) -> None:
     fanout.log(msg)
 
 
+# The CPU readings of a step must span its window: when this driver, starved on a busy machine, read them
+# late, the CPU figures of the step are left out (the bytes, counted by the load clients, stay).
+SKEW = 0.2
+
+
+def skewed(st: fanout.Step) -> bool:
+    return abs(st.cpu_wall_s - st.window_s) > SKEW * st.window_s
+
+
 def figures(st: fanout.Step) -> dict[str, float]:
     n = st.samples or float("nan")
+    nan = float("nan")
+    cpu_ok = not skewed(st)
     return {
-        "cpu_us": st.cpu_us_per_delivery, "user_us": st.user_us_per_delivery, "sys_us": st.sys_us_per_delivery,
+        "cpu_us": st.cpu_us_per_delivery if cpu_ok else nan, "user_us": st.user_us_per_delivery if cpu_ok else nan,
+        "sys_us": st.sys_us_per_delivery if cpu_ok else nan,
         "wire_b": st.wire_bytes / n, "payload_b": st.payload_bytes / n, "frames": st.frames / n,
         "compressed_pct": 100 * st.compressed_frames / st.frames if st.frames else float("nan"),
         "achieved": st.achieved, "p99_ms": st.p99, "other_cpu": st.other_cpu,
@@ -127,6 +139,11 @@ def med(values: list[float]) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
+def skewed_row(r: dict[str, Any]) -> bool:
+    st = r["step"]
+    return bool(abs(st["cpu_wall_s"] - st["window_s"]) > SKEW * st["window_s"])
+
+
 def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, Any]:
     groups: list[dict[str, Any]] = []
     for payload in a.payloads:
@@ -144,6 +161,8 @@ def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, An
                     "median": {k: med([r["figures"][k] for r in mine]) for k, _, _ in FIGURES},
                     "per_round": {k: [r["figures"][k] for r in mine] for k, _, _ in FIGURES},
                     "rss_kib_per_conn": med([r["rss_kib_per_conn"] for r in mine if r["rss_kib_per_conn"] is not None]),
+                    "cpu_skewed_rounds": sum(skewed_row(r) for r in mine),
+                    "behind_rounds": sum(r["figures"]["achieved"] < 0.95 * a.rate for r in mine),
                 })
     ratios = []
     for payload in a.payloads:
@@ -172,7 +191,8 @@ def print_report(summary: dict[str, Any], a: argparse.Namespace, code: str) -> N
           f"{pubload.ENVELOPE_BYTES}-byte events; gateway at {code}; both servers zlib level 1 on every message. "
           "Bytes = what the load clients received in the window (WebSocket frames, headers and control frames "
           "included, TCP/IP headers not) per delivery.\n")
-    head = ["payload", "server", "mode", *(label for _, label, _ in FIGURES), "RSS KiB/conn", "negotiated"]
+    head = ["payload", "server", "mode", *(label for _, label, _ in FIGURES), "RSS KiB/conn", "behind / skewed",
+            "negotiated"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for g in summary["groups"]:
@@ -183,8 +203,13 @@ def print_report(summary: dict[str, Any], a: argparse.Namespace, code: str) -> N
             cells.append(("n/a" if v != v else f"**{form.format(v)}**") + (f" ({per})" if key in ("cpu_us", "wire_b")
                                                                           and len(g["runs"]) > 1 else ""))
         cells.append(f"{g['rss_kib_per_conn']:.1f}")
+        cells.append(f"{g['behind_rounds']} / {g['cpu_skewed_rounds']}")
         cells.append("; ".join(f"`{k or '(none)'}` x{v:,}" for k, v in g["negotiated"].items()))
         print("| " + " | ".join(cells) + " |")
+    print(f"\nbehind = rounds in which the server delivered < 95% of {a.rate:,}/s (it fell behind: its CPU per "
+          "delivery is then at bigger batches); skewed = rounds whose CPU readings did not span the window (this "
+          f"driver ran late by > {SKEW:.0%}: their CPU figures are left out). other% = busy CPU outside the "
+          "benchmark's processes (other tenants), % of one core.")
     print("\n| payload | ratio of medians | server CPU per delivery | bytes per delivery |")
     print("|---|---|---|---|")
     for r in summary["ratios"]:

@@ -396,6 +396,7 @@ class Step:
     gw_lag: float = 0.0
     samples: int = 0
     window_s: float = 0.0
+    cpu_wall_s: float = 0.0  # wall time between the CPU readings (window_s unless this driver ran late)
     server_cpu: float = 0.0
     nats_cpu: float = 0.0
     clients_cpu: float = 0.0
@@ -652,6 +653,7 @@ class Bench:
                                a.profile_native)
         time.sleep(max(0.0, w1 - time.time()))
         wall = time.monotonic() - wall0
+        st.cpu_wall_s = wall
         cpu1 = {k: (tree_cpu_seconds if k == "server" else cpu_seconds)(p) for k, p in pids.items()}
         us1 = tree_cpu_times(server.pid)
         cl1 = sum(cpu_seconds(p) for p in ch.client_pids)
