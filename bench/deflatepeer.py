@@ -44,13 +44,15 @@ if str(BENCH_DIR) not in sys.path:
 import fanout  # noqa: E402
 import peers  # noqa: E402
 import pubload  # noqa: E402
-from benchutil import tree_rss_kib  # noqa: E402
+from benchutil import tree_cpu_times, tree_rss_kib  # noqa: E402
 
 SERVERS = ("gateway", "centrifugo1", "centrifugo")
 LABELS = {"gateway": "gateway", "centrifugo1": "Centrifugo GOMAXPROCS=1", "centrifugo": "Centrifugo"}
 # (key, label, format) of the figures per server, mode and payload
 FIGURES = (
-    ("cpu_us", "server CPU µs/delivery", "{:.2f}"),
+    ("step_cpu_us", "server CPU µs/delivery, whole step", "{:.2f}"),
+    ("step_user_us", "of it user µs", "{:.2f}"),
+    ("cpu_us", "server CPU µs/delivery, window", "{:.2f}"),
     ("user_us", "user µs", "{:.2f}"),
     ("sys_us", "sys µs", "{:.2f}"),
     ("wire_b", "bytes/delivery received", "{:.1f}"),
@@ -70,17 +72,22 @@ def log(msg: str) -> None:
 # The CPU readings of a step must span its window: when this driver, starved on a busy machine, read them
 # late, the CPU figures of the step are left out (the bytes, counted by the load clients, stay).
 SKEW = 0.2
+DRAIN_S = 20.0  # at most, for the clients to stop receiving before and after a step
 
 
 def skewed(st: fanout.Step) -> bool:
     return abs(st.cpu_wall_s - st.window_s) > SKEW * st.window_s
 
 
-def figures(st: fanout.Step) -> dict[str, float]:
+def figures(st: fanout.Step, whole: tuple[float, float, int]) -> dict[str, float]:
+    """The step's figures; `whole`: (user, system) CPU seconds of the server and deliveries over the whole step."""
     n = st.samples or float("nan")
     nan = float("nan")
     cpu_ok = not skewed(st)
+    user, system, delivered = whole
     return {
+        "step_cpu_us": (user + system) * 1e6 / delivered if delivered else nan,
+        "step_user_us": user * 1e6 / delivered if delivered else nan,
         "cpu_us": st.cpu_us_per_delivery if cpu_ok else nan, "user_us": st.user_us_per_delivery if cpu_ok else nan,
         "sys_us": st.sys_us_per_delivery if cpu_ok else nan,
         "wire_b": st.wire_bytes / n, "payload_b": st.payload_bytes / n, "frames": st.frames / n,
@@ -116,22 +123,35 @@ def measure(bench: fanout.Bench, kind: str, compress: bool, run: int, a: argpars
             raise RuntimeError(f"{kind}: only {got}/{n} connections ({dict(errors)}):\n{server.log_tail()}")
         pt = fanout.Point(kind, n, run, connected=got)
         for payload in a.payloads:
-            if pt.steps:
-                bench.drain(fa.drain_timeout)
+            # The whole step, from before its first publish until its last event reached the clients: the
+            # server's CPU over every delivery of the step, read without timing (the window's figures need
+            # this driver to read the CPU on time, which a busy machine does not always let it do).
+            bench.drain(DRAIN_S)
+            cpu0, ev0 = tree_cpu_times(server.pid), delivered(bench)
             bench.payload = payload
             st = bench.step(server, pt, 1.0, a.rate, fa.slo_ms, nscopes, None)
+            st.drained, st.drain_s = bench.drain(DRAIN_S)
+            cpu1, ev1 = tree_cpu_times(server.pid), delivered(bench)
+            whole = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1], ev1 - ev0)
             pt.steps.append(st)
             rows.append({"server": kind, "mode": mode, "payload": payload, "run": run, "connected": got,
                          "negotiated": dict(negotiated), "rss_kib_per_conn": (rss1 - rss0) / got if got else None,
-                         "figures": figures(st), "step": dict(vars(st))})
+                         "figures": figures(st, whole), "whole_step": whole,
+                         "step": dict(vars(st))})
             f = rows[-1]["figures"]
-            log(f"{kind} {mode} {payload} run {run}: {f['cpu_us']:.2f} µs/delivery, {f['wire_b']:.1f} bytes/delivery "
+            log(f"{kind} {mode} {payload} run {run}: {f['step_cpu_us']:.2f} µs/delivery over the step "
+                f"({f['cpu_us']:.2f} in the window), {f['wire_b']:.1f} bytes/delivery "
                 f"received, {f['compressed_pct']:.0f}% of {f['frames']:.3f} frames/delivery compressed")
     finally:
         with contextlib.suppress(Exception):
             ch.all(("disconnect",), "disconnected", 30)
         server.stop()
     return rows
+
+
+def delivered(bench: fanout.Bench) -> int:
+    """Events received so far by all load clients."""
+    return sum(int(r[1]) for r in bench.children.all(("count",), "count", 30))
 
 
 def med(values: list[float]) -> float:
@@ -142,6 +162,11 @@ def med(values: list[float]) -> float:
 def skewed_row(r: dict[str, Any]) -> bool:
     st = r["step"]
     return bool(abs(st["cpu_wall_s"] - st["window_s"]) > SKEW * st["window_s"])
+
+
+def quotients(x: dict[str, float], y: dict[str, float]) -> dict[str, float]:
+    return {k: x[k] / y[k] if y[k] and x[k] == x[k] and y[k] == y[k] else float("nan")
+            for k in ("step_cpu_us", "cpu_us", "wire_b")}
 
 
 def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, Any]:
@@ -163,6 +188,7 @@ def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, An
                     "rss_kib_per_conn": med([r["rss_kib_per_conn"] for r in mine if r["rss_kib_per_conn"] is not None]),
                     "cpu_skewed_rounds": sum(skewed_row(r) for r in mine),
                     "behind_rounds": sum(r["figures"]["achieved"] < 0.95 * a.rate for r in mine),
+                    "undrained_rounds": sum(not r["step"]["drained"] for r in mine),
                 })
     ratios = []
     for payload in a.payloads:
@@ -170,8 +196,7 @@ def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, An
         for kind in a.servers:
             p, z = by.get((kind, "plain")), by.get((kind, "deflate"))
             if p and z:
-                ratios.append({"payload": payload, "what": f"{LABELS[kind]}: deflate / plain",
-                               "cpu_us": z["cpu_us"] / p["cpu_us"], "wire_b": z["wire_b"] / p["wire_b"]})
+                ratios.append({"payload": payload, "what": f"{LABELS[kind]}: deflate / plain", **quotients(z, p)})
         g = {m: by.get(("gateway", m)) for m in ("plain", "deflate")}
         for kind in a.servers:
             if kind == "gateway":
@@ -180,8 +205,7 @@ def summarize(rows: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, An
                 other = by.get((kind, m))
                 if g[m] and other:
                     ratios.append({"payload": payload, "what": f"gateway / {LABELS[kind]}, {m}",
-                                   "cpu_us": g[m]["cpu_us"] / other["cpu_us"],
-                                   "wire_b": g[m]["wire_b"] / other["wire_b"]})
+                                   **quotients(g[m], other)})
     return {"groups": groups, "ratios": ratios}
 
 
@@ -191,8 +215,8 @@ def print_report(summary: dict[str, Any], a: argparse.Namespace, code: str) -> N
           f"{pubload.ENVELOPE_BYTES}-byte events; gateway at {code}; both servers zlib level 1 on every message. "
           "Bytes = what the load clients received in the window (WebSocket frames, headers and control frames "
           "included, TCP/IP headers not) per delivery.\n")
-    head = ["payload", "server", "mode", *(label for _, label, _ in FIGURES), "RSS KiB/conn", "behind / skewed",
-            "negotiated"]
+    head = ["payload", "server", "mode", *(label for _, label, _ in FIGURES), "RSS KiB/conn",
+            "behind / skewed / undrained", "negotiated"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for g in summary["groups"]:
@@ -200,20 +224,25 @@ def print_report(summary: dict[str, Any], a: argparse.Namespace, code: str) -> N
         for key, _, form in FIGURES:
             v = g["median"][key]
             per = " / ".join("n/a" if x != x else form.format(x) for x in g["per_round"][key])
-            cells.append(("n/a" if v != v else f"**{form.format(v)}**") + (f" ({per})" if key in ("cpu_us", "wire_b")
-                                                                          and len(g["runs"]) > 1 else ""))
+            rounds = f" ({per})" if key in ("step_cpu_us", "wire_b") and len(g["runs"]) > 1 else ""
+            cells.append(("n/a" if v != v else f"**{form.format(v)}**") + rounds)
         cells.append(f"{g['rss_kib_per_conn']:.1f}")
-        cells.append(f"{g['behind_rounds']} / {g['cpu_skewed_rounds']}")
+        cells.append(f"{g['behind_rounds']} / {g['cpu_skewed_rounds']} / {g['undrained_rounds']}")
         cells.append("; ".join(f"`{k or '(none)'}` x{v:,}" for k, v in g["negotiated"].items()))
         print("| " + " | ".join(cells) + " |")
     print(f"\nbehind = rounds in which the server delivered < 95% of {a.rate:,}/s (it fell behind: its CPU per "
           "delivery is then at bigger batches); skewed = rounds whose CPU readings did not span the window (this "
-          f"driver ran late by > {SKEW:.0%}: their CPU figures are left out). other% = busy CPU outside the "
+          f"driver ran late by > {SKEW:.0%}: their window CPU figures are left out); undrained = rounds whose backlog "
+          f"had not reached the clients {DRAIN_S:g} s after the step (its whole-step figure misses some of the "
+          "CPU). Whole step = the server's CPU from before the step's first publish until the clients stopped "
+          "receiving, over every delivery in it (includes the server's idle work in the pauses, the warm-up and the "
+          "drain). other% = busy CPU outside the "
           "benchmark's processes (other tenants), % of one core.")
-    print("\n| payload | ratio of medians | server CPU per delivery | bytes per delivery |")
-    print("|---|---|---|---|")
+    print("\n| payload | ratio of medians | server CPU per delivery, whole step | in the window | bytes per delivery |")
+    print("|---|---|---|---|---|")
     for r in summary["ratios"]:
-        print(f"| {r['payload']} | {r['what']} | {r['cpu_us']:.2f}x | {r['wire_b']:.2f}x |")
+        cells = ["n/a" if r[k] != r[k] else f"{r[k]:.2f}x" for k in ("step_cpu_us", "cpu_us", "wire_b")]
+        print(f"| {r['payload']} | {r['what']} | " + " | ".join(cells) + " |")
     for g in summary["groups"]:
         if g["mode"] == "deflate" and not (g["median"]["compressed_pct"] > 0):
             print(f"\nWARNING: {LABELS[g['server']]} sent no compressed frame to clients offering permessage-deflate "

@@ -1226,7 +1226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "kept, the figures use the less disturbed one")
     p.add_argument("--quick", action="store_true", help="small and fast: 300 connections, 1 run, short windows")
     p.add_argument("--compress", action="store_true",
-                   help="the load clients offer permessage-deflate (compiled client with zlib only)")
+                   help="the load clients offer permessage-deflate (compiled client with zlib only); the gateway "
+                        "and Centrifugo negotiate it (bench/deflatepeer.py compares both modes in one run)")
     p.add_argument("--json", dest="json_out", default=None, help="also write all results to this file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the runs, profile each server with py-spy at the largest count (target rate)")

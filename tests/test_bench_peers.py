@@ -93,6 +93,7 @@ def test_quick_deflate_comparison_compresses_on_both_servers(tmp_path: Path) -> 
         # inflated, the compressed mode's events are as long as the plain ones (same envelopes)
         assert deflate["median"]["payload_b"] > deflate["median"]["wire_b"], server
         for g in (plain, deflate):
-            assert g["median"]["achieved"] > 0 and g["median"]["cpu_us"] > 0, server
+            # the whole step's CPU per delivery needs no timing (the window's is left out when the driver was late)
+            assert g["median"]["achieved"] > 0 and g["median"]["step_cpu_us"] > 0, server
     assert "## permessage-deflate, gateway beside Centrifugo" in proc.stdout
     assert "WARNING" not in proc.stdout
