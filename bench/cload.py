@@ -51,11 +51,13 @@ class CLoadClient:
     def send(self, msg: tuple[Any, ...]) -> None:
         cmd, *args = msg
         if cmd == "connect":
-            host, port, path, upto, nscopes, concurrency, *mode = args
-            line = f"connect {host} {port} {path} {upto} {nscopes} {concurrency} {mode[0] if mode else 'gateway'}"
+            host, port, path, upto, nscopes, concurrency, *rest = args
+            mode = rest[0] if rest else "gateway"
+            deflate = f" {int(bool(rest[1]))}" if len(rest) > 1 else ""  # absent: the WSLOAD_DEFLATE default
+            line = f"connect {host} {port} {path} {upto} {nscopes} {concurrency} {mode}{deflate}"
         elif cmd == "measure":
             line = f"measure {args[0]!r} {args[1]!r}"
-        elif cmd in ("report", "count", "disconnect", "exit"):
+        elif cmd in ("report", "count", "negotiated", "disconnect", "exit"):
             line = cmd
         else:
             raise ValueError(f"unknown load-client command {cmd!r}")
@@ -121,10 +123,15 @@ class CLoadClient:
             ok, secs, errors = rest.split(" ", 2)
             return ("connected", int(ok), json.loads(errors), float(secs))
         if kind == "report":
-            window_events, nsamples, total, lost, bad, closes = rest.split(" ", 5)
+            window_events, nsamples, total, lost, bad, wire, frames, zframes, payload, closes = rest.split(" ", 9)
             samples = self._read_exact(4 * int(nsamples))
+            # the window's bytes: received (the server's frames as sent), data frames, compressed ones, payload
+            window = {"wire_bytes": int(wire), "frames": int(frames), "compressed_frames": int(zframes),
+                      "payload_bytes": int(payload)}
             return ("report", int(window_events), samples, int(total), int(lost),
-                    {int(k): v for k, v in json.loads(closes).items()}, int(bad))
+                    {int(k): v for k, v in json.loads(closes).items()}, int(bad), window)
+        if kind == "negotiated":
+            return ("negotiated", {str(k): int(v) for k, v in json.loads(rest).items()})
         if kind == "count":
             total, lost, closes = rest.split(" ", 2)
             return ("count", int(total), int(lost), {int(k): v for k, v in json.loads(closes).items()})

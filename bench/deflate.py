@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orjson
 
-from bench.pubload import make_event
+from bench.pubload import WORDS, make_event
 from gateway.config import Settings
 from gateway.core.channel import websocket_encode
 from gateway.core.hub import Hub
@@ -39,9 +39,6 @@ from gateway.events import Envelope, parse_event
 from gateway.metrics import Metrics
 from gateway.permissions import AclStore
 from gateway.principal import Principal
-
-WORDS = ("the agent reads the ticket then calls search with the customer id and summarises what it found "
-         "about billing refunds invoices plans limits errors retries and next steps for the support team").split()
 
 
 class Flag:

@@ -293,11 +293,13 @@ class Children:
         return [self.expect(c, answer, timeout) for c in self.clients]
 
     def connect(self, port: int, per_process: int, nscopes: int, timeout: float,
-                kind: str = "gateway") -> tuple[int, Counter[str], float]:
+                kind: str = "gateway", deflate: bool | None = None) -> tuple[int, Counter[str], float]:
+        """Open connections; `deflate` True / False: they offer permessage-deflate or not (compiled client
+        only), None: the load clients' default (WSLOAD_DEFLATE, --compress)."""
         path, mode = peers.ws_endpoint(kind)
         cmd: tuple[Any, ...] = ("connect", "127.0.0.1", port, path, per_process, nscopes, 64)
-        if mode != "gateway":  # only the compiled client speaks the peers' handshakes
-            cmd = (*cmd, mode)
+        if mode != "gateway" or deflate is not None:  # only the compiled client speaks the peers' handshakes
+            cmd = (*cmd, mode) if deflate is None else (*cmd, mode, deflate)
         replies = self.all(cmd, "connected", timeout)
         errors: Counter[str] = Counter()
         for r in replies:
@@ -398,6 +400,7 @@ class Step:
     gw_lag: float = 0.0
     samples: int = 0
     window_s: float = 0.0
+    cpu_wall_s: float = 0.0  # wall time between the CPU readings (window_s unless this driver ran late)
     server_cpu: float = 0.0
     nats_cpu: float = 0.0
     clients_cpu: float = 0.0
@@ -415,6 +418,14 @@ class Step:
     publisher_max_behind: int = 0
     lost: int = 0
     closes: dict[str, int] = field(default_factory=dict)
+    # the window's totals over the compiled load clients (bench/wsload.c `report`): bytes received (the
+    # server's WebSocket frames as sent: headers, pings and all; TCP/IP headers not included), data frames,
+    # compressed ones (RSV1) and their payload bytes after inflating; 0 with the Python client
+    wire_bytes: int = 0
+    frames: int = 0
+    compressed_frames: int = 0
+    payload_bytes: int = 0
+    payload: str = "padded"  # the events' padding (bench/pubload.py make_event)
     drained: bool = True
     drain_s: float = 0.0
     passed: bool = False
@@ -444,6 +455,7 @@ class Bench:
         self.stack = contextlib.ExitStack()
         self.points: list[Point] = []
         self.profiles: dict[str, Any] = {}
+        self.payload = "padded"  # what the publisher pads its events with (bench/pubload.py PAYLOADS)
 
     # lifecycle
 
@@ -622,7 +634,7 @@ class Bench:
              profile_dir: Path | None) -> Step:
         a = self.args
         ch = self.children
-        st = Step(server.kind, pt.connections, pt.run, fraction, target_rate, slo)
+        st = Step(server.kind, pt.connections, pt.run, fraction, target_rate, slo, payload=self.payload)
         deliveries = target_rate * fraction
         fanout = pt.connected / nscopes  # subscribers per scope (as connected)
         ev_rate = deliveries / (pt.connections / nscopes)
@@ -631,7 +643,7 @@ class Bench:
         duration = a.duration if fraction == 1.0 else a.sweep_duration
         w1 = w0 + duration
         st.window_s = duration
-        ch.publisher.send(("run", ev_rate, t_start, w1, nscopes, w0, w1, 1024, server.sink))
+        ch.publisher.send(("run", ev_rate, t_start, w1, nscopes, w0, w1, 1024, server.sink, self.payload))
         ch.all(("measure", w0, w1), "measuring", 10)
         pids = {"server": server.pid, "nats": self.nats_pid, "publisher": ch.publisher_pid}
         time.sleep(max(0.0, w0 - time.time()))
@@ -649,6 +661,7 @@ class Bench:
                                a.profile_native)
         time.sleep(max(0.0, w1 - time.time()))
         wall = time.monotonic() - wall0
+        st.cpu_wall_s = wall
         cpu1 = {k: (tree_cpu_seconds if k == "server" else cpu_seconds)(p) for k, p in pids.items()}
         us1 = tree_cpu_times(server.pid)
         cl1 = sum(cpu_seconds(p) for p in ch.client_pids)
@@ -686,6 +699,11 @@ class Bench:
             lat.extend(mine)
             lost += r[4]
             closes.update({str(k): v for k, v in r[5].items()})
+            window = r[7] if len(r) > 7 else {}
+            st.wire_bytes += window.get("wire_bytes", 0)
+            st.frames += window.get("frames", 0)
+            st.compressed_frames += window.get("compressed_frames", 0)
+            st.payload_bytes += window.get("payload_bytes", 0)
         st.lost, st.closes = lost, dict(closes)
         st.samples = sum(r[1] for r in reports)
         st.achieved = st.samples / duration
@@ -1216,7 +1234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "kept, the figures use the less disturbed one")
     p.add_argument("--quick", action="store_true", help="small and fast: 300 connections, 1 run, short windows")
     p.add_argument("--compress", action="store_true",
-                   help="the load clients offer permessage-deflate (compiled client with zlib only)")
+                   help="the load clients offer permessage-deflate (compiled client with zlib only); the gateway "
+                        "and Centrifugo negotiate it (bench/deflatepeer.py compares both modes in one run)")
     p.add_argument("--json", dest="json_out", default=None, help="also write all results to this file")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the runs, profile each server with py-spy at the largest count (target rate)")

@@ -15,6 +15,9 @@ Server kinds (`bench/fanout.py --servers gateway,nchan,centrifugo1,centrifugo,..
 Connection tokens for Centrifugo are the benchmark's own ES256 JWTs, checked against the same JWKS
 endpoint as the gateway's (`client.token.jwks_public_endpoint`, with `aud` and `iss`); channels are
 open to any authenticated client (`allow_subscribe_for_client`), where the gateway checks its ACL.
+Centrifugo's permessage-deflate is on (`websocket.compression`, level 1 like the gateway's `Deflater`, from
+the first byte: `compression_min_size` 0), as the gateway's is by default (WSGATEWAY_WS_COMPRESSION):
+either compresses only for clients that offer it (bench/fanout.py --compress, bench/deflatepeer.py).
 Nchan authenticates nothing (nginx has no JWT check of its own): its subscribers just connect.
 """
 
@@ -38,6 +41,7 @@ MESSAGE_TIMEOUT_S = 3600
 SHARED_MEMORY = "512m"
 MESSAGE_BUFFER_LENGTH = 100_000  # per channel; the byte budget above is the real bound
 API_KEY = "bench-" + os.urandom(8).hex()
+COMPRESSION_LEVEL = 1  # zlib level of Centrifugo's permessage-deflate: the gateway's (gateway/edge/deflate.py)
 
 
 @dataclass
@@ -164,6 +168,7 @@ def centrifugo_config(kind: str, port: int, nats_url: str, jwks_url: str, issuer
                              "insecure_skip_jwks_endpoint_safety_check": True}},
         "channel": {"without_namespace": {"allow_subscribe_for_client": True}},
         "engine": {"type": "memory"},
+        "websocket": {"compression": True, "compression_level": COMPRESSION_LEVEL, "compression_min_size": 0},
     }
     if kind.endswith("-nats"):
         conf["broker"] = {"enabled": True, "type": "nats", "nats": {"url": nats_url, "prefix": "centrifugo"}}

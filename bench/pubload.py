@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from collections import deque
 from datetime import UTC, datetime
@@ -26,16 +27,26 @@ from typing import Any
 from benchutil import die_with_parent, recv_blocking, send_blocking
 
 ENVELOPE_BYTES = 300  # target size of the published JSON envelope
+# The padding of a `text` event (make_event): an agent's message in words, compressible like prose.
+WORDS = ("the agent reads the ticket then calls search with the customer id and summarises what it found "
+         "about billing refunds invoices plans limits errors retries and next steps for the support team").split()
+PAYLOADS = ("padded", "text")
 
 
-def make_event(t: float, ident: str, scope_n: int, size: int = ENVELOPE_BYTES) -> tuple[str, bytes]:
-    """(subject, body) of one valid `bench.tick` event of about `size` bytes."""
+def make_event(t: float, ident: str, scope_n: int, size: int = ENVELOPE_BYTES,
+               payload: str = "padded") -> tuple[str, bytes]:
+    """(subject, body) of one valid `bench.tick` event of about `size` bytes: `data.pad` is "x" repeated
+    (`padded`, the benchmark's default) or words drawn from WORDS, a different draw per event (`text`)."""
     stamp = datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     head = b'{"data":{"t":%.6f,"pad":"' % t
     tail = b'"},"id":"%s","type":"bench.tick","tenant":"bench","scope":"conversation:c%d","time":"%s"}' % (
         ident.encode(), scope_n, stamp.encode(),
     )
     pad = max(0, size - len(head) - len(tail))
+    if payload == "text":
+        rnd = random.Random(ident)
+        words = " ".join(rnd.choice(WORDS) for _ in range(pad // 2 + 1)).encode()
+        return f"events.bench.conversation.c{scope_n}", head + words[:pad] + tail
     return f"events.bench.conversation.c{scope_n}", head + b"x" * pad + tail
 
 
@@ -72,7 +83,7 @@ class PublisherProcess:
 
     async def publish(
         self, rate: float, t_start: float, t_end: float, nscopes: int, w0: float, w1: float, inflight: int,
-        sink: tuple[Any, ...] | None = None,
+        sink: tuple[Any, ...] | None = None, payload: str = "padded",
     ) -> None:
         self.step += 1
         js, stream = self.js, self.stream
@@ -115,7 +126,7 @@ class PublisherProcess:
                     sem.release()
                     break
                 ident = f"{self.prefix}-{self.step}-{sent}"
-                subject, body = make_event(t, ident, sent % nscopes)
+                subject, body = make_event(t, ident, sent % nscopes, payload=payload)
                 if w0 <= t < w1:
                     in_window += 1
                 task = asyncio.ensure_future(one(subject, body, ident))

@@ -23,16 +23,25 @@
  *
  * Usage: wsload INDEX NPROCS TOKENS_FILE   (tokens of this process's connections, one per line)
  * Driven over stdin/stdout by bench/cload.py (one command per line; replies below):
- *   connect HOST PORT PATH UPTO NSCOPES CONCURRENCY MODE      (MODE: gateway, nchan, centrifugo)
- *                            -> connected OK SECONDS {"reason": count, ...}
+ *   connect HOST PORT PATH UPTO NSCOPES CONCURRENCY MODE [DEFLATE]   (MODE: gateway, nchan, centrifugo;
+ *                            DEFLATE 1: these connections offer permessage-deflate, 0: they do not; default
+ *                            WSLOAD_DEFLATE) -> connected OK SECONDS {"reason": count, ...}
  *   measure W0 W1            -> measuring
- *   report                   -> report WINDOW_EVENTS NSAMPLES TOTAL LOST BAD {"code": count}
- *                               followed by NSAMPLES float32 (little-endian) on stdout
+ *   report                   -> report WINDOW_EVENTS NSAMPLES TOTAL LOST BAD WIRE FRAMES ZFRAMES PAYLOAD {"code": count}
+ *                               followed by NSAMPLES float32 (little-endian) on stdout. WIRE: bytes received
+ *                               (recv) in the window, i.e. the server's WebSocket frames as sent, headers,
+ *                               pings and all (TCP/IP headers not included); FRAMES: data frames parsed in the
+ *                               window, ZFRAMES of them compressed (RSV1); PAYLOAD: their payload bytes after
+ *                               inflating (what the application reads)
+ *   negotiated               -> negotiated {"Sec-WebSocket-Extensions of the 101 (\"\" if none)": count, ...}
+ *                               over the connections opened since the last `disconnect`
  *   count                    -> count TOTAL LOST {"code": count}
  *   disconnect               -> disconnected
  *   exit
- * With WSLOAD_DEFLATE=1 in its environment (bench/fanout.py --compress; built with zlib, -DHAVE_ZLIB) the
- * client offers permessage-deflate and inflates compressed (RSV1) server frames before parsing them.
+ * With WSLOAD_DEFLATE=1 in its environment, or DEFLATE 1 in `connect` (bench/fanout.py --compress,
+ * bench/deflatepeer.py; built with zlib, -DHAVE_ZLIB), the connections offer `permessage-deflate` (no
+ * parameters: the server chooses) and inflate compressed (RSV1) server frames before parsing them, each
+ * on its own: this client assumes no context takeover, and counts a frame it cannot inflate alone as bad.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -46,6 +55,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -59,7 +69,7 @@
 enum { CONNECTING, HANDSHAKE, AUTHENTICATING, SUBSCRIBING, OPEN, DEAD };
 
 typedef struct {
-    int fd, state, local;
+    int fd, state, local, deflate;
     double deadline;
     unsigned char *buf;
     size_t len, cap;
@@ -90,7 +100,14 @@ static double W0 = 1e300, W1 = -1e300;
 static float *samples;
 static size_t nsamples, samples_cap;
 static long total_events, window_events, bad_frames, lost;
-static int deflate_on; /* WSLOAD_DEFLATE=1: offer permessage-deflate, inflate RSV1 frames */
+static long window_wire, window_frames, window_zframes, window_payload; /* see `report` */
+static int deflate_default; /* WSLOAD_DEFLATE=1: connections offer permessage-deflate unless `connect` says */
+static int deflate_on; /* the running `connect` command's */
+/* the Sec-WebSocket-Extensions answers seen since the last `disconnect` (`negotiated`) */
+#define MAX_EXTS 8
+static char exts[MAX_EXTS][160];
+static long ext_counts[MAX_EXTS];
+static int nexts;
 #ifdef HAVE_ZLIB
 static z_stream zs;
 static unsigned char *inflated;
@@ -142,6 +159,27 @@ static void add_reason(const char *why) {
             if (*p == '"' || *p == '\\' || (unsigned char)*p < 32) *p = ' ';
         reason_counts[nreasons++] = 1;
     }
+}
+
+static void add_ext(const unsigned char *head, size_t n) {
+    /* the value of the response's Sec-WebSocket-Extensions header ("" when absent), counted */
+    static const char name[] = "\r\nsec-websocket-extensions:";
+    char value[160] = "";
+    size_t nl = sizeof name - 1;
+    for (size_t i = 0; i + nl <= n; i++) {
+        if (strncasecmp((const char *)head + i, name, nl) != 0) continue;
+        size_t j = i + nl, k = 0;
+        while (j < n && head[j] == ' ') j++;
+        while (j < n && head[j] != '\r' && k < sizeof value - 1) {
+            unsigned char ch = head[j++];
+            value[k++] = (ch == '"' || ch == '\\' || ch < 32) ? ' ' : (char)ch;
+        }
+        value[k] = 0;
+        break;
+    }
+    for (int i = 0; i < nexts; i++)
+        if (strcmp(exts[i], value) == 0) { ext_counts[i]++; return; }
+    if (nexts < MAX_EXTS) { snprintf(exts[nexts], sizeof exts[0], "%s", value); ext_counts[nexts++] = 1; }
 }
 
 static void add_close(int code) {
@@ -208,6 +246,7 @@ static void kill_conn(conn_t *c, const char *why) {
 static void start_one(int local) {
     conn_t *c = calloc(1, sizeof *c);
     c->local = local;
+    c->deflate = deflate_on;
     c->deadline = now_wall() + 45.0;
     conns[nconns++] = c;
     inflight++;
@@ -250,7 +289,7 @@ static void send_request(conn_t *c) {
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer %s\r\n%s\r\n",
                      url, host, port, key, tokens[c->local],
-                     deflate_on ? "Sec-WebSocket-Extensions: permessage-deflate\r\n" : "");
+                     c->deflate ? "Sec-WebSocket-Extensions: permessage-deflate\r\n" : "");
     send_all(c->fd, req, (size_t)n);
     c->state = HANDSHAKE;
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
@@ -315,13 +354,18 @@ static size_t parse(conn_t *c, const unsigned char *data, size_t n, double now) 
         pos = end;
         const unsigned char *body = data + start;
 #ifdef HAVE_ZLIB
-        if (rsv1 && op == 1) {
+        if (rsv1 && op == 1 && c->deflate) {
             body = inflate_frame(data + start, ln, &ln);
             if (!body) { bad_frames++; continue; }
-        }
+        } else if (rsv1) { bad_frames++; continue; }
 #else
         if (rsv1) { bad_frames++; continue; }
 #endif
+        if (rec && (op == 1 || op == 2)) {
+            window_frames++;
+            window_zframes += rsv1 != 0;
+            window_payload += (long)ln;
+        }
         if (op == 1) {
             const unsigned char *p = body, *fend = body + ln;
             const unsigned char *t = memmem(p, ln, "\"t\":", 4);
@@ -367,6 +411,7 @@ static void on_readable(conn_t *c) {
         }
         if (r == 0) { kill_conn(c, "connection lost before subscribed"); return; }
         double now = now_wall();
+        if (W0 <= now && now < W1) window_wire += r;
         const unsigned char *data = chunk;
         size_t n = (size_t)r;
         if (c->len) { /* a partial frame is waiting: append and parse from the connection's buffer */
@@ -391,6 +436,7 @@ static void on_readable(conn_t *c) {
                     return;
                 }
                 used = (size_t)(e - data) + 4;
+                add_ext(data, used);
                 if (mode == MODE_NCHAN) {
                     subscribed(c); /* the channel is in the URL: subscribed at the upgrade */
                 } else if (mode == MODE_CENTRIFUGO) {
@@ -463,6 +509,7 @@ static void disconnect_all(void) {
     usleep(500000);
     lost = 0;
     ncodes = 0;
+    nexts = 0;
     out("disconnected\n");
 }
 
@@ -470,13 +517,19 @@ static int command(char *line) {
     char cmd[32];
     if (sscanf(line, "%31s", cmd) != 1) return 0;
     if (!strcmp(cmd, "connect")) {
-        if (sscanf(line, "%*s %63s %d %255s %d %d %d %31s", host, &port, path, &upto, &nscopes, &concurrency,
-                   mode_name) != 7
+        int dfl = deflate_default;
+        int got = sscanf(line, "%*s %63s %d %255s %d %d %d %31s %d", host, &port, path, &upto, &nscopes,
+                         &concurrency, mode_name, &dfl);
+        if (got < 7 || (dfl != 0 && dfl != 1)
             || inet_pton(AF_INET, host, &addr.sin_addr) != 1 || nscopes < 1 || concurrency < 1
             || (strcmp(mode_name, "gateway") && strcmp(mode_name, "nchan") && strcmp(mode_name, "centrifugo"))) {
             out("connected 0 0 {\"bad connect command\": 1}\n");
             return 0;
         }
+#ifndef HAVE_ZLIB
+        if (dfl) { out("connected 0 0 {\"DEFLATE 1 needs a build with zlib\": 1}\n"); return 0; }
+#endif
+        deflate_on = dfl;
         mode = !strcmp(mode_name, "nchan") ? MODE_NCHAN : !strcmp(mode_name, "centrifugo") ? MODE_CENTRIFUGO
                                                                                              : MODE_GATEWAY;
         addr.sin_family = AF_INET;
@@ -489,11 +542,12 @@ static int command(char *line) {
     } else if (!strcmp(cmd, "measure")) {
         sscanf(line, "%*s %lf %lf", &W0, &W1);
         nsamples = 0;
-        window_events = 0;
+        window_events = window_wire = window_frames = window_zframes = window_payload = 0;
         out("measuring\n");
     } else if (!strcmp(cmd, "report")) {
         W0 = 1e300; W1 = -1e300;
-        printf("report %ld %zu %ld %ld %ld ", window_events, nsamples, total_events, lost, bad_frames);
+        printf("report %ld %zu %ld %ld %ld %ld %ld %ld %ld ", window_events, nsamples, total_events, lost, bad_frames,
+               window_wire, window_frames, window_zframes, window_payload);
         print_closes();
         printf("\n");
         fwrite(samples, sizeof *samples, nsamples, stdout);
@@ -503,6 +557,11 @@ static int command(char *line) {
         printf("count %ld %ld ", total_events, lost);
         print_closes();
         printf("\n");
+        fflush(stdout);
+    } else if (!strcmp(cmd, "negotiated")) {
+        printf("negotiated {");
+        for (int i = 0; i < nexts; i++) printf("%s\"%s\": %ld", i ? ", " : "", exts[i], ext_counts[i]);
+        printf("}\n");
         fflush(stdout);
     } else if (!strcmp(cmd, "disconnect")) {
         disconnect_all();
@@ -523,12 +582,10 @@ int main(int argc, char **argv) {
     nprocs = atoi(argv[2]);
     srandom((unsigned)(getpid() ^ (unsigned)now_wall()));
     const char *dfl = getenv("WSLOAD_DEFLATE");
-    deflate_on = dfl && strcmp(dfl, "1") == 0;
+    deflate_default = deflate_on = dfl && strcmp(dfl, "1") == 0;
 #ifdef HAVE_ZLIB
-    if (deflate_on) {
-        inflated = malloc(inflated_cap);
-        if (inflateInit2(&zs, -15) != Z_OK) { fprintf(stderr, "inflateInit2 failed\n"); return 2; }
-    }
+    inflated = malloc(inflated_cap);
+    if (inflateInit2(&zs, -15) != Z_OK) { fprintf(stderr, "inflateInit2 failed\n"); return 2; }
 #else
     if (deflate_on) { fprintf(stderr, "WSLOAD_DEFLATE=1 needs a build with zlib (-DHAVE_ZLIB -lz)\n"); return 2; }
 #endif

@@ -69,3 +69,31 @@ def test_generated_nchan_config_is_accepted_by_nginx(tmp_path: Path) -> None:
     assert "test is successful" in proc.stderr
     conf = Path(spec.cmd[spec.cmd.index("-c") + 1]).read_text()
     assert "master_process off;" in conf and "nchan_subscriber websocket;" in conf and "nchan_publisher http;" in conf
+
+
+@pytest.mark.timeout(600)
+def test_quick_deflate_comparison_compresses_on_both_servers(tmp_path: Path) -> None:
+    """bench/deflatepeer.py in its quickest form: the gateway and Centrifugo, each with clients that offer
+    permessage-deflate and clients that do not. Both negotiate it when offered (and only then), the
+    compressed frames really are compressed (RSV1) and smaller on the wire, and the figures exist."""
+    out = tmp_path / "deflate.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "deflatepeer.py"), "--quick", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=590)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    groups = {(g["server"], g["mode"]): g for g in json.loads(out.read_text())["summary"]["groups"]}
+    assert set(groups) == {(s, m) for s in ("gateway", "centrifugo1") for m in ("plain", "deflate")}
+    for server in ("gateway", "centrifugo1"):
+        plain, deflate = groups[(server, "plain")], groups[(server, "deflate")]
+        assert list(plain["negotiated"]) == [""], server  # no offer, no extension
+        (answer,) = deflate["negotiated"]
+        assert answer.startswith("permessage-deflate") and "server_no_context_takeover" in answer, server
+        assert plain["median"]["compressed_pct"] == 0, server
+        assert deflate["median"]["compressed_pct"] > 0, server
+        assert 0 < deflate["median"]["wire_b"] < plain["median"]["wire_b"], server
+        # inflated, the compressed mode's events are as long as the plain ones (same envelopes)
+        assert deflate["median"]["payload_b"] > deflate["median"]["wire_b"], server
+        for g in (plain, deflate):
+            # the whole step's CPU per delivery needs no timing (the window's is left out when the driver was late)
+            assert g["median"]["achieved"] > 0 and g["median"]["step_cpu_us"] > 0, server
+    assert "## permessage-deflate, gateway beside Centrifugo" in proc.stdout
+    assert "WARNING" not in proc.stdout
