@@ -85,6 +85,7 @@ def _frames(got: list[dict[str, Any]]) -> list[tuple[int, str, int, str | None]]
 
 async def _compact_over_ws(g: RunningGateway, idp: TestIdP, platform: Platform, *, url_form: bool) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, g)
     published, cursor = await _long_answer(platform)
     want = _expected(published, cursor)
     assert len(want) == 11  # merged: m1, the reasoning, the arguments, m2; and 7 lifecycle events
@@ -132,6 +133,7 @@ async def test_compact_on_the_connection_url(gw: RunningGateway, idp: TestIdP, p
 
 async def test_without_compact_the_replay_has_every_delta(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     published, cursor = await _long_answer(platform)
     ws = await connect(f"{gw.ws}?scope={SCOPE}&since={cursor}&compact=false", idp.mint("alice"))
     await welcome(ws)
@@ -144,6 +146,7 @@ async def test_without_compact_the_replay_has_every_delta(gw: RunningGateway, id
 
 async def test_compact_sse_resume(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     published, cursor = await _long_answer(platform)
     want = _expected(published, cursor)
     params = {"scope": SCOPE, "since": str(cursor), "compact": "true", "access_token": idp.mint("alice")}
@@ -158,6 +161,7 @@ async def test_compact_sse_resume(gw: RunningGateway, idp: TestIdP, platform: Pl
 
 async def test_compact_history_pages(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     published, cursor = await _long_answer(platform)
     headers = {"Authorization": f"Bearer {idp.mint('alice')}"}
     async with httpx.AsyncClient(base_url=gw.http, headers=headers) as c:

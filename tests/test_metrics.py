@@ -62,6 +62,7 @@ def value(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 async def make_traffic(g: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice"]})
     await platform.grant("acme.conversation.c1", {"members": [f"user:{u}" for u in USERS[1:]]})
+    await platform.applied(idp, g)
 
     # live delivery of every kind to several users, one connection per (user, kind)
     clients = []
@@ -193,6 +194,7 @@ async def test_connections_and_subscriptions_gauges_follow_clients(
 ) -> None:
     """The gauges the autoscaler and the dashboards read go up and back down (SSE counted too)."""
     await platform.grant("acme.org", {"admins": ["user:alice"]})
+    await platform.applied(idp, gw)
     ws = await connect(f"{gw.ws}?scope=conversation:a,conversation:b", idp.mint("alice"))
     await welcome(ws)
     await recv(ws)

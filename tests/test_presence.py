@@ -152,6 +152,7 @@ async def test_unlisted_watcher_receives_but_is_not_listed(
     gw: GatewayEndpoint, nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice", "user:erin", "user:dan"]})
+    await platform.applied(idp, gw)
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     await alice.members_are("user:alice")
     erin = await Watcher.open(gw.ws, idp.mint("erin"), listed=False)  # watches without being listed
@@ -223,6 +224,7 @@ async def test_revoked_user_leaves_and_stops_receiving(
     await platform.grant("acme.org", {"admins": ["user:alice", "user:dan"]})
     await platform.grant("acme.conversation.c1", {"members": ["bob"]})
     await platform.grant("acme.conversation.c2", {"members": ["bob"]})
+    await platform.applied(idp, gw)
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     bob = await Watcher.open(gw.ws, idp.mint("bob"))
     assert (await subscribe(bob.ws, "conversation:c2", rid="c2"))["type"] == "subscribed"  # for the marker
@@ -250,6 +252,7 @@ async def test_revoked_user_leaves_and_stops_receiving(
 
 async def test_get_presence_auth_and_parameters(gw: GatewayEndpoint, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["bob"]})
+    await platform.applied(idp, gw)
     r = await get_presence(gw, None)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert r.json()["error"]["code"] == "unauthorized"
@@ -350,6 +353,7 @@ def _ids_are(g: GatewayEndpoint, token: str, want: set[str]) -> Any:
 
 async def test_presence_fields_are_checked(gw: GatewayEndpoint, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
     cases: list[tuple[dict[str, Any], str]] = [
@@ -432,6 +436,7 @@ async def test_sse_presence_events_and_unlisted_stream(gw: GatewayEndpoint, idp:
     from tests.test_history_sse import _sse_events
 
     await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
+    await platform.applied(idp, gw)
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     await alice.members_are("user:alice")
     params = {"scope": C1, "presence": "true", "listed": "false", "access_token": idp.mint("bob")}
@@ -458,6 +463,7 @@ async def test_resume_then_snapshot_and_unsubscribe_leaves(
     """With a cursor the snapshot comes after the replay's `subscribed` and events (the held live frames),
     then the client's own join; `unsubscribe` leaves the scope."""
     await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
+    await platform.applied(idp, gw)
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     await alice.members_are("user:alice")
     seqs = [await platform.publish("acme", C1) for _ in range(3)]

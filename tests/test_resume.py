@@ -38,6 +38,7 @@ async def test_since_replays_then_goes_live_with_no_gap_or_duplicate_under_load(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     history = [await platform.publish("acme", "conversation:c1") for _ in range(300)]
     for _ in range(50):
         await platform.publish("acme", "process:other")  # not in the scope
@@ -68,6 +69,7 @@ async def test_url_since_resumes_several_scopes_as_one_ordered_stream(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     seqs = []
     for i in range(60):
         seqs.append((["conversation:a", "process:b", "agent:c"][i % 3], await platform.publish(
@@ -89,6 +91,7 @@ async def test_url_since_resumes_several_scopes_as_one_ordered_stream(
 async def test_replay_rechecks_permissions_per_event(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
     await platform.grant("acme.conversation.c2", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     mine = [await platform.publish("acme", scope) for scope in ["conversation:c1", "conversation:c2"] * 5]
     await platform.revoke("acme.conversation.c2")  # access as it is NOW decides
     # the gateway has applied the revocation once a probe is refused c2, or is told it was revoked
@@ -117,6 +120,7 @@ async def test_purged_history_says_recovered_false_and_earliest(idp: TestIdP) ->
         platform = Platform(nc)
         async with run_gateway(natsd.url, idp.issuer, audience=idp.audience) as g:
             await platform.grant("acme.org", ADMIN)
+            await platform.applied(idp, g)
             seqs = [await platform.publish("acme", "conversation:c1") for _ in range(100)]
             ws = await connect(g.ws, idp.mint("alice"))
             await welcome(ws)
@@ -133,6 +137,7 @@ async def test_cursor_ahead_of_the_stream_is_not_recovered(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     await platform.publish("acme", "conversation:c1")
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
@@ -158,6 +163,7 @@ async def test_client_helper_reconnects_with_its_cursor(
 ) -> None:
     """Drop the connection mid-stream while publishing continues: the app sees exactly what was published."""
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     client = GatewayClient(gw.ws, token=idp.mint("alice"), scopes=["conversation:c1", "process:p1"], since=0)
     published: list[int] = []
     received: list[int] = []
@@ -299,6 +305,7 @@ async def test_large_replay_does_not_stall_live_delivery_to_others(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     body = {"blob": "z" * 400}
     for _ in range(20):  # 20,000 retained events, published in pipelined chunks
         await asyncio.gather(*(platform.publish("acme", "conversation:big", data=body) for _ in range(1000)))

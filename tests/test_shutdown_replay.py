@@ -94,6 +94,7 @@ async def two_gateways_and_a_backlog(
     and the backlog published after both started (so A has received it all)."""
     async with gateway_processes(2, nats_server.url, idp.issuer, idp.audience, shutdown_timeout_s="20") as (a, b):
         await platform.grant("acme.org", ADMIN)
+        await platform.applied(idp, a, b)
         yield a, b, await publish_backlog(platform)
 
 

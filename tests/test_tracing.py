@@ -109,6 +109,7 @@ async def test_deliver_span_continues_the_publishers_trace_with_recipients_and_d
     upstream: trace.Tracer,
 ) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia", "user:sam"]})
+    await platform.applied(idp, traced)
     readers = []
     for user in ("mia", "sam"):
         ws = await connect(traced.ws, idp.mint(user))
@@ -199,6 +200,7 @@ async def test_resume_on_the_url_is_a_replay_span_under_the_handshake(
     traced: RunningGateway, idp: TestIdP, platform: Platform, spans: InMemorySpanExporter,
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, traced)
     seqs = [await platform.publish("acme", "conversation:c1", data={"i": i}) for i in range(5)]
     ws = await connect(f"{traced.ws}?scope=conversation:c1&since={seqs[0]}", idp.mint("alice"))
     await welcome(ws)
@@ -229,6 +231,7 @@ async def test_sse_resume_is_a_replay_span_under_the_sse_request(
     traced: RunningGateway, idp: TestIdP, platform: Platform, spans: InMemorySpanExporter,
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, traced)
     seqs = [await platform.publish("acme", "agent:a1") for _ in range(3)]
     headers = {"Authorization": f"Bearer {idp.mint('alice')}", "Last-Event-ID": str(seqs[0])}
     async with httpx.AsyncClient(base_url=traced.http, timeout=10) as c:
@@ -256,6 +259,7 @@ async def test_history_request_is_a_server_span_with_a_replay_child_and_no_token
     traced: RunningGateway, idp: TestIdP, platform: Platform, spans: InMemorySpanExporter,
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, traced)
     seqs = [await platform.publish("acme", "process:p1") for _ in range(3)]
     token = idp.mint("alice")
     async with httpx.AsyncClient(base_url=traced.http) as c:
@@ -341,6 +345,7 @@ async def test_without_an_endpoint_there_is_no_tracing_at_all(
     app = gw.server.config.app
     assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(f"{gw.ws}?scope=conversation:c1&since=0", idp.mint("alice"))
     await welcome(ws)
     await recv_type(ws, "subscribed")

@@ -76,6 +76,7 @@ async def test_expiry_while_connected_closes_4408(gw: RunningGateway, idp: TestI
 
 async def test_refresh_extends_the_session(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice"]})
+    await platform.applied(idp, gw)
     short = idp.mint("alice", exp_in=2)
     ws = await connect(gw.ws, short)
     await welcome(ws)
@@ -107,6 +108,7 @@ async def test_refresh_for_another_subject_is_refused(gw: RunningGateway, idp: T
 
 async def test_refresh_can_change_groups_and_access(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["group:support"]})
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("sam", groups=("support",)))
     await welcome(ws)
     assert (await subscribe(ws, "conversation:c1"))["type"] == "subscribed"

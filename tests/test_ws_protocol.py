@@ -21,6 +21,7 @@ ADMIN = {"admins": ["user:alice"]}
 
 async def test_welcome_then_live_events_in_stream_order(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("alice"))
     hello = await welcome(ws)
     assert hello["principal"]["id"] == "user:alice"
@@ -40,6 +41,7 @@ async def test_welcome_then_live_events_in_stream_order(gw: RunningGateway, idp:
 async def test_one_cursor_across_scopes_no_duplicates(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     """Overlapping subscriptions (two scopes plus `*`) still give each event once, in stream order."""
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
     for i, scope in enumerate(["conversation:c1", "process:p1", "*"]):
@@ -57,6 +59,7 @@ async def test_one_cursor_across_scopes_no_duplicates(gw: RunningGateway, idp: T
 async def test_wildcard_sees_only_permitted_scopes(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:bob"]})
     await platform.grant("acme.process.p1", {"members": ["user:carol"]})
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("bob"))
     await welcome(ws)
     assert (await subscribe(ws, "*"))["type"] == "subscribed"
@@ -72,6 +75,7 @@ async def test_wildcard_sees_only_permitted_scopes(gw: RunningGateway, idp: Test
 
 async def test_unsubscribe_stops_delivery(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
     await subscribe(ws, "process:p1")
@@ -104,6 +108,7 @@ async def test_bad_frames_get_an_error_and_the_connection_lives(
     gw: RunningGateway, idp: TestIdP, platform: Platform, frame: str, code: str
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
     await ws.send(frame)
@@ -136,6 +141,7 @@ async def test_oversized_frame_closed_1009_others_unharmed(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     bystander = await connect(gw.ws, idp.mint("alice"))
     await welcome(bystander)
     await subscribe(bystander, "conversation:c1")
@@ -153,6 +159,7 @@ async def test_invalid_events_are_counted_never_delivered(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
     await subscribe(ws, "*")
@@ -180,6 +187,7 @@ async def test_unknown_event_types_pass_through_untouched(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
     await subscribe(ws, "agent:a1")
@@ -277,6 +285,7 @@ async def test_latency_and_delivery_metrics_count_deliveries(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     clients = []
     for _ in range(3):
         ws = await connect(gw.ws, idp.mint("alice"))
@@ -347,6 +356,7 @@ async def test_subscriptions_gauge_follows_subscribe_unsubscribe_and_disconnect(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     a = await connect(gw.ws, idp.mint("alice"))
     await welcome(a)
     for scope in ("conversation:c1", "process:p1", "*", "conversation:c1"):  # the repeat is not a new one
