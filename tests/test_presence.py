@@ -16,7 +16,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection
 
 from gateway.devtools.natsproc import NatsProcess
-from tests.support.gateway import GatewayEndpoint, run_gateway
+from tests.support.gateway import GatewayEndpoint, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
@@ -458,7 +458,7 @@ async def test_sse_presence_events_and_unlisted_stream(gw: GatewayEndpoint, idp:
 
 
 async def test_resume_then_snapshot_and_unsubscribe_leaves(
-    gw: GatewayEndpoint, idp: TestIdP, platform: Platform
+    gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     """With a cursor the snapshot comes after the replay's `subscribed` and events (the held live frames),
     then the client's own join; `unsubscribe` leaves the scope."""
@@ -467,6 +467,7 @@ async def test_resume_then_snapshot_and_unsubscribe_leaves(
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     await alice.members_are("user:alice")
     seqs = [await platform.publish("acme", C1) for _ in range(3)]
+    await gw.dispatched(seqs[-1])  # replayed, all three: one not yet dispatched would come live, after the snapshot
     ws = await connect(f"{gw.ws}?scope={C1}&since=0&presence=true", idp.mint("bob"))
     await welcome(ws)
     sub = await recv_type(ws, "subscribed")

@@ -168,7 +168,7 @@ async def test_permission_revoked_mid_replay_stops_that_scope_at_once(
     # every event dispatched before the client comes: all of them are the replay's (from memory), none a live
     # frame held behind it (queued before the revocation, such a frame still goes out after it)
     last = max(seq for _, seq in both)
-    await eventually(lambda: gw.gateway.hub.last_seq >= last, what="the gateway to have dispatched every event")
+    await gw.dispatched(last)
     ws = await connect_slow(f"{gw.ws}?scope=conversation:c1&scope=conversation:c2&since=0", idp.mint("mia"))
     await welcome(ws)
     await recv_type(ws, "subscribed")

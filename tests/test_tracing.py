@@ -202,6 +202,7 @@ async def test_resume_on_the_url_is_a_replay_span_under_the_handshake(
     await platform.grant("acme.org", ADMIN)
     await platform.applied(idp, traced)
     seqs = [await platform.publish("acme", "conversation:c1", data={"i": i}) for i in range(5)]
+    await traced.dispatched(seqs[-1])  # all of them replayed (the span's `until` and `events`), none live
     ws = await connect(f"{traced.ws}?scope=conversation:c1&since={seqs[0]}", idp.mint("alice"))
     await welcome(ws)
     await recv_type(ws, "subscribed")
@@ -233,6 +234,7 @@ async def test_sse_resume_is_a_replay_span_under_the_sse_request(
     await platform.grant("acme.org", ADMIN)
     await platform.applied(idp, traced)
     seqs = [await platform.publish("acme", "agent:a1") for _ in range(3)]
+    await traced.dispatched(seqs[-1])  # both replayed (the span's `events`), none live
     headers = {"Authorization": f"Bearer {idp.mint('alice')}", "Last-Event-ID": str(seqs[0])}
     async with httpx.AsyncClient(base_url=traced.http, timeout=10) as c:
         async with c.stream("GET", "/v1/sse", params={"scope": "agent:a1"}, headers=headers) as r:

@@ -70,6 +70,17 @@ class RunningGateway(GatewayEndpoint):
         self.gateway = gateway
         self.port = settings.port
 
+    async def dispatched(self, seq: int) -> None:
+        """Wait until this gateway has processed the stream up to `seq` (its hub's cursor, `last_seq`).
+
+        A published event reaches the gateway's consumer asynchronously. A client that resumes (`since`)
+        before the gateway has it gets it as a live frame after the replay instead of in the replay: the
+        `subscribed` seq, a replay's span, compaction of the replayed range and anything queued between
+        the replay and the live frames (a presence snapshot) depend on which. Tests that assert those
+        wait here after publishing."""
+        await eventually(lambda: self.gateway.hub.last_seq >= seq, what=f"the gateway to have dispatched seq {seq}",
+                         info=lambda: f"its last_seq: {self.gateway.hub.last_seq}")
+
 
 async def wait_ready(url: str, timeout: float = HANG_S) -> None:
     """Until `url`/readyz answers 200 (a hang guard of `timeout` seconds, not a start-up time limit)."""
