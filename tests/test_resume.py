@@ -207,7 +207,7 @@ async def test_slow_client_coalesced_then_closed_and_resume_has_every_lifecycle_
 
         async def read_fast() -> None:
             while len(fast_got) < 10_000:
-                fast_got.append(await recv(fast, 20))
+                fast_got.append(await recv(fast))
 
         reader = asyncio.create_task(read_fast())
         run = 0
@@ -238,7 +238,7 @@ async def test_slow_client_coalesced_then_closed_and_resume_has_every_lifecycle_
         got: list[dict] = []
         with contextlib.suppress(ConnectionClosed):
             while True:
-                frame = await recv(slow, 10)
+                frame = await recv(slow)
                 if frame["type"] == "event":
                     got.append(frame)
         assert slow.close_code == 4429
@@ -281,7 +281,7 @@ async def test_coalescing_merges_deltas_and_drops_superseded_snapshots_keeping_l
         slow.transport.resume_reading()
         got = []
         while not got or got[-1]["seq"] != published[-1][0]:
-            got.extend(await events(slow, 1, timeout=10))
+            got.extend(await events(slow, 1))
         lifecycle = [s for s, t in published if t not in ("run.message.delta", "run.state.snapshot")]
         assert [f["seq"] for f in got if f["event"]["type"] not in ("run.message.delta", "run.state.snapshot")] \
             == lifecycle

@@ -248,7 +248,7 @@ async def test_slow_client_closed_4429_others_unaffected(
         assert len(got) == n
         assert await g.metric("wsgateway_slow_client_disconnects_total") == 1
         slow.transport.resume_reading()
-        code, reason = await closed(slow, 10)
+        code, reason = await closed(slow)
         assert code == 4429 and "resume" in reason
         await fast.close()
 
@@ -260,7 +260,7 @@ async def test_graceful_shutdown_closes_1001(nats_server: object, idp: TestIdP, 
         await welcome(ws)
         await subscribe(ws, "conversation:c1")
         g.server.should_exit = True
-        code, reason = await closed(ws, 10)
+        code, reason = await closed(ws)
     assert code == 1001 and "shutting down" in reason
 
 
@@ -348,7 +348,7 @@ async def test_keepalive_pings_reap_a_dead_peer(nats_server: object, idp: TestId
         except TimeoutError:
             raise AssertionError(f"a peer that never answers a ping was not closed ({len(data)} bytes read)") from None
         assert b"\x89" in data, "expected at least one ping frame"
-        assert await g.metric("wsgateway_connections") == 0
+        await g.metric_reaches("wsgateway_connections", 0)  # forgotten (the socket's end is seen first, maybe)
         writer.close()
 
 
