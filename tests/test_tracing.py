@@ -261,7 +261,9 @@ async def test_history_request_is_a_server_span_with_a_replay_child_and_no_token
     traced: RunningGateway, idp: TestIdP, platform: Platform, spans: InMemorySpanExporter,
 ) -> None:
     await platform.grant("acme.org", ADMIN)
-    await platform.applied(idp, traced)
+    asked = await platform.applied(idp, traced)
+    await _wait_for(spans, "GET /v1/scopes", asked)  # the wait's own requests: not what this test looks at
+    spans.clear()
     seqs = [await platform.publish("acme", "process:p1") for _ in range(3)]
     token = idp.mint("alice")
     async with httpx.AsyncClient(base_url=traced.http) as c:

@@ -50,7 +50,7 @@ class Platform:
     async def revoke(self, key: str) -> None:
         await (await self.kv()).delete(key)
 
-    async def applied(self, idp: TestIdP, *gateways: GatewayEndpoint | str) -> None:
+    async def applied(self, idp: TestIdP, *gateways: GatewayEndpoint | str) -> int:
         """Wait until every gateway in `gateways` (endpoints or base URLs) has applied every ACL write made
         so far (through any client).
 
@@ -58,8 +58,10 @@ class Platform:
         that subscribes, connects or asks over HTTP right after one races that watch. The gateway applies
         the bucket's entries in stream order, so this writes a marker document (the org document of
         SYNC_TENANT, naming a new admin each time) and waits until each gateway's GET /v1/scopes says the
-        marker's principal is org admin: every write before the marker is applied by then."""
+        marker's principal is org admin: every write before the marker is applied by then. Returns how many
+        requests were answered (a traced gateway records a span for each)."""
         self._marks += 1
+        asked = 0
         subject = f"sync-{self._marks}"
         await self.grant(f"{SYNC_TENANT}.org", {"admins": [f"user:{subject}"]})
         token = idp.mint(subject, tenant=SYNC_TENANT)
@@ -68,11 +70,14 @@ class Platform:
                 base = g if isinstance(g, str) else g.http
 
                 async def marked(http: str = base) -> bool:
+                    nonlocal asked
                     r = await c.get(f"{http}/v1/scopes")
+                    asked += 1
                     return r.status_code == 200 and r.json()["org_admin"] is True
 
                 await eventually(marked, what=f"{base} to apply the ACL writes so far (marker {subject})",
                                  interval=0.05, ignore=(httpx.HTTPError,))
+        return asked
 
     async def publish(self, tenant: str, scope: str, type: str = "test.tick", **kw: Any) -> int:
         """Publish through the package's Publisher; the default type is an uncatalogued one (passes through)."""
