@@ -77,7 +77,7 @@ async def test_expiry_while_connected_closes_4408(gw: RunningGateway, idp: TestI
 async def test_refresh_extends_the_session(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice"]})
     await platform.applied(idp, gw)
-    short = idp.mint("alice", exp_in=2)
+    short = idp.mint("alice", exp_in=4)  # two connections, a subscription and a refresh before it expires
     ws = await connect(gw.ws, short)
     await welcome(ws)
     control = await connect(gw.ws, short)  # the same token, never refreshed
@@ -95,7 +95,7 @@ async def test_refresh_extends_the_session(gw: RunningGateway, idp: TestIdP, pla
 
 
 async def test_refresh_for_another_subject_is_refused(gw: RunningGateway, idp: TestIdP) -> None:
-    ws = await connect(gw.ws, idp.mint("alice", exp_in=2))
+    ws = await connect(gw.ws, idp.mint("alice", exp_in=4))  # two refreshes answered before it expires
     await welcome(ws)
     await ws.send(json.dumps({"op": "refresh", "id": 1, "token": idp.mint("mallory", exp_in=600)}))
     err = await recv_type(ws, "error")
