@@ -24,7 +24,7 @@ from gateway.auth import AUTH_FAILURE_REASONS
 from gateway.devtools.natsproc import NatsProcess
 from gateway.events import InvalidEvent
 from gateway.metrics import CONNECTION_OUTCOMES, FRAME_ERROR_CODES, KIND_LABELS, LATENCY_BUCKETS, REPLAY_SOURCES
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.promql import queried_metrics
@@ -142,7 +142,8 @@ async def test_dashboards_and_alerts_query_exported_metrics_with_bounded_labels(
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=20,
-                           socket_send_buffer=4096, connections_target=TARGET, max_connections=LIMIT) as g:
+                           socket_send_buffer=4096, connections_target=TARGET, max_connections=LIMIT,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
         await make_traffic(g, idp, platform)
         await g.metric_reaches("wsgateway_consumer_lag", 0)  # the consumer watchdog's refresh, without events
         text = await g.metrics_text()

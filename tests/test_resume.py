@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.client import GatewayClient
 from gateway.devtools.natsproc import NatsProcess
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wait import eventually
@@ -196,7 +196,8 @@ async def test_slow_client_coalesced_then_closed_and_resume_has_every_lifecycle_
     """10,000 events to a client that reads nothing: coalesced, then 4429; others keep flowing; the resumed
     client has every lifecycle event, and merged deltas carry all the text they replace."""
     await platform.grant("acme.org", ADMIN)
-    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=400) as g:
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=400,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
         slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         fast = await connect(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         await welcome(fast)
@@ -259,7 +260,8 @@ async def test_coalescing_merges_deltas_and_drops_superseded_snapshots_keeping_l
     """A client that falls behind, then catches up before its queue overflows, gets fewer frames that mean
     the same: merged deltas with the full text, only the newest snapshot, every lifecycle event in order."""
     await platform.grant("acme.org", ADMIN)
-    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=200) as g:
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=200,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
         slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         published: list[tuple[int, str]] = []
         kw = {"run_id": "r1"}

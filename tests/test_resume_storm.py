@@ -12,7 +12,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.devtools.natsproc import NatsProcess
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wait import eventually
@@ -204,7 +204,8 @@ async def test_client_slow_during_a_shared_replay_gets_4429_and_the_others_are_u
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
-    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=100) as g:
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=100,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
         pad = {"pad": "y" * 2000}
         history = [await platform.publish("acme", "conversation:c1", data=pad) for _ in range(800)]
         token = idp.mint("alice")

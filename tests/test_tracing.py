@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from gateway.config import Settings
 from gateway.devtools.natsproc import NatsProcess
 from gateway.tracing import build_provider, traces_url
-from tests.support.gateway import RunningGateway, run_gateway, scrape_metric, wait_ready
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway, scrape_metric, wait_ready
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
@@ -158,7 +158,7 @@ async def test_deliver_spans_account_for_every_coalesced_frame(
     provider = _provider(spans)
     async with run_gateway(
         nats_server.url, idp.issuer, audience=idp.audience, tracer_provider=provider,
-        queue_max_messages=50, socket_send_buffer=4096,
+        queue_max_messages=50, socket_send_buffer=4096, heartbeat_s=STALLED_HEARTBEAT_S,
     ) as g:
         slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         published = 0

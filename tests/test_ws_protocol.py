@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wait import HANG_S
@@ -229,8 +229,10 @@ async def test_slow_client_closed_4429_others_unaffected(
 ) -> None:
     await platform.grant("acme.org", ADMIN)
     url = nats_server.url  # type: ignore[attr-defined]
-    async with run_gateway(url, idp.issuer, audience=idp.audience, queue_max_messages=50) as g:
-        slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None)  # plain bytes fill buffers
+    async with run_gateway(url, idp.issuer, audience=idp.audience, queue_max_messages=50,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
+        # plain bytes fill buffers; no keepalive of its own: paused, it could not read the pongs (see connect_slow)
+        slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None, ping_interval=None)
         await welcome(slow)
         await subscribe(slow, "conversation:c1")
         fast = await connect(g.ws, idp.mint("alice"))

@@ -16,6 +16,12 @@ from gateway.config import Settings
 from tests.support.ports import free_port
 from tests.support.wait import HANG_S, eventually
 
+STALLED_HEARTBEAT_S = 10 * HANG_S
+"""`heartbeat_s` for a gateway whose test stalls a client (it stops reading until the gateway closes it as
+too slow, 4429). The gateway reaps a peer that leaves its ping unanswered for heartbeat_s plus the ping
+timeout (as long again): a stalled client reads no ping, so with the default 5 s a loaded machine, on
+which overflowing the client's queue takes longer than 10 s, got 1011 (or a reset: 1006) instead of 4429."""
+
 
 async def scrape_metric(http: str, name: str, labels: dict[str, str] | None = None) -> float:
     """Sum of the samples of `name` scraped from `http`/metrics whose labels include `labels` (0 if none)."""

@@ -35,7 +35,10 @@ async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnec
     """A client with a tiny socket receive buffer (so the server's queue, not the kernel, absorbs a backlog).
 
     It does not offer compression: the backlog is the frames' plain bytes (compressed, the tests'
-    repetitive payloads would take many times more events to fill the kernel's buffers)."""
+    repetitive payloads would take many times more events to fill the kernel's buffers). Nor does it send
+    keepalive pings: while a test keeps it from reading it could not read the pongs either, and after the
+    library's ping interval and timeout (20 s + 20 s, which a loaded machine's test can outlast) it would
+    drop the connection itself (1011, or 1006 as its own close code)."""
     import socket
     from urllib.parse import urlparse
 
@@ -44,7 +47,7 @@ async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnec
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (u.hostname or "127.0.0.1", u.port or 80))
-    return await connect(url, token, sock=sock, max_queue=1, compression=None)
+    return await connect(url, token, sock=sock, max_queue=1, compression=None, ping_interval=None)
 
 
 async def connect_stalled(url: str, token: str) -> ClientConnection:
