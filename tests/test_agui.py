@@ -66,6 +66,7 @@ async def _publish(platform: Platform, scope: str, events: list[dict[str, Any]])
 
 async def test_a_run_streams_as_the_vectors_say_with_ids(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     case = VECTORS[0]
     async with httpx.AsyncClient(base_url=gw.http, headers=_auth(idp.mint("alice")), timeout=HANG_S) as c:
         async with c.stream("GET", "/v1/agui", params={"scope": "conversation:c1"}) as r:
@@ -89,6 +90,7 @@ async def test_every_vector_through_the_real_server(
     """Published (so every vector is an event the gateway accepts), then streamed: `fold` before the stream
     opens (its prelude), `events` after; the AG-UI events are the vector's, in order."""
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     scope = case["thread"]
     await _publish(platform, scope, case["fold"])
     want = [e for group in case["out"] for e in group]
@@ -103,6 +105,7 @@ async def test_join_mid_message_gets_the_prelude_and_resume_mid_message_too(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     scope = "conversation:c2"
     run = "run-1"
     head = [
@@ -156,6 +159,7 @@ async def test_events_that_map_to_nothing_still_move_the_cursor(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     async with httpx.AsyncClient(base_url=gw.http, headers=_auth(idp.mint("alice")), timeout=HANG_S) as c:
         async with c.stream("GET", "/v1/agui", params={"scope": "process:p1"}) as r:
             seq = await platform.publish("acme", "process:p1", type="process.progress", data={"fraction": 0.1})
@@ -185,6 +189,7 @@ async def test_errors_are_clear_json(
     params: dict[str, Any], headers: dict[str, Any] | None, status: int, code: str,
 ) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     auth = {} if headers is None else {**_auth(idp.mint("mia")), **headers}
     async with httpx.AsyncClient(base_url=gw.http) as c:
         r = await c.get("/v1/agui", params=params, headers=auth)
@@ -196,6 +201,7 @@ async def test_errors_are_clear_json(
 
 async def test_a_revocation_ends_the_deliveries(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c3", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     async with httpx.AsyncClient(base_url=gw.http, headers=_auth(idp.mint("mia")), timeout=HANG_S) as c:
         async with c.stream("GET", "/v1/agui", params={"scope": "conversation:c3"}) as r:
             lines = r.aiter_lines()

@@ -15,6 +15,7 @@ from tests.support.platform import Platform
 async def test_the_typescript_bridge(gw: RunningGateway, idp: TestIdP, platform: Platform, nats_server: object) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice"]})
     await platform.grant("acme.conversation.other", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     out = await node_test("ag-ui.test.mjs", {
         "GW_HTTP": gw.http, "NATS_URL": nats_server.url,  # type: ignore[attr-defined]
         "TOKEN_ALICE": idp.mint("alice"), "TOKEN_MIA": idp.mint("mia"),

@@ -171,6 +171,7 @@ async def test_watch_prints_events_and_reconnects_with_one_line_per_step(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice"]})
+    await platform.applied(idp, gw)
     async with watch("--url", gw.ws, "--token", idp.mint("alice"), "--scope", "conversation:c1") as w:
         await eventually(lambda: any(ln.startswith('{"type": "subscribed"') for ln in w.out),
                          what="the subscribed frame", info=lambda: "\n".join(w.out + w.err))

@@ -28,9 +28,10 @@ DELTAS = {"run.message.delta": "message_id", "run.reasoning.delta": "message_id"
 Published = list[tuple[int, str, dict[str, Any]]]
 
 
-async def _long_answer(platform: Platform) -> tuple[Published, int]:
+async def _long_answer(platform: Platform, g: RunningGateway) -> tuple[Published, int]:
     """A run with a 600-delta message, reasoning, a tool call and a second message still being written;
-    returns what was published and a cursor in the middle of the first message."""
+    returns what was published and a cursor in the middle of the first message, once `g` has dispatched it
+    all (so a resume replays, and merges, the whole range instead of getting its tail live)."""
     out: Published = []
 
     async def pub(type_: str, data: dict[str, Any]) -> None:
@@ -53,6 +54,7 @@ async def _long_answer(platform: Platform) -> tuple[Published, int]:
     await pub("run.message.started", {"message_id": "m2"})
     for i in range(300):
         await pub("run.message.delta", {"message_id": "m2", "delta": f"v{i} "})
+    await g.dispatched(out[-1][0])
     return out, out[101][0]  # after m1's 100th delta
 
 
@@ -85,7 +87,8 @@ def _frames(got: list[dict[str, Any]]) -> list[tuple[int, str, int, str | None]]
 
 async def _compact_over_ws(g: RunningGateway, idp: TestIdP, platform: Platform, *, url_form: bool) -> None:
     await platform.grant("acme.org", ADMIN)
-    published, cursor = await _long_answer(platform)
+    await platform.applied(idp, g)
+    published, cursor = await _long_answer(platform, g)
     want = _expected(published, cursor)
     assert len(want) == 11  # merged: m1, the reasoning, the arguments, m2; and 7 lifecycle events
     token = idp.mint("alice")
@@ -132,7 +135,8 @@ async def test_compact_on_the_connection_url(gw: RunningGateway, idp: TestIdP, p
 
 async def test_without_compact_the_replay_has_every_delta(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
-    published, cursor = await _long_answer(platform)
+    await platform.applied(idp, gw)
+    published, cursor = await _long_answer(platform, gw)
     ws = await connect(f"{gw.ws}?scope={SCOPE}&since={cursor}&compact=false", idp.mint("alice"))
     await welcome(ws)
     await recv_type(ws, "subscribed")
@@ -144,7 +148,8 @@ async def test_without_compact_the_replay_has_every_delta(gw: RunningGateway, id
 
 async def test_compact_sse_resume(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
-    published, cursor = await _long_answer(platform)
+    await platform.applied(idp, gw)
+    published, cursor = await _long_answer(platform, gw)
     want = _expected(published, cursor)
     params = {"scope": SCOPE, "since": str(cursor), "compact": "true", "access_token": idp.mint("alice")}
     async with httpx.AsyncClient(base_url=gw.http) as c, c.stream("GET", "/v1/sse", params=params) as r:
@@ -158,7 +163,8 @@ async def test_compact_sse_resume(gw: RunningGateway, idp: TestIdP, platform: Pl
 
 async def test_compact_history_pages(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
-    published, cursor = await _long_answer(platform)
+    await platform.applied(idp, gw)
+    published, cursor = await _long_answer(platform, gw)
     headers = {"Authorization": f"Bearer {idp.mint('alice')}"}
     async with httpx.AsyncClient(base_url=gw.http, headers=headers) as c:
         params = {"scope": SCOPE, "after": str(cursor), "limit": "1000", "compact": "true"}

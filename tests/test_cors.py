@@ -119,6 +119,7 @@ async def test_responses_to_a_listed_origin_echo_it_with_vary_origin(
     cors_gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, cors_gw)
     seq = await platform.publish("acme", "conversation:c1")
     auth = {"Authorization": f"Bearer {idp.mint('alice')}"}
     async with httpx.AsyncClient(base_url=cors_gw.http) as c:
@@ -142,6 +143,7 @@ async def test_an_unlisted_origin_gets_the_answer_but_no_cors_header(
     cors_gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, cors_gw)
     auth = {"Authorization": f"Bearer {idp.mint('alice')}"}
     async with httpx.AsyncClient(base_url=cors_gw.http) as c:
         for path in CORS_PATHS:
@@ -260,6 +262,7 @@ async def test_chromium_reads_the_apis_from_a_listed_origin_and_not_from_another
     with _page_server(free_port()) as listed, _page_server(free_port()) as other:
         async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, cors_origins=listed) as g:
             await platform.grant("acme.org", ADMIN)
+            await platform.applied(idp, g)
             await platform.publish("acme", "conversation:c1")
             seq = await platform.publish("acme", "conversation:c1")
             config = {"gateway": g.http, "token": idp.mint("alice", exp_in=600), "scope": "conversation:c1",

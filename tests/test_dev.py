@@ -71,7 +71,7 @@ async def test_dev_mode_streams_simulated_events_and_stops_cleanly() -> None:
         assert (await recv(ws))["type"] == "subscribed"
         scopes = set()
         for _ in range(5):
-            frame = await recv(ws, timeout=20)
+            frame = await recv(ws)
             assert frame["type"] == "event"
             scopes.add(frame["event"]["scope"])
         assert scopes == {"conversation:support"}  # carol sees only what her group may see

@@ -14,7 +14,7 @@ import pytest
 import uvloop
 
 from gateway.devtools.natsproc import NatsProcess
-from tests.support.gateway import run_gateway
+from tests.support.gateway import STALLED_HEARTBEAT_S, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wsclient import closed, connect, events, subscribe, welcome
@@ -32,10 +32,11 @@ def test_on_uvloop_a_reading_client_gets_everything_in_order_and_a_stalled_one_4
         platform = await Platform.connect(nats_server.url)
         try:
             await platform.grant("acme.org", ADMIN)
-            async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=50) as g:
+            async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=50,
+                                   heartbeat_s=STALLED_HEARTBEAT_S) as g:
                 # no compression: the repetitive payload must fill the kernel's buffers as plain bytes
-                slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None,
-                                     ping_interval=None)  # its reading is paused: no pings (see connect_slow)
+                # no keepalive of its own: paused, it could not read the pongs (see wsclient.connect_slow)
+                slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None, ping_interval=None)
                 await welcome(slow)
                 await subscribe(slow, "conversation:c1")
                 fast = await connect(g.ws, idp.mint("alice"))
@@ -53,7 +54,7 @@ def test_on_uvloop_a_reading_client_gets_everything_in_order_and_a_stalled_one_4
                 assert len(seqs) == n and seqs == sorted(set(seqs))
                 assert await g.metric("wsgateway_slow_client_disconnects_total") == 1
                 slow.transport.resume_reading()
-                code, reason = await closed(slow, 10)
+                code, reason = await closed(slow)
                 assert code == 4429 and "resume" in reason
                 await fast.close()
         finally:

@@ -130,6 +130,7 @@ async def test_the_http_api_answers_every_generated_request_as_documented(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     for i in range(5):
         await platform.publish("acme", "conversation:c1", data={"i": i})
         await platform.publish("acme", "process:p1", type="process.input_required",

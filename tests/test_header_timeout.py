@@ -256,6 +256,7 @@ async def test_200_half_open_upgrade_requests_are_closed_while_clients_connect_a
     gw1: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw1)
     deadline = _deadline(gw1)
     partial = upgrade_request(token=idp.mint("alice"))[:-2]  # all but the blank line that ends the headers
     stalled = await asyncio.gather(*(_unfinished(gw1.port, partial) for _ in range(200)))
@@ -294,6 +295,7 @@ async def test_idle_websocket_and_sse_stream_outlive_the_deadline(
     gw1: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw1)
     token = idp.mint("alice")
     ws = await connect(gw1.ws, token)
     await welcome(ws)

@@ -27,6 +27,7 @@ async def test_history_pages_equal_what_a_live_subscriber_saw(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(f"{gw.ws}?scope=conversation:c1", idp.mint("alice"))
     await welcome(ws)
     await recv_type(ws, "subscribed")
@@ -54,6 +55,7 @@ async def test_history_pages_equal_what_a_live_subscriber_saw(
 
 async def test_history_with_access_token_query(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     seq = await platform.publish("acme", "agent:a1")
     async with httpx.AsyncClient(base_url=gw.http) as c:
         r = await c.get("/v1/history", params={"scope": "agent:a1", "access_token": idp.mint("alice")})
@@ -77,6 +79,7 @@ async def test_history_errors_are_clear_json(
     gw: RunningGateway, idp: TestIdP, platform: Platform, params: dict[str, str], status: int, code: str
 ) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     headers = {} if status == 401 else _auth(idp.mint("mia"))
     async with httpx.AsyncClient(base_url=gw.http, headers=headers) as c:
         r = await c.get("/v1/history", params=params)
@@ -105,6 +108,7 @@ async def test_sse_streams_live_events_with_ids_and_resumes_with_last_event_id(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     token = idp.mint("alice")
     async with httpx.AsyncClient(base_url=gw.http, timeout=10) as c:
         async with c.stream("GET", "/v1/sse", params={"scope": "process:p1", "access_token": token}) as r:

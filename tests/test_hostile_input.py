@@ -84,6 +84,7 @@ class Failures:
 @pytest.fixture
 async def token(gw: RunningGateway, idp: TestIdP, platform: Platform) -> str:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     return idp.mint("alice")
 
 

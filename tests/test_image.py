@@ -204,6 +204,7 @@ async def test_gateway_in_the_image_serves_and_drains_on_sigterm(
         assert os.readlink(f"/proc/{pid}/root") != "/", "the gateway runs inside the image's root file system"
 
         await platform.grant("acme.org", {"admins": ["user:alice"]})
+        await platform.applied(idp, base)
         ws = await connect(f"ws://127.0.0.1:{port}/v1/ws?scope=conversation:c1", idp.mint("alice"),
                            via="subprotocol")
         await welcome(ws)

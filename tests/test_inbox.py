@@ -152,7 +152,8 @@ async def test_answer_completion_and_expiry_resolve_requests(
     await ask(platform, "process:p1", "a2", ["group:ops"])
     await ask(platform, "process:p2", "b1", ["mia", "nick"])
     await ask(platform, "process:p2", "past", ["mia"], expires_at="2020-01-01T00:00:00Z")
-    await ask(platform, "process:p2", "later", ["mia"], expires_at="2999-01-01T00:00:00Z")
+    later = await ask(platform, "process:p2", "later", ["mia"], expires_at="2999-01-01T00:00:00Z")
+    await ready.dispatched(later)  # GET /v1/inbox answers from what the gateway has read of the stream
     assert await open_ids(ready, token(idp, "mia")) == ["a1", "b1", "later"]  # expired: not open
     await answer(platform, "process:p1", "a1")
     await answer(platform, "process:p1", "unknown")  # answers nothing anybody was asked: nobody gets it
@@ -373,7 +374,7 @@ async def test_the_python_sdk_keeps_the_inbox_from_get_then_the_scope(
 ) -> None:
     """GET /v1/inbox, then GatewayClient on `inbox` from its `seq`: InboxView ends where GET /v1/inbox is."""
     await ask(platform, "process:p1", "before", ["mia"])
-    await ask(platform, "process:p2", "old", ["mia"])
+    await ready.dispatched(await ask(platform, "process:p2", "old", ["mia"]))  # both in the gateway's inbox
     view = InboxView()
     body = (await get_inbox(ready, token(idp, "mia"))).json()
     view.load(body)

@@ -82,6 +82,7 @@ async def test_sdk_in_headless_chromium_live_drop_and_resume(rig: Rig, tmp_path:
     ensure_browser()
     ensure_js()
     await rig.platform.grant("acme.conversation.b1", {"members": ["user:alice"]})
+    await rig.platform.applied(rig.idp, rig.env["GW_HTTP"])
     config = {"gateway": rig.env["GW_HTTP"], "control": rig.env["CONTROL"], "scope": "conversation:b1"}
     out = await run_driver_async("sdk.mjs", config, tmp_path)
     assert out["problems"] == [], out["problems"]
@@ -110,6 +111,7 @@ async def test_sdk_in_headless_chromium_restart_refresh_revocation_4401_and_sse(
     ensure_js()
     for key in ("refresh", "final", "sse", "restart"):
         await rig.platform.grant(f"acme.{LIFECYCLE_SCOPES[key].replace(':', '.')}", {"members": ["user:alice"]})
+    await rig.platform.applied(rig.idp, rig.env["GW_HTTP"])
     # A process event in the stream before the restart: a gateway restarting on a stream that holds events but
     # none of events.*.process.* never becomes ready (the inbox's start-up scan, gateway/core/history.py
     # `scan`, waits for an event that does not come and retries every 30 s). Not what this test is about.
@@ -184,6 +186,7 @@ async def test_agui_gateway_agent_in_headless_chromium(rig: Rig, tmp_path: Path)
     ensure_js()
     scope = "conversation:bl-agui"
     await rig.platform.grant("acme.conversation.bl-agui", {"members": ["user:alice"]})
+    await rig.platform.applied(rig.idp, rig.env["GW_HTTP"])
     config = {"gateway": rig.env["GW_HTTP"], "control": rig.env["CONTROL"], "scope": scope}
     out = await run_driver_async("agui.mjs", config, tmp_path)
     assert out["problems"] == [] and out["consoleErrors"]["unexpected"] == [], out
@@ -217,6 +220,7 @@ async def test_node_publisher_example_follows_the_rules(rig: Rig, idp: TestIdP) 
     client receives; the same id again is deduplicated by JetStream and never delivered twice."""
     ensure_js()
     await rig.platform.grant("acme.process.p-node", {"members": ["user:alice"]})
+    await rig.platform.applied(rig.idp, rig.env["GW_HTTP"])
     assert rig.gateway is not None
     ws = await connect(f"{rig.gateway.ws}?scope=process:p-node", idp.mint("alice"))
     try:

@@ -24,7 +24,7 @@ from gateway.auth import AUTH_FAILURE_REASONS
 from gateway.devtools.natsproc import NatsProcess
 from gateway.events import InvalidEvent
 from gateway.metrics import CONNECTION_OUTCOMES, FRAME_ERROR_CODES, KIND_LABELS, LATENCY_BUCKETS, REPLAY_SOURCES
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.promql import queried_metrics
@@ -62,6 +62,7 @@ def value(scraped: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 async def make_traffic(g: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice"]})
     await platform.grant("acme.conversation.c1", {"members": [f"user:{u}" for u in USERS[1:]]})
+    await platform.applied(idp, g)
 
     # live delivery of every kind to several users, one connection per (user, kind)
     clients = []
@@ -129,7 +130,7 @@ async def make_traffic(g: RunningGateway, idp: TestIdP, platform: Platform) -> N
         if i % 25 == 0 and await g.metric("wsgateway_slow_client_disconnects_total"):
             break
     slow.transport.resume_reading()
-    assert (await closed(slow, 10))[0] == 4429
+    assert (await closed(slow))[0] == 4429
 
     for ws in [*clients, admin, resumed]:
         await ws.close()
@@ -141,7 +142,8 @@ async def test_dashboards_and_alerts_query_exported_metrics_with_bounded_labels(
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=20,
-                           socket_send_buffer=4096, connections_target=TARGET, max_connections=LIMIT) as g:
+                           socket_send_buffer=4096, connections_target=TARGET, max_connections=LIMIT,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
         await make_traffic(g, idp, platform)
         await g.metric_reaches("wsgateway_consumer_lag", 0)  # the consumer watchdog's refresh, without events
         text = await g.metrics_text()
@@ -193,6 +195,7 @@ async def test_connections_and_subscriptions_gauges_follow_clients(
 ) -> None:
     """The gauges the autoscaler and the dashboards read go up and back down (SSE counted too)."""
     await platform.grant("acme.org", {"admins": ["user:alice"]})
+    await platform.applied(idp, gw)
     ws = await connect(f"{gw.ws}?scope=conversation:a,conversation:b", idp.mint("alice"))
     await welcome(ws)
     await recv(ws)

@@ -16,7 +16,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection
 
 from gateway.devtools.natsproc import NatsProcess
-from tests.support.gateway import GatewayEndpoint, run_gateway
+from tests.support.gateway import GatewayEndpoint, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
@@ -136,8 +136,9 @@ async def test_snapshot_then_deltas_across_two_instances(
         await carol.close()
         await alice.members_are("user:alice", "user:bob")
         await bob.close()
-        await eventually(lambda: presence_ids(g2, idp.mint("alice")), what="g2 to agree")
-        assert await presence_ids(g2, idp.mint("alice")) == {"user:alice", "user:bob"}
+        # g2 knows bob2 (on g1) from g1's bucket entry, written on g1's next flush: wait for the members
+        # themselves (a non-empty answer, as waited for before, could still lack him)
+        await eventually(_ids_are(g2, idp.mint("alice"), {"user:alice", "user:bob"}), what="g2 to agree")
         await bob2.close()
         await alice.members_are("user:alice")
         # a watcher on the other instance starts from the same truth
@@ -152,6 +153,7 @@ async def test_unlisted_watcher_receives_but_is_not_listed(
     gw: GatewayEndpoint, nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice", "user:erin", "user:dan"]})
+    await platform.applied(idp, gw)
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     await alice.members_are("user:alice")
     erin = await Watcher.open(gw.ws, idp.mint("erin"), listed=False)  # watches without being listed
@@ -223,6 +225,7 @@ async def test_revoked_user_leaves_and_stops_receiving(
     await platform.grant("acme.org", {"admins": ["user:alice", "user:dan"]})
     await platform.grant("acme.conversation.c1", {"members": ["bob"]})
     await platform.grant("acme.conversation.c2", {"members": ["bob"]})
+    await platform.applied(idp, gw)
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     bob = await Watcher.open(gw.ws, idp.mint("bob"))
     assert (await subscribe(bob.ws, "conversation:c2", rid="c2"))["type"] == "subscribed"  # for the marker
@@ -250,6 +253,7 @@ async def test_revoked_user_leaves_and_stops_receiving(
 
 async def test_get_presence_auth_and_parameters(gw: GatewayEndpoint, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["bob"]})
+    await platform.applied(idp, gw)
     r = await get_presence(gw, None)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert r.json()["error"]["code"] == "unauthorized"
@@ -320,16 +324,16 @@ async def test_agents_active_from_run_events(nats_server: NatsProcess, idp: Test
         await alice.until("two runs", lambda w: set(w.agents) == {"run-1", "run-2"})
         assert alice.agents["run-1"]["agent_id"] == "researcher" and alice.agents["run-1"]["since"]
         assert "agent_id" not in alice.agents["run-2"]
-        # an instance started after run.started learns it from the others' entries
+        # an instance started after run.started learns it from the others' entries (g1 writes its entry
+        # to the bucket on its next flush, which may come after alice's view has the runs)
         async with run_gateway(url, idp.issuer, audience=idp.audience, **FAST) as g2:
-            r = await get_presence(g2, idp.mint("alice"))
-            assert {a["run_id"] for a in r.json()["agents"]} == {"run-1", "run-2"}
-            await platform.publish("acme", C1, "run.finished", run_id="run-1", data={"outcome": "success"})
-            await alice.until("run-1 finished", lambda w: set(w.agents) == {"run-2"})
 
             async def agents_on_g2() -> set[str]:
                 return {a["run_id"] for a in (await get_presence(g2, idp.mint("alice"))).json()["agents"]}
 
+            await eventually(lambda: _equals(agents_on_g2, {"run-1", "run-2"}), what="g2 to learn both runs")
+            await platform.publish("acme", C1, "run.finished", run_id="run-1", data={"outcome": "success"})
+            await alice.until("run-1 finished", lambda w: set(w.agents) == {"run-2"})
             await eventually(lambda: _equals(agents_on_g2, {"run-2"}), what="g2 to see run-1 finished")
         await alice.ws.close()
 
@@ -350,6 +354,7 @@ def _ids_are(g: GatewayEndpoint, token: str, want: set[str]) -> Any:
 
 async def test_presence_fields_are_checked(gw: GatewayEndpoint, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
     cases: list[tuple[dict[str, Any], str]] = [
@@ -432,6 +437,7 @@ async def test_sse_presence_events_and_unlisted_stream(gw: GatewayEndpoint, idp:
     from tests.test_history_sse import _sse_events
 
     await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
+    await platform.applied(idp, gw)
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     await alice.members_are("user:alice")
     params = {"scope": C1, "presence": "true", "listed": "false", "access_token": idp.mint("bob")}
@@ -453,14 +459,16 @@ async def test_sse_presence_events_and_unlisted_stream(gw: GatewayEndpoint, idp:
 
 
 async def test_resume_then_snapshot_and_unsubscribe_leaves(
-    gw: GatewayEndpoint, idp: TestIdP, platform: Platform
+    gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     """With a cursor the snapshot comes after the replay's `subscribed` and events (the held live frames),
     then the client's own join; `unsubscribe` leaves the scope."""
     await platform.grant("acme.org", {"admins": ["user:alice", "user:bob"]})
+    await platform.applied(idp, gw)
     alice = await Watcher.open(gw.ws, idp.mint("alice"))
     await alice.members_are("user:alice")
     seqs = [await platform.publish("acme", C1) for _ in range(3)]
+    await gw.dispatched(seqs[-1])  # replayed, all three: one not yet dispatched would come live, after the snapshot
     ws = await connect(f"{gw.ws}?scope={C1}&since=0&presence=true", idp.mint("bob"))
     await welcome(ws)
     sub = await recv_type(ws, "subscribed")

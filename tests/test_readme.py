@@ -56,7 +56,7 @@ async def test_readme_publisher_example_works_against_make_run(tmp_path: Path) -
         assert out.returncode == 0, out.stderr
         seq = re.fullmatch(r"stored as stream sequence (\d+)\n", out.stdout)
         assert seq, out.stdout
-        frame = await recv_type(ws, "event", timeout=20)  # what the viewer shows alice
+        frame = await recv_type(ws, "event")  # what the viewer shows alice
         assert frame["seq"] == int(seq.group(1))
         assert frame["event"]["type"] == "process.progress" and frame["event"]["scope"] == "process:onboarding"
         await ws.close()

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.client import GatewayClient
 from gateway.devtools.natsproc import NatsProcess
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wait import eventually
@@ -38,6 +38,7 @@ async def test_since_replays_then_goes_live_with_no_gap_or_duplicate_under_load(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     history = [await platform.publish("acme", "conversation:c1") for _ in range(300)]
     for _ in range(50):
         await platform.publish("acme", "process:other")  # not in the scope
@@ -68,6 +69,7 @@ async def test_url_since_resumes_several_scopes_as_one_ordered_stream(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     seqs = []
     for i in range(60):
         seqs.append((["conversation:a", "process:b", "agent:c"][i % 3], await platform.publish(
@@ -89,6 +91,7 @@ async def test_url_since_resumes_several_scopes_as_one_ordered_stream(
 async def test_replay_rechecks_permissions_per_event(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
     await platform.grant("acme.conversation.c2", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     mine = [await platform.publish("acme", scope) for scope in ["conversation:c1", "conversation:c2"] * 5]
     await platform.revoke("acme.conversation.c2")  # access as it is NOW decides
     # the gateway has applied the revocation once a probe is refused c2, or is told it was revoked
@@ -117,6 +120,7 @@ async def test_purged_history_says_recovered_false_and_earliest(idp: TestIdP) ->
         platform = Platform(nc)
         async with run_gateway(natsd.url, idp.issuer, audience=idp.audience) as g:
             await platform.grant("acme.org", ADMIN)
+            await platform.applied(idp, g)
             seqs = [await platform.publish("acme", "conversation:c1") for _ in range(100)]
             ws = await connect(g.ws, idp.mint("alice"))
             await welcome(ws)
@@ -133,6 +137,7 @@ async def test_cursor_ahead_of_the_stream_is_not_recovered(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     await platform.publish("acme", "conversation:c1")
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)
@@ -158,6 +163,7 @@ async def test_client_helper_reconnects_with_its_cursor(
 ) -> None:
     """Drop the connection mid-stream while publishing continues: the app sees exactly what was published."""
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     client = GatewayClient(gw.ws, token=idp.mint("alice"), scopes=["conversation:c1", "process:p1"], since=0)
     published: list[int] = []
     received: list[int] = []
@@ -190,7 +196,8 @@ async def test_slow_client_coalesced_then_closed_and_resume_has_every_lifecycle_
     """10,000 events to a client that reads nothing: coalesced, then 4429; others keep flowing; the resumed
     client has every lifecycle event, and merged deltas carry all the text they replace."""
     await platform.grant("acme.org", ADMIN)
-    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=400) as g:
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=400,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
         slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         fast = await connect(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         await welcome(fast)
@@ -201,7 +208,7 @@ async def test_slow_client_coalesced_then_closed_and_resume_has_every_lifecycle_
 
         async def read_fast() -> None:
             while len(fast_got) < 10_000:
-                fast_got.append(await recv(fast, 20))
+                fast_got.append(await recv(fast))
 
         reader = asyncio.create_task(read_fast())
         run = 0
@@ -232,7 +239,7 @@ async def test_slow_client_coalesced_then_closed_and_resume_has_every_lifecycle_
         got: list[dict] = []
         with contextlib.suppress(ConnectionClosed):
             while True:
-                frame = await recv(slow, 10)
+                frame = await recv(slow)
                 if frame["type"] == "event":
                     got.append(frame)
         assert slow.close_code == 4429
@@ -253,7 +260,8 @@ async def test_coalescing_merges_deltas_and_drops_superseded_snapshots_keeping_l
     """A client that falls behind, then catches up before its queue overflows, gets fewer frames that mean
     the same: merged deltas with the full text, only the newest snapshot, every lifecycle event in order."""
     await platform.grant("acme.org", ADMIN)
-    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=200) as g:
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=200,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
         slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         published: list[tuple[int, str]] = []
         kw = {"run_id": "r1"}
@@ -275,7 +283,7 @@ async def test_coalescing_merges_deltas_and_drops_superseded_snapshots_keeping_l
         slow.transport.resume_reading()
         got = []
         while not got or got[-1]["seq"] != published[-1][0]:
-            got.extend(await events(slow, 1, timeout=10))
+            got.extend(await events(slow, 1))
         lifecycle = [s for s, t in published if t not in ("run.message.delta", "run.state.snapshot")]
         assert [f["seq"] for f in got if f["event"]["type"] not in ("run.message.delta", "run.state.snapshot")] \
             == lifecycle
@@ -299,6 +307,7 @@ async def test_large_replay_does_not_stall_live_delivery_to_others(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     body = {"blob": "z" * 400}
     for _ in range(20):  # 20,000 retained events, published in pipelined chunks
         await asyncio.gather(*(platform.publish("acme", "conversation:big", data=body) for _ in range(1000)))

@@ -12,7 +12,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.devtools.natsproc import NatsProcess
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wait import eventually
@@ -45,6 +45,7 @@ async def test_many_clients_resuming_one_scope_at_once_get_exactly_their_missing
     """60 clients of one scope resume at once while events keep flowing: 30 from the same cursor, 30 from
     cursors spread over the history; each gets exactly the events after its cursor, then live ones."""
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     history: list[int] = []
     for i in range(240):
         history.append(await platform.publish("acme", "conversation:c1"))
@@ -78,6 +79,7 @@ async def test_several_scopes_and_wildcard_from_memory_keep_stream_order(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     scopes = ["conversation:a", "process:b", "agent:c"]
     seqs = [(scopes[i % 3], await platform.publish("acme", scopes[i % 3])) for i in range(90)]
     await platform.publish("other", "conversation:a")  # another tenant: never seen
@@ -157,6 +159,7 @@ async def test_permission_revoked_mid_replay_stops_that_scope_at_once(
     comes after the replay."""
     await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
     await platform.grant("acme.conversation.c2", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     pad = {"pad": "x" * 2000}  # 3,000 events of 2 KB: far more than the socket buffers hold
     both: list[tuple[str, int]] = []
     for _ in range(6):
@@ -165,7 +168,7 @@ async def test_permission_revoked_mid_replay_stops_that_scope_at_once(
     # every event dispatched before the client comes: all of them are the replay's (from memory), none a live
     # frame held behind it (queued before the revocation, such a frame still goes out after it)
     last = max(seq for _, seq in both)
-    await eventually(lambda: gw.gateway.hub.last_seq >= last, what="the gateway to have dispatched every event")
+    await gw.dispatched(last)
     ws = await connect_slow(f"{gw.ws}?scope=conversation:c1&scope=conversation:c2&since=0", idp.mint("mia"))
     await welcome(ws)
     await recv_type(ws, "subscribed")
@@ -201,7 +204,8 @@ async def test_client_slow_during_a_shared_replay_gets_4429_and_the_others_are_u
     nats_server: NatsProcess, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
-    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=100) as g:
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=100,
+                           heartbeat_s=STALLED_HEARTBEAT_S) as g:
         pad = {"pad": "y" * 2000}
         history = [await platform.publish("acme", "conversation:c1", data=pad) for _ in range(800)]
         token = idp.mint("alice")
@@ -238,6 +242,7 @@ async def test_subscribe_frame_with_since_is_served_from_memory_too(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     seqs = [await platform.publish("acme", "agent:a1") for _ in range(10)]
     ws = await connect(gw.ws, idp.mint("alice"))
     await welcome(ws)

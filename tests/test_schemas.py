@@ -89,6 +89,7 @@ async def test_real_frames_fit_the_server_frame_models(
     """Every server frame type, as a real gateway sends it, validates against its model."""
     await platform.grant("acme.conversation.c1", {"members": ["user:alice"]})
     await platform.grant("acme.conversation.c2", {"members": ["user:alice"]})
+    await platform.applied(idp, gw)
     seen: dict[str, dict[str, Any]] = {}
 
     def check(frame: dict[str, Any]) -> None:

@@ -57,7 +57,7 @@ async def test_each_user_lists_exactly_the_scopes_they_may_see(
 ) -> None:
     await _grant_all(platform)
     token = idp.mint(sub, groups=groups)
-    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
+    await platform.applied(idp, gw)  # every document, beta's (the last) too
     r = await _scopes(gw, token)
     assert _names(r) == expected
     body = r.json()
@@ -65,13 +65,9 @@ async def test_each_user_lists_exactly_the_scopes_they_may_see(
     assert body["org_admin"] is (sub == "olga")
 
 
-async def _has_docs(gw: RunningGateway, idp: TestIdP) -> bool:
-    return len(_names(await _scopes(gw, idp.mint("olga")))) == 4
-
-
 async def test_each_scope_says_why_it_is_visible(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await _grant_all(platform)
-    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
+    await platform.applied(idp, gw)  # every document, beta's (the last) too
     via = {s["scope"]: s["via"] for s in (await _scopes(gw, idp.mint("ann", groups=("auditors",)))).json()["scopes"]}
     assert via == {"conversation:c1": "viewer of project p1 (group:auditors)",
                    "process:pr1": "viewer of project p1 (group:auditors)"}
@@ -84,7 +80,7 @@ async def test_each_scope_says_why_it_is_visible(gw: RunningGateway, idp: TestId
 
 async def test_the_list_follows_acl_changes_live(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await _grant_all(platform)
-    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
+    await platform.applied(idp, gw)  # every document, beta's (the last) too
     token = idp.mint("mia")
     assert _names(await _scopes(gw, token)) == ["conversation:c1", "conversation:c2"]
     await platform.grant("acme.conversation.c2", {"members": []})
@@ -99,14 +95,14 @@ async def test_the_list_follows_acl_changes_live(gw: RunningGateway, idp: TestId
 
 async def test_tenants_never_mix(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await _grant_all(platform)
-    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
+    await platform.applied(idp, gw)  # every document, beta's (the last) too
     assert _names(await _scopes(gw, idp.mint("mia", tenant="beta"))) == ["conversation:c1"]
     assert _names(await _scopes(gw, idp.mint("olga", tenant="beta"))) == []  # admin of acme only
 
 
 async def test_pages_with_after_and_limit(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await _grant_all(platform)
-    await eventually(lambda: _has_docs(gw, idp), what="the gateway to have loaded every ACL document", interval=0.05)
+    await platform.applied(idp, gw)  # every document, beta's (the last) too
     token = idp.mint("olga")
     pages, after = [], ""
     while True:

@@ -18,7 +18,7 @@ from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
 from tests.support.wait import HANG_S, eventually
-from tests.support.wsclient import closed, connect, events, subscribe, welcome
+from tests.support.wsclient import closed, connect, events, recv_type, subscribe, welcome
 
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
 
@@ -52,7 +52,15 @@ async def test_two_workers_share_one_port_each_with_its_own_consumer(
         for _ in range(12):  # the kernel spreads these over both workers
             ws = await connect(f"ws://127.0.0.1:{port}/v1/ws", idp.mint("alice"))
             await welcome(ws)
-            await subscribe(ws, "conversation:c1")
+            # the grant is a KV write each worker applies on its own, and GET /v1/scopes cannot choose the
+            # worker it asks: a worker that has not applied it yet answers `forbidden`, and the pending
+            # subscription starts (`subscribed`) once it has, before any event below is published
+            ack = await subscribe(ws, "conversation:c1")
+            if ack["type"] == "error":
+                assert ack["code"] == "forbidden", ack
+                await recv_type(ws, "subscribed")
+            else:
+                assert ack["type"] == "subscribed", ack
             clients.append(ws)
         seqs = [await platform.publish("acme", "conversation:c1") for _ in range(5)]
         for ws in clients:
@@ -103,6 +111,7 @@ async def test_shutdown_ends_sse_streams_with_a_close_event_at_once(
         base = f"http://127.0.0.1:{port}"
         await wait_ready(base, timeout=40)
         await platform.grant("acme.org", {"admins": ["user:alice"]})
+        await platform.applied(idp, base)
         seq = await platform.publish("acme", "conversation:c1")
         body = b""
         async with httpx.AsyncClient(timeout=HANG_S) as c:

@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.devtools.natsproc import NatsProcess
-from tests.support.gateway import scrape_metric
+from tests.support.gateway import STALLED_HEARTBEAT_S, scrape_metric
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.procs import GatewayProcess, gateway_processes
@@ -92,8 +92,10 @@ async def two_gateways_and_a_backlog(
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, list[int]]]:
     """Gateways A and B (a shutdown long enough for the drained stream to be read), alice an org admin,
     and the backlog published after both started (so A has received it all)."""
-    async with gateway_processes(2, nats_server.url, idp.issuer, idp.audience, shutdown_timeout_s="20") as (a, b):
+    async with gateway_processes(2, nats_server.url, idp.issuer, idp.audience, shutdown_timeout_s="20",
+                                 heartbeat_s=str(STALLED_HEARTBEAT_S)) as (a, b):  # a paused client is not dead
         await platform.grant("acme.org", ADMIN)
+        await platform.applied(idp, a, b)
         yield a, b, await publish_backlog(platform)
 
 
@@ -125,7 +127,7 @@ async def slow_ws(url: str, token: str) -> ClientConnection:
     await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
     return await websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}, sock=sock,
                                     max_queue=1, max_size=None, open_timeout=10, compression=None,
-                                    ping_interval=None)  # paused reading: no client keepalive (see connect_slow)
+                                    ping_interval=None)  # paused, it could not read pongs (connect_slow)
 
 
 async def ws_events(ws: ClientConnection, into: list[int], *, until: int | None = None) -> None:

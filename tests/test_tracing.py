@@ -32,7 +32,7 @@ from starlette.background import BackgroundTask
 from gateway.config import Settings
 from gateway.devtools.natsproc import NatsProcess
 from gateway.tracing import build_provider, traces_url
-from tests.support.gateway import RunningGateway, run_gateway, scrape_metric, wait_ready
+from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway, scrape_metric, wait_ready
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.ports import free_port
@@ -109,6 +109,7 @@ async def test_deliver_span_continues_the_publishers_trace_with_recipients_and_d
     upstream: trace.Tracer,
 ) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia", "user:sam"]})
+    await platform.applied(idp, traced)
     readers = []
     for user in ("mia", "sam"):
         ws = await connect(traced.ws, idp.mint(user))
@@ -157,7 +158,7 @@ async def test_deliver_spans_account_for_every_coalesced_frame(
     provider = _provider(spans)
     async with run_gateway(
         nats_server.url, idp.issuer, audience=idp.audience, tracer_provider=provider,
-        queue_max_messages=50, socket_send_buffer=4096,
+        queue_max_messages=50, socket_send_buffer=4096, heartbeat_s=STALLED_HEARTBEAT_S,
     ) as g:
         slow = await connect_stalled(f"{g.ws}?scope=conversation:c1", idp.mint("alice"))
         published = 0
@@ -199,7 +200,9 @@ async def test_resume_on_the_url_is_a_replay_span_under_the_handshake(
     traced: RunningGateway, idp: TestIdP, platform: Platform, spans: InMemorySpanExporter,
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, traced)
     seqs = [await platform.publish("acme", "conversation:c1", data={"i": i}) for i in range(5)]
+    await traced.dispatched(seqs[-1])  # all of them replayed (the span's `until` and `events`), none live
     ws = await connect(f"{traced.ws}?scope=conversation:c1&since={seqs[0]}", idp.mint("alice"))
     await welcome(ws)
     await recv_type(ws, "subscribed")
@@ -229,7 +232,9 @@ async def test_sse_resume_is_a_replay_span_under_the_sse_request(
     traced: RunningGateway, idp: TestIdP, platform: Platform, spans: InMemorySpanExporter,
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, traced)
     seqs = [await platform.publish("acme", "agent:a1") for _ in range(3)]
+    await traced.dispatched(seqs[-1])  # both replayed (the span's `events`), none live
     headers = {"Authorization": f"Bearer {idp.mint('alice')}", "Last-Event-ID": str(seqs[0])}
     async with httpx.AsyncClient(base_url=traced.http, timeout=10) as c:
         async with c.stream("GET", "/v1/sse", params={"scope": "agent:a1"}, headers=headers) as r:
@@ -256,6 +261,9 @@ async def test_history_request_is_a_server_span_with_a_replay_child_and_no_token
     traced: RunningGateway, idp: TestIdP, platform: Platform, spans: InMemorySpanExporter,
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    asked = await platform.applied(idp, traced)
+    await _wait_for(spans, "GET /v1/scopes", asked)  # the wait's own requests: not what this test looks at
+    spans.clear()
     seqs = [await platform.publish("acme", "process:p1") for _ in range(3)]
     token = idp.mint("alice")
     async with httpx.AsyncClient(base_url=traced.http) as c:
@@ -341,6 +349,7 @@ async def test_without_an_endpoint_there_is_no_tracing_at_all(
     app = gw.server.config.app
     assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     ws = await connect(f"{gw.ws}?scope=conversation:c1&since=0", idp.mint("alice"))
     await welcome(ws)
     await recv_type(ws, "subscribed")

@@ -68,6 +68,7 @@ async def test_compressing_and_plain_clients_get_identical_events(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     zipped = await connect(gw.ws, idp.mint("alice"))  # the library's default: offers permessage-deflate
     plain = await connect(gw.ws, idp.mint("alice"), compression=None)
     assert compresses(zipped) and not compresses(plain)
@@ -87,6 +88,7 @@ async def test_compressed_frames_are_smaller_on_the_wire_and_carry_the_same_byte
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     zipped = await open_websocket(gw.port, idp.mint("alice"), "/v1/ws?scope=conversation:c1", headers=(OFFER,))
     plain = await open_websocket(gw.port, idp.mint("alice"), "/v1/ws?scope=conversation:c1")
     try:
@@ -112,6 +114,7 @@ async def test_each_frame_is_compressed_once_whatever_the_number_of_compressing_
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     clients = [await connect(gw.ws, idp.mint("alice")) for _ in range(4)]
     clients.append(await connect(gw.ws, idp.mint("alice"), compression=None))
     for ws in clients:
@@ -275,6 +278,7 @@ async def test_a_compressing_client_resumes_like_any_other(
 ) -> None:
     """Replayed frames (the resume path) are compressed too and arrive in order."""
     await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
     seqs = [await platform.publish("acme", "conversation:c1", data={"text": TEXTY, "i": i}) for i in range(5)]
     ws = await connect(f"{gw.ws}?scope=conversation:c1&since={seqs[0] - 1}", idp.mint("alice"))
     assert compresses(ws)

@@ -34,6 +34,7 @@ async def test_an_idle_connection_keeps_no_task_and_is_still_served(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice"]})
+    await platform.applied(idp, gw)
     clients = [await connect(gw.ws, idp.mint("alice")) for _ in range(10)]
     for ws in clients:
         await welcome(ws)

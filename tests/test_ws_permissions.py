@@ -53,6 +53,7 @@ async def test_permission_matrix(
 ) -> None:
     for key, doc in {**ACLS, **MARKERS}.items():
         await platform.grant(key, doc)
+    await platform.applied(idp, gw)
     assert sub in SUBS
     ws = await connect(gw.ws, idp.mint(sub, tenant=tenant, groups=groups))
     await welcome(ws)
@@ -74,6 +75,7 @@ async def test_permission_matrix(
 async def test_revocation_while_connected(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
     await platform.grant("acme.agent.marker", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("mia"))
     await welcome(ws)
     assert (await subscribe(ws, "conversation:c1"))["type"] == "subscribed"
@@ -92,6 +94,7 @@ async def test_revocation_by_deleting_the_entry_and_wildcard(
 ) -> None:
     await platform.grant("acme.process.pr1", {"owner": "user:owen"})
     await platform.grant("acme.agent.marker", {"members": ["user:owen"]})
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("owen"))
     await welcome(ws)
     await subscribe(ws, "*")
@@ -108,6 +111,7 @@ async def test_grant_while_connected_starts_pending_subscription(
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.agent.marker", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("mia"))
     await welcome(ws)
     assert (await subscribe(ws, "conversation:c1"))["code"] == "forbidden"
@@ -125,6 +129,7 @@ async def test_grant_while_connected_starts_pending_subscription(
 
 async def test_unreadable_acl_document_denies(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
     await platform.grant("acme.conversation.c1", {"members": ["user:mia"]})
+    await platform.applied(idp, gw)
     ws = await connect(gw.ws, idp.mint("mia"))
     await welcome(ws)
     await subscribe(ws, "conversation:c1")
@@ -141,6 +146,7 @@ async def test_document_with_a_string_where_a_list_belongs_denies(
 ) -> None:
     """`{"members": "bob"}` must not become the members b and o: the document is refused (deny)."""
     await platform.grant("acme.conversation.c1", {"members": "bob"})
+    await platform.applied(idp, gw)
     for sub in ("bob", "b", "o"):
         ws = await connect(gw.ws, idp.mint(sub))
         await welcome(ws)

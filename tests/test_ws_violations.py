@@ -102,6 +102,7 @@ async def test_each_violation_is_answered_with_its_close_code_then_the_connectio
     gw: RunningGateway, idp: TestIdP, platform: Platform
 ) -> None:
     await platform.grant("acme.org", {"admins": ["user:alice"]})
+    await platform.applied(idp, gw)
     bystander = await connect(gw.ws, idp.mint("alice"))
     await welcome(bystander)
     await subscribe(bystander, "conversation:c1")

@@ -16,6 +16,12 @@ from gateway.config import Settings
 from tests.support.ports import free_port
 from tests.support.wait import HANG_S, eventually
 
+STALLED_HEARTBEAT_S = 10 * HANG_S
+"""`heartbeat_s` for a gateway whose test stalls a client (it stops reading until the gateway closes it as
+too slow, 4429). The gateway reaps a peer that leaves its ping unanswered for heartbeat_s plus the ping
+timeout (as long again): a stalled client reads no ping, so with the default 5 s a loaded machine, on
+which overflowing the client's queue takes longer than 10 s, got 1011 (or a reset: 1006) instead of 4429."""
+
 
 async def scrape_metric(http: str, name: str, labels: dict[str, str] | None = None) -> float:
     """Sum of the samples of `name` scraped from `http`/metrics whose labels include `labels` (0 if none)."""
@@ -69,6 +75,17 @@ class RunningGateway(GatewayEndpoint):
         self.server = server
         self.gateway = gateway
         self.port = settings.port
+
+    async def dispatched(self, seq: int) -> None:
+        """Wait until this gateway has processed the stream up to `seq` (its hub's cursor, `last_seq`).
+
+        A published event reaches the gateway's consumer asynchronously. A client that resumes (`since`)
+        before the gateway has it gets it as a live frame after the replay instead of in the replay: the
+        `subscribed` seq, a replay's span, compaction of the replayed range and anything queued between
+        the replay and the live frames (a presence snapshot) depend on which. Tests that assert those
+        wait here after publishing."""
+        await eventually(lambda: self.gateway.hub.last_seq >= seq, what=f"the gateway to have dispatched seq {seq}",
+                         info=lambda: f"its last_seq: {self.gateway.hub.last_seq}")
 
 
 async def wait_ready(url: str, timeout: float = HANG_S) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import nats
@@ -12,6 +12,13 @@ from nats.aio.client import Client
 from gateway.sdk.publisher import Publisher
 from tests.support.wait import eventually
 
+if TYPE_CHECKING:
+    from tests.support.gateway import GatewayEndpoint
+    from tests.support.idp import TestIdP
+
+SYNC_TENANT = "wsgateway-sync"
+"""A tenant of its own for `Platform.applied`'s marker document (no test's tenant sees it)."""
+
 
 class Platform:
     def __init__(self, nc: Client, bucket: str = "wsgateway-acl", prefix: str = "events") -> None:
@@ -20,6 +27,7 @@ class Platform:
         self.bucket = bucket
         self.publisher = Publisher(self.js, subject_prefix=prefix)
         self._kv: Any = None
+        self._marks = 0
 
     @classmethod
     async def connect(cls, url: str, **kw: Any) -> Platform:
@@ -41,6 +49,35 @@ class Platform:
 
     async def revoke(self, key: str) -> None:
         await (await self.kv()).delete(key)
+
+    async def applied(self, idp: TestIdP, *gateways: GatewayEndpoint | str) -> int:
+        """Wait until every gateway in `gateways` (endpoints or base URLs) has applied every ACL write made
+        so far (through any client).
+
+        A grant or revocation is a KV write each gateway applies asynchronously through its watch; a test
+        that subscribes, connects or asks over HTTP right after one races that watch. The gateway applies
+        the bucket's entries in stream order, so this writes a marker document (the org document of
+        SYNC_TENANT, naming a new admin each time) and waits until each gateway's GET /v1/scopes says the
+        marker's principal is org admin: every write before the marker is applied by then. Returns how many
+        requests were answered (a traced gateway records a span for each)."""
+        self._marks += 1
+        asked = 0
+        subject = f"sync-{self._marks}"
+        await self.grant(f"{SYNC_TENANT}.org", {"admins": [f"user:{subject}"]})
+        token = idp.mint(subject, tenant=SYNC_TENANT)
+        async with httpx.AsyncClient(timeout=5, headers={"Authorization": f"Bearer {token}"}) as c:
+            for g in gateways:
+                base = g if isinstance(g, str) else g.http
+
+                async def marked(http: str = base) -> bool:
+                    nonlocal asked
+                    r = await c.get(f"{http}/v1/scopes")
+                    asked += 1
+                    return r.status_code == 200 and r.json()["org_admin"] is True
+
+                await eventually(marked, what=f"{base} to apply the ACL writes so far (marker {subject})",
+                                 interval=0.05, ignore=(httpx.HTTPError,))
+        return asked
 
     async def publish(self, tenant: str, scope: str, type: str = "test.tick", **kw: Any) -> int:
         """Publish through the package's Publisher; the default type is an uncatalogued one (passes through)."""

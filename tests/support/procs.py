@@ -12,7 +12,6 @@ import contextlib
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import httpx
 
 from gateway.devtools.natsproc import NatsProcess, die_with_parent
 from tests.support.gateway import GatewayEndpoint
-from tests.support.ports import free_port
+from tests.support.ports import free_port, free_ports
 from tests.support.wait import HANG_S, eventually
 
 WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
@@ -32,15 +31,6 @@ WSGATEWAY = str(Path(sys.executable).parent / "wsgateway")
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     die_with_parent(signal.SIGKILL)
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (all bound at once, so none is handed out twice)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 class GatewayProcess(GatewayEndpoint):

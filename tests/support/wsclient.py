@@ -35,9 +35,10 @@ async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnec
     """A client with a tiny socket receive buffer (so the server's queue, not the kernel, absorbs a backlog).
 
     It does not offer compression: the backlog is the frames' plain bytes (compressed, the tests'
-    repetitive payloads would take many times more events to fill the kernel's buffers). Nor does it ping
-    (websockets' keepalive): a test pauses its reading, so it would not see the pongs and, on a loaded
-    machine, would drop the connection itself (1006) after ping interval + timeout (40 s)."""
+    repetitive payloads would take many times more events to fill the kernel's buffers). Nor does it send
+    keepalive pings: while a test keeps it from reading it could not read the pongs either, and after the
+    library's ping interval and timeout (20 s + 20 s, which a loaded machine's test can outlast) it would
+    drop the connection itself (1011, or 1006 as its own close code)."""
     import socket
     from urllib.parse import urlparse
 
