@@ -7,10 +7,11 @@ import math
 import os
 import resource
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from gateway.devtools.ports import free_port as free_port  # the benchmarks' servers take their ports from here
 
 PR_SET_PDEATHSIG = 1
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -123,12 +124,6 @@ def tree_cpu_times(pid: int) -> tuple[float, float]:
 def tree_rss_kib(pid: int) -> int:
     """VmRSS of a process and its live descendants, in KiB."""
     return sum(rss_kib(p) for p in process_tree(pid))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

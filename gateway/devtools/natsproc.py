@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gateway.devtools.ports import free_port
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -38,12 +40,6 @@ def find_nats_server() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class NatsProcess:
     """One `nats-server -js` on loopback, with its own store dir; can be stopped, killed and restarted."""
 
@@ -58,7 +54,7 @@ class NatsProcess:
         server_name: str | None = None,
         quiet: bool = True,
     ) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._own_dir = store_dir is None
         self.store_dir = store_dir or Path(tempfile.mkdtemp(prefix="wsgw-nats-"))
         self.cluster_name = cluster_name
