@@ -100,6 +100,12 @@ class Keys:
         self.server.server_close()
 
 
+def per_core(cpu_us: float) -> float:
+    """Handshakes per core-second from CPU µs per handshake; nan when the phase used less CPU than the
+    kernel's accounting tick (10 ms) resolves (too few connections: measure more)."""
+    return 1e6 / cpu_us if cpu_us > 0 else float("nan")
+
+
 def user_sys(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process tree."""
     user = system = 0.0
@@ -229,7 +235,8 @@ def main() -> int:
                 fanout.log(f"round {r + 1} {kind:8} {alg}: {res['connected']} in {res['wall_s']:.2f}s = "
                            f"{res['per_s']:,.0f}/s, server {res['cpu_us']:.0f} µs CPU each "
                            f"({res['sys_us']:.0f} system) "
-                           f"({1e6 / res['cpu_us']:,.0f} per core-second), machine busy {res['host_busy_pct']:.0f}%; "
+                           f"({per_core(res['cpu_us']):,.0f} per core-second), "
+                           f"machine busy {res['host_busy_pct']:.0f}%; "
                            f"{res['open']} open, the gateway holds {res['server_fds']} fds of its limit "
                            f"{res['server_fd_limit']} ({res['server_own_fds']} its own)")
         if args.profile:
@@ -246,11 +253,11 @@ def main() -> int:
     summary = {}
     for (kind, alg), rs in results.items():
         m = {k: statistics.median(r[k] for r in rs) for k in ("per_s", "cpu_us", "sys_us", "host_busy_pct")}
-        summary[f"{kind} {alg}"] = {**m, "per_core_s": 1e6 / m["cpu_us"], "rounds": rs}
+        summary[f"{kind} {alg}"] = {**m, "per_core_s": per_core(m["cpu_us"]), "rounds": rs}
         print(f"  {kind:10s} {alg:6s} {m['per_s']:13,.0f} {m['cpu_us']:12.0f} {m['sys_us']:10.0f} "
-              f"{1e6 / m['cpu_us']:11,.0f} "
+              f"{per_core(m['cpu_us']):11,.0f} "
               f"{m['host_busy_pct']:6.0f}   (per core-s by round: "
-              f"{' '.join(format(1e6 / r['cpu_us'], ',.0f') for r in rs)})")
+              f"{' '.join(format(per_core(r['cpu_us']), ',.0f') for r in rs)})")
     every = [r for rs in results.values() for r in rs]
     if every:
         own, limit = max(r["server_own_fds"] for r in every), min(r["server_fd_limit"] for r in every)

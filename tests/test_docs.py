@@ -7,6 +7,7 @@ documented breaks the build instead of silently making the docs wrong.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import unicodedata
@@ -138,10 +139,17 @@ def test_make_targets_behind_the_quick_start_exist() -> None:
     assert "make test" in _read(ROOT / ".ci" / "run")
 
 
+def _outside_make() -> dict[str, str]:
+    """The environment without what a calling make passes down (`make test` runs this suite): a nested make
+    would print "Entering directory" lines and inherit the caller's flags."""
+    return {k: v for k, v in os.environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"}}
+
+
 def test_make_run_installs_only_the_venv_and_nats_server() -> None:
     """The demo's system dependency is nats-server alone; chromium, prometheus, npm tools, buildah come with
     `make test` (what `make -n -B run` would do: the venv, ensure-apt.sh nats-server, wsgateway dev)."""
-    out = subprocess.run(["make", "-n", "-B", "run"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-B", "run"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, check=True, env=_outside_make())
     apt = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("scripts/ensure-apt.sh")]
     assert apt == [["nats-server=nats-server"]], out.stdout
     assert "ensure-npm" not in out.stdout and "build-" not in out.stdout, out.stdout

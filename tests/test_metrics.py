@@ -213,7 +213,8 @@ async def test_connections_and_subscriptions_gauges_follow_clients(
     await gw.metric_reaches("wsgateway_connections", 0)
     assert await gw.metric("wsgateway_subscriptions") == 0
     assert await gw.metric("wsgateway_connections_target") == 0  # not set: exported as 0
-    assert await gw.metric("wsgateway_connections_limit") == gw.settings.max_connections
+    # the limit in force: WSGATEWAY_MAX_CONNECTIONS, or less where ulimit -n leaves less (config.fit_open_file_limit)
+    assert await gw.metric("wsgateway_connections_limit") == gw.gateway.settings.max_connections
 
 
 async def test_consumer_lag_is_refreshed_without_events(gw: RunningGateway) -> None:
