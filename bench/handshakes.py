@@ -46,6 +46,7 @@ from benchutil import fd_usage, load_processes, process_tree, raise_nofile  # no
 from cryptography.hazmat.primitives.asymmetric import ec, rsa  # noqa: E402
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm  # noqa: E402
 
+from gateway.config import FD_RESERVE  # noqa: E402
 from gateway.devtools.natsproc import NatsProcess  # noqa: E402
 
 ALGS = ("RS256", "ES256")
@@ -263,7 +264,8 @@ def main() -> int:
         own, limit = max(r["server_own_fds"] for r in every), min(r["server_fd_limit"] for r in every)
         print(f"  connections open at the end of a phase: {min(r['open'] for r in every):,}; the gateway's own "
               f"descriptors besides them: at most {own} of its limit {limit:,}, so one process holds at most "
-              f"{limit - own:,} connections (the scrapes of /metrics and /readyz and a JWKS fetch need a few more)")
+              f"{limit - own:,} connections (the scrapes of /metrics and /readyz and a JWKS fetch need a few more); "
+              f"the gateway admits {limit - FD_RESERVE:,} (its limit minus {FD_RESERVE}) and answers 4429 beyond")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=1))
     return 0
