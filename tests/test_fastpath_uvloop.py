@@ -17,7 +17,7 @@ from gateway.devtools.natsproc import NatsProcess
 from tests.support.gateway import STALLED_HEARTBEAT_S, run_gateway
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
-from tests.support.wsclient import closed, connect, events, subscribe, welcome
+from tests.support.wsclient import closed, events, slow_and_fast
 
 pytestmark = pytest.mark.usefixtures("fast_path")
 
@@ -34,14 +34,7 @@ def test_on_uvloop_a_reading_client_gets_everything_in_order_and_a_stalled_one_4
             await platform.grant("acme.org", ADMIN)
             async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, queue_max_messages=50,
                                    heartbeat_s=STALLED_HEARTBEAT_S) as g:
-                # no compression: the repetitive payload must fill the kernel's buffers as plain bytes
-                # no keepalive of its own: paused, it could not read the pongs (see wsclient.connect_slow)
-                slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None, ping_interval=None)
-                await welcome(slow)
-                await subscribe(slow, "conversation:c1")
-                fast = await connect(g.ws, idp.mint("alice"))
-                await welcome(fast)
-                await subscribe(fast, "conversation:c1")
+                slow, fast = await slow_and_fast(g.ws, idp.mint("alice"), "conversation:c1")
                 writes = {type(c.write).__name__ for c in g.gateway.hub.connections.values()}
                 assert writes == ({"Sink"} if fast_path == "c" else {"method"}), writes
                 slow.transport.pause_reading()  # the kernel's buffers fill up, then the transport's, then the queue

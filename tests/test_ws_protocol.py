@@ -11,7 +11,17 @@ from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gatew
 from tests.support.idp import TestIdP
 from tests.support.platform import Platform
 from tests.support.wait import HANG_S
-from tests.support.wsclient import closed, connect, events, nothing_before, recv, recv_type, subscribe, welcome
+from tests.support.wsclient import (
+    closed,
+    connect,
+    events,
+    nothing_before,
+    recv,
+    recv_type,
+    slow_and_fast,
+    subscribe,
+    welcome,
+)
 
 # every test under both of fan-out's loops, compiled and Python (tests/conftest.py, `fast_path`)
 pytestmark = pytest.mark.usefixtures("fast_path")
@@ -231,13 +241,7 @@ async def test_slow_client_closed_4429_others_unaffected(
     url = nats_server.url  # type: ignore[attr-defined]
     async with run_gateway(url, idp.issuer, audience=idp.audience, queue_max_messages=50,
                            heartbeat_s=STALLED_HEARTBEAT_S) as g:
-        # plain bytes fill buffers; no keepalive of its own: paused, it could not read the pongs (see connect_slow)
-        slow = await connect(g.ws, idp.mint("alice"), max_queue=1, compression=None, ping_interval=None)
-        await welcome(slow)
-        await subscribe(slow, "conversation:c1")
-        fast = await connect(g.ws, idp.mint("alice"))
-        await welcome(fast)
-        await subscribe(fast, "conversation:c1")
+        slow, fast = await slow_and_fast(g.ws, idp.mint("alice"), "conversation:c1")
         # stop reading on the slow socket: pause its transport so the kernel buffers fill up
         slow.transport.pause_reading()
         # enough to overflow the kernel's socket buffers (several MB on loopback) and the queue

@@ -50,6 +50,17 @@ async def connect_slow(url: str, token: str, rcvbuf: int = 4096) -> ClientConnec
     return await connect(url, token, sock=sock, max_queue=1, compression=None, ping_interval=None)
 
 
+async def slow_and_fast(url: str, token: str, scope: str) -> tuple[ClientConnection, ClientConnection]:
+    """Two clients subscribed to `scope`: one whose reading a test will pause (no compression: its backlog
+    fills the kernel's buffers as plain bytes; no keepalive pings, as `connect_slow`), and one that reads."""
+    slow = await connect(url, token, max_queue=1, compression=None, ping_interval=None)
+    fast = await connect(url, token)
+    for ws in (slow, fast):
+        await welcome(ws)
+        await subscribe(ws, scope)
+    return slow, fast
+
+
 async def connect_stalled(url: str, token: str) -> ClientConnection:
     """A slow client (see `connect_slow`) subscribed through the URL's `scope`, that has now stopped reading:
     the server's backlog for it builds up in the gateway's queue."""
