@@ -19,7 +19,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import asyncio
-import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 import jwt
+import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
@@ -243,12 +244,28 @@ def _b64url(segment: str) -> bytes:
 
     Canonical: the unused low bits of the last character are zero, as PyJWT requires (one token, one
     encoding)."""
-    if len(segment) % 4 == 1:
+    rest = len(segment) % 4
+    if rest == 1:
         raise ValueError("impossible base64 length")
-    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment.encode("ascii"):
+    if rest and _B64URL_VALUE[segment[-1]] & _UNUSED_BITS[rest]:
         raise ValueError("non-canonical base64")
-    return data
+    return binascii.a2b_base64(segment.translate(_B64URL_TO_STANDARD) + _PADDING[rest])
+
+
+_B64URL_VALUE = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+_UNUSED_BITS = {2: 0b1111, 3: 0b11}  # 2 characters left: 12 bits for 8; 3 characters: 18 bits for 16
+_PADDING = {0: "", 2: "==", 3: "="}
+_B64URL_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+def _json(data: bytes) -> Any:
+    """`json.loads` (what PyJWT uses, and what decides what a token may hold), through orjson when orjson
+    accepts it: orjson is stricter (no NaN, no integers beyond 64 bits), never laxer, and the values of
+    what both read are the same."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _int_claim(value: Any) -> int | None:
@@ -271,16 +288,22 @@ def _check_crit(header: Mapping[str, Any]) -> None:
         raise AuthError("malformed", "token is malformed")
 
 
+MAX_EXPIRES_AT = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the latest expiry a Principal carries
+_SHA256 = hashes.SHA256()  # stateless descriptions of the algorithms, made once
+_PKCS1V15 = padding.PKCS1v15()
+_ECDSA_SHA256 = ec.ECDSA(_SHA256)
+
+
 def _signature_ok(alg: str, key: Any, signing_input: bytes, signature: bytes) -> bool:
     """The JWS signature over `signing_input`, checked with the prepared public key (cryptography)."""
     try:
         if alg == "RS256":
-            key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+            key.verify(signature, signing_input, _PKCS1V15, _SHA256)
         elif alg == "ES256":
             if len(signature) != 64:  # JWS: r || s, 32 bytes each (RFC 7518 3.4)
                 return False
             r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-            key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hashes.SHA256()))
+            key.verify(encode_dss_signature(r, s), signing_input, _ECDSA_SHA256)
         elif alg == "EdDSA":
             key.verify(signature, signing_input)
         else:
@@ -526,7 +549,7 @@ class TokenVerifier:
             raise AuthError("malformed", "token is not a JWT")
         h_seg, p_seg, s_seg = token.split(".")  # exactly three: the pattern above
         try:
-            header = json.loads(_b64url(h_seg))
+            header = _json(_b64url(h_seg))
         except ValueError:
             raise AuthError("malformed", "token header is not decodable") from None
         if not isinstance(header, dict):
@@ -550,7 +573,7 @@ class TokenVerifier:
         if not _signature_ok(alg, key.key, f"{h_seg}.{p_seg}".encode(), signature):
             raise AuthError("bad_signature", _MESSAGES["bad_signature"])
         try:
-            claims = json.loads(payload)
+            claims = _json(payload)
         except ValueError:
             raise AuthError("malformed", "token is malformed") from None
         if not isinstance(claims, dict):
@@ -614,6 +637,11 @@ class TokenVerifier:
             groups = tuple(dict.fromkeys(g for g in raw_groups if g))
         else:
             raise AuthError("missing_claim", f"token {self.groups_claim!r} claim must be a string list")
-        exp = claims["exp"]
-        return Principal(subject=sub, tenant=tenant, groups=groups, expires_at=float(exp),
-                         display_name=profile_name(claims.get("name")), picture=profile_picture(claims.get("picture")))
+        try:  # a NumericDate (_check_claims), read as PyJWT reads it; one beyond the year 9999 is that year
+            expires_at = min(float(claims["exp"]), MAX_EXPIRES_AT)  # (frames carry it as a 64-bit integer)
+        except OverflowError:
+            expires_at = MAX_EXPIRES_AT
+        # every field is checked above (types included): built without a second, slower validation
+        return Principal.model_construct(
+            subject=sub, tenant=tenant, groups=groups, expires_at=expires_at,
+            display_name=profile_name(claims.get("name")), picture=profile_picture(claims.get("picture")))

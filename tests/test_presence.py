@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import httpx
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from websockets.asyncio.client import ClientConnection
 
 from gateway.devtools.natsproc import NatsProcess
@@ -486,3 +487,53 @@ async def test_resume_then_snapshot_and_unsubscribe_leaves(
     await alice.members_are("user:alice")
     await ws.close()
     await alice.ws.close()
+
+
+async def test_the_bucket_entry_follows_every_join_and_leave(
+    nats_server: NatsProcess, idp: TestIdP, platform: Platform
+) -> None:
+    """What other instances read of this one (its bucket entry) is exact after joins, second tabs, leaves and a
+    name on the token: the members as encoded rows, each with its connection count, and nothing stale."""
+    await platform.grant("acme.org", ADMIN)
+    await platform.grant("acme.conversation.c1", {"members": ["bob", "carol"]})
+    kv: Any = None  # the gateway makes the bucket when it starts
+
+    async def entry() -> dict[str, Any] | None:
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            return None
+        for key in keys:
+            if key.endswith(".acme.conversation.c1"):
+                try:
+                    got = await kv.get(key)
+                except KeyNotFoundError:  # deleted
+                    return None
+                return json.loads(got.value) if got.value else None
+        return None
+
+    async def members() -> dict[str, list[Any]]:
+        doc = await entry()
+        return {} if doc is None else {m[0]: m for m in doc["m"]}
+
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, **FAST) as g:
+        kv = await platform.js.key_value("wsgateway-presence")
+        await platform.applied(idp, g)
+        alice = await Watcher.open(g.ws, idp.mint("alice", extra={"name": "Alice A."}))
+        alice2 = await watching(g.ws, idp.mint("alice"))
+        bob = await watching(g.ws, idp.mint("bob"))
+        want = {"user:alice": ["user:alice", "Alice A.", None, 2], "user:bob": ["user:bob", None, None, 1]}
+        await eventually(lambda: _equals(members, want), what="alice twice and bob in the entry")
+        assert (await entry()) == {"m": list(want.values()), "a": []}  # the order they joined in, no "x"
+        await alice2.close()
+        want["user:alice"][3] = 1
+        await eventually(lambda: _equals(members, want), what="alice's second tab gone from the entry")
+        await bob.close()
+        del want["user:bob"]
+        await eventually(lambda: _equals(members, want), what="bob gone from the entry")
+        carol = await watching(g.ws, idp.mint("carol"))
+        want["user:carol"] = ["user:carol", None, None, 1]
+        await eventually(lambda: _equals(members, want), what="carol in the entry")
+        await carol.close()
+        await alice.ws.close()
+        await eventually(lambda: _equals(entry, None), what="the entry gone with its last member")

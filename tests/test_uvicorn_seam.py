@@ -78,7 +78,8 @@ METHODS: dict[str, tuple[str, ...]] = {
 }
 # What GatewayWSProtocol adds: names uvicorn's class must not have (or an override would be silent).
 ADDED = ("channel", "flag", "close_now", "fail", "failed", "inflate", "detached", "holding", "receive_with",
-         "hold_reading", "release_reading", "_read_on", "upgrade", "accept_now", "connection_made_from")
+         "hold_reading", "release_reading", "_read_on", "upgrade", "accept_now", "connection_made_from",
+         "_start_eagerly")
 # What uvicorn may call on the objects transport.py replaces with lighter ones.
 QUEUE_USES = {"put_nowait", "get", "empty"}  # _Inbox
 WRITABLE_USES = {"set", "clear", "is_set", "wait"}  # _Flag
@@ -127,6 +128,25 @@ MIRRORED: dict[str, list[str]] = {
         "self.logger.error('ASGI callable returned without completing handshake.')",
         "self.logger.error(\"ASGI callable should return None, but returned '%s'.\", result)",
         "self.transport.close()",
+    ],
+    # handle_connect is repeated whole (the RawChannel in the scope's extensions, the app's call started
+    # eagerly instead of in a task): uvicorn's scope, and the task it would have made
+    "handle_connect": [
+        "headers = [(b'host', event.host.encode())]",
+        "headers += [(key.lower(), value) for key, value in event.extra_headers]",
+        "raw_path, _, query_string = event.target.partition('?')",
+        "path = unquote(raw_path)",
+        "full_path = self.root_path + path",
+        "full_raw_path = self.root_path.encode('ascii') + raw_path.encode('ascii')",
+        "self.scope: WebSocketScope = {'type': 'websocket', 'asgi': {'version': self.asgi_version, "
+        "'spec_version': '2.4'}, 'http_version': '1.1', 'scheme': self.scheme, 'server': self.server, "
+        "'client': self.client, 'root_path': self.root_path, 'path': full_path, 'raw_path': full_raw_path, "
+        "'query_string': query_string.encode('ascii'), 'headers': headers, 'subprotocols': event.subprotocols, "
+        "'state': self.app_state.copy(), 'extensions': {'websocket.http.response': {}}}",
+        "self.queue.put_nowait({'type': 'websocket.connect'})",
+        "task = self.loop.create_task(self.run_asgi())",
+        "task.add_done_callback(self.on_task_complete)",
+        "self.tasks.add(task)",
     ],
     # ... and handle_message's pause after each message is undone for a detached session
     "handle_message": ["self.queue.put_nowait(self.buffer.to_message())", "self.read_paused = True",

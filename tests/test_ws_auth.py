@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 
 import pytest
 
 from tests.support.gateway import RunningGateway
 from tests.support.idp import TestIdP, public_pem
 from tests.support.platform import Platform
+from tests.support.wait import eventually
 from tests.support.wsclient import closed, connect, events, recv, recv_type, subscribe, welcome
 
 
@@ -135,6 +137,32 @@ async def test_key_rotation_without_restart(gw: RunningGateway, idp: TestIdP) ->
     await ws2.close()
 
 
+async def test_a_handshake_waiting_for_the_jwks_holds_up_no_other(gw: RunningGateway, idp: TestIdP) -> None:
+    """A token of a new key waits for the JWKS fetch (its handshake goes on in a task of its own); meanwhile
+    tokens of known keys are answered, and once the JWKS arrives the waiting handshakes complete, in full."""
+    kid = idp.rotate("RS256")
+    idp.jwks_gate = gate = threading.Event()
+    waiting: list[asyncio.Task[object]] = []
+    try:
+        fetches = idp.jwks_fetches
+
+        async def handshake(token: str) -> object:
+            ws = await connect(gw.ws, token)
+            try:
+                return (await recv(ws))["type"]
+            finally:
+                await ws.close()
+
+        waiting = [asyncio.create_task(handshake(idp.mint(f"new{i}", kid=kid))) for i in range(3)]
+        await eventually(lambda: idp.jwks_fetches > fetches, what="the gateway fetching the JWKS for the new kid")
+        assert await handshake(idp.mint("known", kid=idp.kid("ES256"), alg="ES256")) == "welcome"
+        assert not any(t.done() for t in waiting), "a handshake waiting for the JWKS finished before it came"
+    finally:
+        gate.set()
+        idp.jwks_gate = None
+    assert await asyncio.gather(*waiting) == ["welcome"] * 3
+
+
 async def test_tokens_from_a_real_openid_provider(nats_server: object) -> None:
     from tests.support.gateway import run_gateway
     from tests.support.oidc_provider import OidcProviderProcess
@@ -146,3 +174,12 @@ async def test_tokens_from_a_real_openid_provider(nats_server: object) -> None:
             hello = await welcome(ws)
             assert hello["principal"]["tenant"]
             await ws.close()
+
+
+@pytest.mark.parametrize("exp", [2**70, 10**400, 1e300, 253_402_300_800], ids=["2^70", "10^400", "1e300", "y10000"])
+async def test_an_expiry_beyond_the_year_9999_is_that_year(gw: RunningGateway, idp: TestIdP, exp: float) -> None:
+    """PyJWT accepts any NumericDate; the gateway carries it as a 64-bit integer, so a later one is 9999-12-31
+    (before, 2^63 and beyond failed the handshake with an exception, and 10^400 did too)."""
+    ws = await connect(gw.ws, idp.mint("alice", extra={"exp": exp}))
+    assert (await welcome(ws))["expires_at"] == 253_402_300_799
+    await ws.close()

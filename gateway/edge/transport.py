@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import unquote
 
 import wsproto.events
 from uvicorn.logging import TRACE_LOG_LEVEL
@@ -394,6 +396,42 @@ _BAD_UPGRADE = (
 _INFLATE_CODES = (CloseReason.MESSAGE_TOO_BIG, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
 
 
+class _Continued:
+    """The rest of a coroutine that `GatewayWSProtocol._start_eagerly` ran up to its first wait: awaited by a
+    task, it hands that wait (`first`) to the task, then relays what the task sends or throws (a result, a
+    cancellation) to the coroutine until it returns."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, waiting = self.coro, self.first
+        self.first = None
+        while True:
+            try:
+                sent = yield waiting
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # the task's cancellation, thrown in where the coroutine waits
+                try:
+                    waiting = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    waiting = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
+    return await _Continued(coro, first)
+
+
 class GatewayWSProtocol(WSProtocol):
     """uvicorn's wsproto protocol, exposing a RawChannel in the scope's extensions."""
 
@@ -410,15 +448,50 @@ class GatewayWSProtocol(WSProtocol):
         self.writable = self.flag  # type: ignore[assignment]  # duck-typed asyncio.Event (see _Flag)
 
     def handle_connect(self, event: wsproto.events.Request) -> None:
+        """uvicorn's (its scope, then the app's call), with the RawChannel in the scope and the call started
+        at once (`_start_eagerly`) instead of in a task that runs in a later turn of the loop."""
         if self.config.ws_per_message_deflate:  # WSGATEWAY_WS_COMPRESSION (uvicorn's own deflate is never used)
             answer = negotiate(cast("list[str]", event.extensions))  # a server's Request: the header's offers
             if answer is not None:
                 self.inflate = Inflate(answer, self.config.ws_max_size)
-        super().handle_connect(event)
+        headers = [(b"host", event.host.encode())]
+        headers += [(key.lower(), value) for key, value in event.extra_headers]
+        raw_path, _, query_string = event.target.partition("?")
         self.channel = RawChannel(self)
         # uvicorn types extension values as dicts; ours is an object the session reads back (session.py)
-        extensions = cast("dict[str, object]", self.scope["extensions"])
-        extensions[EXTENSION] = self.channel
+        extensions: dict[str, Any] = {"websocket.http.response": {}, EXTENSION: self.channel}
+        self.scope = {  # type: ignore[typeddict-unknown-key]
+            "type": "websocket",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": self.scheme,
+            "server": self.server,
+            "client": self.client,
+            "root_path": self.root_path,
+            "path": self.root_path + unquote(raw_path),
+            "raw_path": self.root_path.encode("ascii") + raw_path.encode("ascii"),
+            "query_string": query_string.encode("ascii"),
+            "headers": headers,
+            "subprotocols": event.subprotocols,
+            "state": self.app_state.copy(),
+            "extensions": extensions,
+        }
+        self.queue.put_nowait({"type": "websocket.connect"})
+        self._start_eagerly(self.run_asgi())
+
+    def _start_eagerly(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the app's call now, up to its first real wait, as a task's first step would (in a copy of the
+        context); only if it waits does it become a task, which continues it. A handshake whose token key
+        is known never waits: it is done in the callback that read the request, with no task, no scheduling
+        and no loop turn of its own (Python 3.12's eager tasks; this is 3.11)."""
+        ctx = contextvars.copy_context()
+        try:
+            waiting = ctx.run(coro.send, None)
+        except StopIteration:
+            return
+        task = self.loop.create_task(_resume(coro, waiting), context=ctx)
+        task.add_done_callback(self.on_task_complete)
+        self.tasks.add(task)
 
     def connection_made_from(self, http: Any) -> None:
         """uvicorn's `connection_made` for a connection that `http` (its HTTP protocol) hands over, with the

@@ -24,6 +24,8 @@ from typing import Any
 
 import jwt
 import pytest
+
+from tests.support.wait import HANG_S
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
@@ -102,6 +104,8 @@ class TestIdP:
         self.jwks_status = 200
         #: Seconds the JWKS response is delayed (to make concurrent refetches overlap).
         self.jwks_delay_s = 0.0
+        #: While set to an unset Event, JWKS requests wait for it (at most HANG_S): a JWKS fetch held open.
+        self.jwks_gate: threading.Event | None = None
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
@@ -302,6 +306,9 @@ class TestIdP:
                         idp.jwks_fetches += 1
                     if idp.jwks_delay_s:
                         time.sleep(idp.jwks_delay_s)
+                    gate = idp.jwks_gate
+                    if gate is not None:
+                        gate.wait(HANG_S)
                     if idp.jwks_status != 200:
                         self._send(idp.jwks_status, {"error": "unavailable"})
                     else:
