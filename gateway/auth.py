@@ -249,13 +249,13 @@ def _b64url(segment: str) -> bytes:
         raise ValueError("impossible base64 length")
     if rest and _B64URL_VALUE[segment[-1]] & _UNUSED_BITS[rest]:
         raise ValueError("non-canonical base64")
-    return binascii.a2b_base64(segment.translate(_B64URL_TO_STANDARD) + _PADDING[rest])
+    return binascii.a2b_base64(segment.encode("ascii").translate(_B64URL_TO_STANDARD) + _PADDING[rest])
 
 
 _B64URL_VALUE = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
 _UNUSED_BITS = {2: 0b1111, 3: 0b11}  # 2 characters left: 12 bits for 8; 3 characters: 18 bits for 16
-_PADDING = {0: "", 2: "==", 3: "="}
-_B64URL_TO_STANDARD = str.maketrans("-_", "+/")
+_PADDING = {0: b"", 2: b"==", 3: b"="}
+_B64URL_TO_STANDARD = bytes.maketrans(b"-_", b"+/")  # a byte table (str.translate looks up each character)
 
 
 def _json(data: bytes) -> Any:

@@ -258,6 +258,35 @@ def test_server_shutdown_still_asks_each_connection() -> None:
     assert "connection.shutdown()" in inspect.getsource(uvicorn.Server.shutdown)
 
 
+def test_the_protocol_starts_with_what_uvicorns_starts_with() -> None:
+    """GatewayWSProtocol.__init__ repeats uvicorn's instead of calling it (it skips objects it would replace at
+    once): every attribute uvicorn's sets is set, to an equal value, or to the replacement named here."""
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    config, state = Config(app, ws_ping_interval=7.0, ws_ping_timeout=3.0, ws_max_size=1234), ServerState()
+    loop = asyncio.new_event_loop()
+    try:
+        theirs, ours = WSProtocol(config, state, {"k": 1}, loop), GatewayWSProtocol(config, state, {"k": 1}, loop)
+    finally:
+        loop.close()
+    replaced = {"queue": "_Inbox", "writable": "_Flag", "conn": "WSConnection", "buffer": "WebsocketBuffer"}
+    problems = []
+    for name, value in vars(theirs).items():
+        if not hasattr(ours, name):
+            problems.append(f"uvicorn's WSProtocol.__init__ now sets `{name}`, GatewayWSProtocol's does not")
+        elif name in replaced:
+            if type(getattr(ours, name)).__name__ != replaced[name]:
+                problems.append(f"{name} is a {type(getattr(ours, name)).__name__}, not {replaced[name]}")
+        elif getattr(ours, name) != value:
+            problems.append(f"{name}: uvicorn's is {value!r}, GatewayWSProtocol's {getattr(ours, name)!r}")
+    assert ours.buffer.max_length == theirs.buffer.max_length == 1234
+    assert not problems, "\n".join(problems)
+
+
 async def test_a_real_connection_has_the_attributes() -> None:
     """The instance uvicorn itself creates for a WebSocket, after the accept, as transport.py sees it."""
     accepted = asyncio.Event()

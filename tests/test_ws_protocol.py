@@ -6,6 +6,8 @@ import asyncio
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support.gateway import STALLED_HEARTBEAT_S, RunningGateway, run_gateway
 from tests.support.idp import TestIdP
@@ -379,3 +381,38 @@ async def test_subscriptions_gauge_follows_subscribe_unsubscribe_and_disconnect(
     await a.close()
     await gw.metric_reaches("wsgateway_subscriptions", 1)
     await b.close()
+
+
+QUERIES = [
+    "", "scope=conversation:c1", "scope=a&scope=b&since=5", "since=1&since=2", "a", "a=", "=x", "&&a=1&&", "a==b",
+    "scope=conversation%3Ac1", "x=a+b", "x=%E2%9C%93&x=%ZZ", "x=%ff", "access_token=abc.def.ghi&scope=s",
+    "a=1;b=2", "é=ü", "a=%00", "presence=true&listed=false&compact=true",
+]
+
+
+@pytest.mark.parametrize("raw", QUERIES)
+def test_the_url_query_is_read_as_starlette_reads_it(raw: str) -> None:
+    """The handshake's own query reader (session.Query) and Starlette's QueryParams agree on every value."""
+    from starlette.datastructures import QueryParams
+
+    from gateway.edge.session import Query
+
+    data = raw.encode("latin-1") if raw.isascii() else raw.encode("utf-8")
+    ours, theirs = Query(data), QueryParams(data)
+    for name in {*theirs.keys(), *ours._items, "scope", "since", "access_token", "a", "x", "", "é"}:
+        assert ours.get(name) == theirs.get(name), name
+        assert ours.getlist(name) == theirs.getlist(name), name
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab=&%+;2F3Ac:é ", max_size=24))
+def test_the_url_query_reader_agrees_with_starlette_on_anything(raw: str) -> None:
+    from starlette.datastructures import QueryParams
+
+    from gateway.edge.session import Query
+
+    data = raw.encode("utf-8")
+    ours, theirs = Query(data), QueryParams(data)
+    for name in {*theirs.keys(), *ours._items}:
+        assert ours.getlist(name) == theirs.getlist(name), (raw, name)
+        assert ours.get(name) == theirs.get(name), (raw, name)

@@ -31,7 +31,7 @@ from urllib.parse import unquote
 import wsproto.events
 from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.utils import ClientDisconnected, get_client_addr, get_path_with_query_string
-from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
+from uvicorn.protocols.websockets.wsproto_impl import WebsocketBuffer, WSProtocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.extensions import Extension
@@ -42,10 +42,15 @@ from gateway.core.channel import websocket_encode
 from gateway.edge.deflate import NAME, Inflate, negotiate
 
 if TYPE_CHECKING:
+    from uvicorn._types import ASGI3Application
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
     from gateway.core.queue import OutFrame
     from gateway.edge.deflate import Deflater
 
 EXTENSION = "wsgateway.raw"
+_UVICORN_ERROR = logging.getLogger("uvicorn.error")  # uvicorn's protocols log there
 
 
 class RawChannel:
@@ -290,17 +295,18 @@ class _Handshake:
 
     __slots__ = ("_conn", "_raw", "_wsconn")
 
-    def __init__(self, conn: WSConnection, raw: Callable[[], bytes]) -> None:
-        self._wsconn = conn  # uvicorn's fresh WSConnection of this protocol, fed nothing yet
+    def __init__(self, conn: WSConnection | None, raw: Callable[[], bytes]) -> None:
+        self._wsconn = conn  # the protocol's fresh WSConnection, fed nothing yet; None: made when needed
         self._raw = raw  # the request as uvicorn re-serializes it for wsproto
         self._conn: WSConnection | None = None
 
     def _wire(self) -> WSConnection:
         if self._conn is None:
-            self._wsconn.receive_data(self._raw())
-            for _ in self._wsconn.events():  # the Request event, already handled
+            conn = self._wsconn or WSConnection(connection_type=ConnectionType.SERVER)
+            conn.receive_data(self._raw())
+            for _ in conn.events():  # the Request event, already handled
                 pass
-            self._conn = self._wsconn
+            self._conn = conn
         return self._conn
 
     @property
@@ -441,11 +447,58 @@ class GatewayWSProtocol(WSProtocol):
     detached = False  # the session receives through a callback (`receive_with`); its ASGI task has ended
     holding = False  # the session asked for no more client frames for now (`hold_reading`)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """uvicorn's `WSProtocol.__init__` (mirrored statement by statement, tests/test_uvicorn_seam.py), with
+        the lighter inbox and flag made instead of the asyncio.Queue and Event it would replace at once, and
+        the WSConnection (an h11 connection inside: a twentieth of a handshake) made only when used (`conn`):
+        a request taken over by `upgrade` is never parsed by it, and the 101 never written by it."""
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = cast("ASGI3Application", config.loaded_app)
+        self.loop = _loop or asyncio.get_event_loop()
+        self.logger = _UVICORN_ERROR
+        self.root_path = config.root_path
+        self.asgi_version = config.asgi_version
+        self.app_state = app_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.default_headers = server_state.default_headers
+        self.transport = None  # type: ignore[assignment]
+        self.server = None
+        self.client = None
+        self.scheme = None  # type: ignore[assignment]
         self.queue = _Inbox()  # type: ignore[assignment]
+        self.handshake_complete = False
+        self.close_sent = False
+        self.disconnected = False
+        self.close_timer = None
+        self.close_timeout = 10.0
+        self.response_started = False
+        self._conn: Any = None
+        self.read_paused = False
         self.flag = _Flag()
         self.writable = self.flag  # type: ignore[assignment]  # duck-typed asyncio.Event (see _Flag)
+        self.ping_interval = config.ws_ping_interval
+        self.ping_timeout = config.ws_ping_timeout
+        self.ping_timer = None
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        self.ping_sent_at = 0.0
+        self.last_ping_rtt = 0.0
+        self.buffer = WebsocketBuffer(self.config.ws_max_size)
+
+    @property
+    def conn(self) -> Any:
+        """uvicorn's `self.conn`: a WSConnection (made on first use), a `_Handshake` or an `_Established`."""
+        if self._conn is None:
+            self._conn = WSConnection(connection_type=ConnectionType.SERVER)
+        return self._conn
+
+    @conn.setter
+    def conn(self, value: Any) -> None:
+        self._conn = value
 
     def handle_connect(self, event: wsproto.events.Request) -> None:
         """uvicorn's (its scope, then the app's call), with the RawChannel in the scope and the call started
@@ -460,7 +513,7 @@ class GatewayWSProtocol(WSProtocol):
         self.channel = RawChannel(self)
         # uvicorn types extension values as dicts; ours is an object the session reads back (session.py)
         extensions: dict[str, Any] = {"websocket.http.response": {}, EXTENSION: self.channel}
-        self.scope = {  # type: ignore[typeddict-unknown-key]
+        self.scope = {
             "type": "websocket",
             "asgi": {"version": self.asgi_version, "spec_version": "2.4"},
             "http_version": "1.1",
@@ -508,7 +561,7 @@ class GatewayWSProtocol(WSProtocol):
         """Take over an upgrade request that `upgrade_request` read (instead of `data_received` with the
         re-serialized request, uvicorn's way): the WSConnection waits in a `_Handshake`, and the request is
         handled as wsproto's event for it is."""
-        self.conn = _Handshake(self.conn, raw)  # type: ignore[assignment]
+        self.conn = _Handshake(self._conn, raw)
         self.handle_connect(request)
 
     async def send(self, message: Any) -> None:
@@ -554,7 +607,7 @@ class GatewayWSProtocol(WSProtocol):
         if self.transport.is_closing():
             return  # as uvicorn's: nothing is sent, and the handshake is not complete
         self.handshake_complete = True
-        self.conn = _Established(Connection(ConnectionType.SERVER, extensions))  # type: ignore[assignment]
+        self.conn = _Established(Connection(ConnectionType.SERVER, extensions))
         self.transport.write(b"".join(lines))
         self.start_keepalive()
 
