@@ -79,7 +79,7 @@ METHODS: dict[str, tuple[str, ...]] = {
 # What GatewayWSProtocol adds: names uvicorn's class must not have (or an override would be silent).
 ADDED = ("channel", "flag", "close_now", "fail", "failed", "inflate", "detached", "holding", "receive_with",
          "hold_reading", "release_reading", "_read_on", "upgrade", "accept_now", "connection_made_from",
-         "_start_eagerly")
+         "_start_eagerly", "_text_frames", "plain_reads")
 # What uvicorn may call on the objects transport.py replaces with lighter ones.
 QUEUE_USES = {"put_nowait", "get", "empty"}  # _Inbox
 WRITABLE_USES = {"set", "clear", "is_set", "wait"}  # _Flag
@@ -705,3 +705,60 @@ def test_wsproto_drops_what_arrives_before_the_101() -> None:
     ours = _Handshake(WSConnection(ConnectionType.SERVER), lambda: UPGRADE_REQUESTS["valid"])
     ours.receive_data(b"\x89\x80abcd")
     assert not list(ours.events()) and ours.state is ConnectionState.CONNECTING
+
+
+def _client_frame(draw: Any) -> bytes:
+    from hypothesis import strategies as st
+
+    from tests.support.rawws import frame
+
+    kind = draw(st.sampled_from(["text"] * 12 + ["fragment", "binary", "ping", "badutf8", "unmasked", "rsv", "wide"]))
+    text = draw(st.text(max_size=draw(st.sampled_from([5, 130, 300]))))
+    payload = text.encode()
+    if kind == "binary":
+        return frame(0x2, payload)
+    if kind == "ping":
+        return frame(0x9, payload[:100])
+    if kind == "badutf8":
+        return frame(0x1, payload + b"\xff")
+    if kind == "unmasked":
+        return frame(0x1, payload, mask=False)
+    if kind == "rsv":
+        return frame(0x1, payload, rsv=4)
+    if kind == "wide":
+        return frame(0x1, payload, wide_length=len(payload) < 126)
+    return frame(0x1, payload, fin=kind != "fragment")
+
+
+def test_text_frames_reads_what_wsproto_reads() -> None:
+    """transport.text_frames (whole text frames read without wsproto) returns texts only where wsproto's
+    server connection reads exactly those TextMessages from the same bytes, cut anywhere."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gateway.edge.transport import text_frames
+
+    taken = []
+
+    @settings(max_examples=600, deadline=None)
+    @given(st.data())
+    def check(data: Any) -> None:
+        frames = b"".join(_client_frame(data.draw) for _ in range(data.draw(st.integers(1, 4))))
+        cut = data.draw(st.integers(0, len(frames)))
+        raw = frames[:cut] if data.draw(st.integers(0, 3)) == 0 else frames
+        limit = data.draw(st.sampled_from([64, 1 << 20]))
+        ours = text_frames(raw, limit)
+        if ours is None:
+            return
+        conn = Connection(ConnectionType.SERVER)
+        conn.receive_data(raw)
+        events = list(conn.events())
+        assert [type(e).__name__ for e in events] == ["TextMessage"] * len(ours), events
+        assert [e.data for e in events] == ours  # type: ignore[attr-defined]
+        assert all(e.message_finished for e in events)  # type: ignore[attr-defined]
+        assert all(len(t.encode()) <= limit for t in ours)
+        taken.append(len(ours))
+
+    check()
+    assert sum(taken) > 100, "too few inputs were whole text frames: the comparison says little"
+    assert text_frames(b"", 10) == []

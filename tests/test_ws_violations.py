@@ -168,3 +168,53 @@ async def test_a_client_that_keeps_sending_after_the_violation_still_gets_the_cl
         assert await conn.ends() == b""
     finally:
         conn.close()
+
+
+async def test_text_frames_in_any_framing_are_answered_in_order(
+    gw: RunningGateway, idp: TestIdP, platform: Platform
+) -> None:
+    """Client frames as a client may write them: several in one write, a 16-bit length, then a control frame,
+    a frame split over two writes and frames after that. Every one is answered, in the order sent (the
+    gateway reads whole text frames itself and hands anything else to wsproto from then on)."""
+    conn = await open_websocket(gw.port, idp.mint("alice"))
+
+    def ping(rid: str, pad: int = 0) -> bytes:
+        return frame(TEXT, json.dumps({"op": "ping", "id": rid + "." * pad}).encode())
+
+    async def pongs(*ids: str) -> None:
+        for rid in ids:
+            _, opcode, payload = await conn.read_frame()
+            assert opcode == TEXT and json.loads(payload) == {"type": "pong", "id": rid}, payload
+
+    try:
+        await conn.read_frame()  # welcome
+        await conn.send(ping("a") + ping("b") + ping("c", pad=200))  # the last one has a 16-bit length
+        await pongs("a", "b", "c" + "." * 200)
+        await conn.send(ping("é✓"))  # non-ASCII text
+        await pongs("é✓")
+        await conn.send(frame(PING, b"ws-ping") + ping("d"))
+        _, opcode, payload = await conn.read_frame()
+        assert (opcode, payload) == (PONG, b"ws-ping")
+        await pongs("d")
+        split = ping("e")
+        await conn.send(split[:5])
+        await conn.send(split[5:] + ping("f"))
+        await pongs("e", "f")
+    finally:
+        conn.close()
+
+
+async def test_a_violation_after_plain_text_frames_is_still_answered(gw: RunningGateway, idp: TestIdP) -> None:
+    """Whole text frames first (read by the gateway itself), then an invalid one: 1007, as for a first frame."""
+    conn = await open_websocket(gw.port, idp.mint("alice"))
+    try:
+        await conn.read_frame()  # welcome
+        await conn.send(frame(TEXT, PING_OP))
+        _, _, payload = await conn.read_frame()
+        assert json.loads(payload) == {"type": "pong", "id": "p"}
+        await conn.send(frame(TEXT, b'{"op":"ping","id":"\xff"}'))
+        code, _ = await conn.read_close()
+        assert code == CLOSE_INVALID_DATA
+        assert await conn.ends() == b""
+    finally:
+        conn.close()

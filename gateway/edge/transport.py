@@ -402,6 +402,39 @@ _BAD_UPGRADE = (
 _INFLATE_CODES = (CloseReason.MESSAGE_TOO_BIG, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
 
 
+def text_frames(data: bytes, limit: int) -> list[str] | None:
+    """The texts of `data` if it is nothing but whole, final, masked client text frames with no RSV bit and
+    minimally encoded lengths up to 65,535 bytes (and `limit`), each valid UTF-8 (what a client sends:
+    subscribe and ping frames); else None, for wsproto to parse (a control frame, a fragment, a frame split
+    over two reads, a violation). Where it returns texts, wsproto would have read the same
+    TextMessages (tests/test_uvicorn_seam.py compares them)."""
+    texts = []
+    at, end = 0, len(data)
+    while at < end:
+        if end - at < 6 or data[at] != 0x81 or data[at + 1] < 0x80:  # FIN + text, MASK
+            return None
+        size = data[at + 1] & 0x7F
+        at += 2
+        if size == 126:
+            size = int.from_bytes(data[at:at + 2], "big")
+            at += 2
+            if size < 126:
+                return None  # not minimal: wsproto's 1002
+        elif size == 127:
+            return None
+        if size > limit or at + 4 + size > end:
+            return None
+        mask = int.from_bytes(data[at:at + 4] * (size // 4 + 1), "little") & ((1 << (8 * size)) - 1)
+        at += 4
+        payload = (int.from_bytes(data[at:at + size], "little") ^ mask).to_bytes(size, "little")
+        at += size
+        try:
+            texts.append(payload.decode("utf-8"))  # strict, as wsproto's (no surrogates, no overlong forms)
+        except UnicodeDecodeError:
+            return None  # wsproto's 1007
+    return texts
+
+
 class _Continued:
     """The rest of a coroutine that `GatewayWSProtocol._start_eagerly` ran up to its first wait: awaited by a
     task, it hands that wait (`first`) to the task, then relays what the task sends or throws (a result, a
@@ -446,6 +479,7 @@ class GatewayWSProtocol(WSProtocol):
     inflate: Inflate | None = None  # permessage-deflate, when the client offered it acceptably
     detached = False  # the session receives through a callback (`receive_with`); its ASGI task has ended
     holding = False  # the session asked for no more client frames for now (`hold_reading`)
+    plain_reads = True  # every read so far was whole text frames (`_text_frames`); wsproto has seen none
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -668,6 +702,9 @@ class GatewayWSProtocol(WSProtocol):
         if self.failed:
             return  # answered with a close frame (fail): nothing more from this peer is parsed, or buffered
         if self.handshake_complete:
+            if self.plain_reads and self.detached and self.inflate is None and self._text_frames(data):
+                return
+            self.plain_reads = False  # wsproto has seen this connection's bytes: from now on it parses them all
             super().data_received(data)
             return
         try:
@@ -675,6 +712,22 @@ class GatewayWSProtocol(WSProtocol):
         except UnicodeDecodeError:  # wsproto decodes a few upgrade headers (e.g. Sec-WebSocket-Extensions) as ASCII
             self.transport.write(_BAD_UPGRADE)
             self.transport.close()
+
+    def _text_frames(self, data: bytes) -> bool:
+        """Client frames without wsproto (`text_frames`): each goes to the session as wsproto's TextMessage
+        would (uvicorn's `handle_message`); the subscribe frame's parse through wsproto's generators was a
+        tenth of a handshake. Anything else returns False with nothing consumed, and wsproto parses it, as
+        every later read of the connection (`plain_reads`): wsproto never holds part of a stream it did
+        not see."""
+        texts = text_frames(data, self.config.ws_max_size)
+        if texts is None:
+            return False
+        queue = self.queue
+        for text in texts:
+            if self.close_sent:
+                break  # as uvicorn's handle_events: after our close frame, only the peer's close counts
+            queue.put_nowait({"type": "websocket.receive", "text": text})
+        return True
 
     def handle_close(self, event: wsproto.events.CloseConnection) -> None:
         """A close event while wsproto's connection is still OPEN was not sent by the peer: it is
