@@ -204,8 +204,9 @@ def test_wsproto_uses_its_events_deque_as_the_list_transport_puts_there() -> Non
     uses = {m.group(1) for m in re.finditer(r"self\._events\.(\w+)", source)}
     assert uses <= {"append", "popleft"}, f"wsproto now uses self._events.{sorted(uses)}"
     assert "self._events: deque[Event] = deque()" in source
-    conn = Connection(ConnectionType.SERVER)
-    _Established(conn)
+    established = _Established([])
+    assert established.state is ConnectionState.OPEN is Connection(ConnectionType.SERVER).state  # before it is made
+    conn = established.connection
     assert type(conn._events).__name__ == "_EventList"
     conn.receive_data(b"\x89\x80abcd")  # a masked, empty ping
     assert [type(e).__name__ for e in conn.events()] == ["Ping"]

@@ -255,23 +255,35 @@ class _EventList(list[wsproto.events.Event]):
 
 class _Established:
     """What uvicorn calls on its WSConnection (send, receive_data, events, state) once the upgrade is
-    done, served by wsproto's public post-handshake `Connection` alone.
+    done, served by wsproto's public post-handshake `Connection` alone, made when first used.
 
     WSConnection keeps the spent HTTP handshake (an H11Handshake and its h11 connection, ~3.4 KiB) for
-    the connection's whole life; an idle gateway connection has no use for it.
+    the connection's whole life; an idle gateway connection has no use for it. Nor, mostly, for the
+    Connection: the session's text frames are read without it (`text_frames`), so it is made for the
+    first frame that is not one, or for the first frame wsproto writes (a pong, a close), and an idle
+    connection that never needed it holds none (its making was a tenth of a handshake's Python).
     """
 
-    __slots__ = ("connection",)
+    __slots__ = ("_connection", "_extensions")
 
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        # wsproto's pending-events deque allocates a 64-slot block (~700 bytes) up front; a list does here
-        # (almost always empty; tests/test_uvicorn_seam.py checks what wsproto does with it)
-        connection._events = _EventList()  # type: ignore[assignment]
+    def __init__(self, extensions: list[Extension]) -> None:
+        self._extensions = extensions
+        self._connection: Connection | None = None
+
+    @property
+    def connection(self) -> Connection:
+        conn = self._connection
+        if conn is None:
+            conn = self._connection = Connection(ConnectionType.SERVER, self._extensions)
+            # wsproto's pending-events deque allocates a 64-slot block (~700 bytes) up front; a list does here
+            # (almost always empty; tests/test_uvicorn_seam.py checks what wsproto does with it)
+            conn._events = _EventList()  # type: ignore[assignment]
+        return conn
 
     @property
     def state(self) -> ConnectionState:
-        return self.connection.state
+        conn = self._connection
+        return ConnectionState.OPEN if conn is None else conn.state  # a Connection starts OPEN
 
     def send(self, event: wsproto.events.Event) -> bytes:
         return self.connection.send(event)
@@ -641,7 +653,7 @@ class GatewayWSProtocol(WSProtocol):
         if self.transport.is_closing():
             return  # as uvicorn's: nothing is sent, and the handshake is not complete
         self.handshake_complete = True
-        self.conn = _Established(Connection(ConnectionType.SERVER, extensions))
+        self.conn = _Established(extensions)
         self.transport.write(b"".join(lines))
         self.start_keepalive()
 
