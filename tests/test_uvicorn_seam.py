@@ -35,7 +35,14 @@ from uvicorn.protocols.websockets.wsproto_impl import WSProtocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 
-from gateway.edge.http_protocol import H11HeaderDeadline, HeaderDeadline, HttpToolsHeaderDeadline, Implementation
+from gateway.edge.http_protocol import (
+    H11HeaderDeadline,
+    HeaderDeadline,
+    HttpToolsHeaderDeadline,
+    Implementation,
+    UpgradeFirst,
+    plain_upgrade,
+)
 from gateway.edge.transport import (
     GatewayWSProtocol,
     _Established,
@@ -457,12 +464,20 @@ async def test_a_real_http_connection_is_the_deadlines(impl: Implementation) -> 
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         await eventually(lambda: deadline.waiting == 1, what="the connection to wait for its headers", watch=[task])
         (proto,) = server.server_state.connections
-        expected = HttpToolsHeaderDeadline if impl == "httptools" else H11HeaderDeadline
+        expected = UpgradeFirst if impl == "httptools" else H11HeaderDeadline
         assert type(proto) is expected
         assert isinstance(proto.transport, asyncio.Transport) and isinstance(proto.loop, asyncio.AbstractEventLoop)
         assert isinstance(proto.header_timer, asyncio.TimerHandle)
+        due = proto.header_timer.when()
         if isinstance(proto, H11HeaderDeadline):
             assert isinstance(proto.conn, h11.Connection)
+        else:  # the first bytes of a request: uvicorn's httptools protocol takes over, and the same deadline
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            await eventually(lambda: type(next(iter(server.server_state.connections))) is HttpToolsHeaderDeadline,
+                             what="uvicorn's protocol to take the connection over", watch=[task])
+            (http,) = server.server_state.connections
+            assert http.transport is proto.transport and deadline.waiting == 1
+            assert isinstance(http.header_timer, asyncio.TimerHandle) and http.header_timer.when() == due
         writer.close()
         await eventually(lambda: deadline.waiting == 0, what="the closed connection to stop waiting", watch=[task])
     finally:
@@ -763,3 +778,85 @@ def test_text_frames_reads_what_wsproto_reads() -> None:
     check()
     assert sum(taken) > 100, "too few inputs were whole text frames: the comparison says little"
     assert text_frames(b"", 10) == []
+
+
+class _HttptoolsHead:
+    """What httptools' parser reports of a request head (uvicorn's callbacks)."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _head(draw: Any) -> bytes:
+    """A request head: half of them as clients send them (varied target, extra headers), half with flaws."""
+    from hypothesis import strategies as st
+
+    if draw(st.booleans()):
+        query = draw(st.lists(st.sampled_from([b"scope=a", b"since=5", b"scope=b%3Ac", b"x=%E2%9C%93", b"y"]),
+                              max_size=3))
+        extra = draw(st.lists(st.sampled_from([(b"Origin", b"https://app.example"), (b"User-Agent", b"a b/1 (c)"),
+                                               (b"Sec-WebSocket-Protocol", b"wsgateway.v1, bearer.x.y.z"),
+                                               (b"X-Forwarded-For", b"10.0.0.1, 10.0.0.2")]), max_size=3))
+        target = b"/v1/ws" + (b"?" + b"&".join(query) if query else b"")
+        lines = [b"GET " + target + b" HTTP/1.1", *(n + b": " + v for n, v in [*_VALID, *extra])]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    chars = st.sampled_from([b"a", b"Z", b"0", b"-", b"_", b" ", b"\t", b":", b"\x01", b"\x7f", b"\xe9", b"\r", b"\n",
+                             b"%", b"?", b"=", b"&", b"{", b'"', b"/", b"\x00"])
+    noise = st.lists(chars, max_size=6).map(b"".join)
+    method = draw(st.sampled_from([b"GET", b"GET", b"GET", b"POST", b"get"]))
+    target = draw(st.sampled_from([b"/v1/ws?scope=a", b"/", b"/v1/ws", b"*", b"http://x/v1/ws"]))
+    if draw(st.integers(0, 2)) == 0:
+        target += draw(noise)
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.1 "]))
+    lines = [method + b" " + target + b" " + version]
+    for name, value in [*_VALID, *draw(st.lists(st.tuples(st.sampled_from([b"X-A", b"Origin", b"Host", b"Bad Name",
+                                                                           b"X(y)"]), st.just(b"v") | noise),
+                                                               max_size=3))]:
+        if draw(st.integers(0, 5)) == 0:
+            value = draw(noise) + value + draw(noise)
+        sep = draw(st.sampled_from([b": ", b":", b":\t", b" : "])) if draw(st.integers(0, 4)) == 0 else b": "
+        lines.append(name + sep + value)
+    eol = draw(st.sampled_from([b"\r\n"] * 6 + [b"\n"]))
+    return eol.join(lines) + b"\r\n\r\n" + draw(st.sampled_from([b""] * 6 + [b"\x81\x80abcd"]))
+
+
+def test_plain_upgrade_reads_what_httptools_reads() -> None:
+    """UpgradeFirst reads a connection's first request itself (plain_upgrade, then upgrade_request) only where
+    httptools' parser (uvicorn's) reads the same request from the same bytes, without error: method GET, the
+    same target, headers and values."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    taken = []
+
+    @settings(max_examples=800, deadline=None)
+    @given(st.data())
+    def check(data: Any) -> None:
+        raw = _head(data.draw)
+        ours = plain_upgrade(raw)
+        if ours is None or upgrade_request("GET", *ours) is None:  # what UpgradeFirst takes: both accept it
+            return
+        seen = _HttptoolsHead()
+        parser = httptools.HttpRequestParser(seen)
+        try:
+            parser.feed_data(raw)
+        except httptools.HttpParserUpgrade:
+            pass
+        assert seen.complete and parser.get_method() == b"GET" and parser.get_http_version() == "1.1", raw
+        assert (seen.url, seen.headers) == ours, raw
+        taken.append(raw)
+
+    check()
+    assert len(taken) > 200, f"only {len(taken)} heads were read as plain upgrades: the comparison says little"

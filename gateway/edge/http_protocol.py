@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+import re
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -65,8 +66,9 @@ class HeaderDeadline:
             implementation if implementation != "auto"
             else "httptools" if importlib.util.find_spec("httptools") is not None else "h11"  # uvicorn's "auto"
         )
-        # connections waiting for their request headers, oldest first (a dict keeps insertion order)
-        self._waiting: dict[_Waiting, None] = {}
+        # connections waiting for their request headers, oldest first (a dict keeps insertion order), by transport:
+        # a protocol that takes a connection over (hand_over) keeps its place
+        self._waiting: dict[asyncio.Transport, _Waiting] = {}
         self.expired_total = 0  # closed by the deadline or because too many were waiting
 
     def __reduce__(self) -> tuple[type[HeaderDeadline], tuple[float, int, str]]:
@@ -86,7 +88,7 @@ class HeaderDeadline:
     ) -> asyncio.Protocol:
         """What uvicorn calls for each new connection (uvicorn.Server.startup's `create_protocol`)."""
         if self.implementation == "httptools":
-            return HttpToolsHeaderDeadline(config, server_state, app_state, _loop, deadline=self)
+            return UpgradeFirst(config, server_state, app_state, _loop, deadline=self)
         return H11HeaderDeadline(config, server_state, app_state, _loop, deadline=self)
 
     def arm(self, conn: _Waiting) -> None:
@@ -94,9 +96,9 @@ class HeaderDeadline:
         if conn.header_timer is not None or conn.transport.is_closing():
             return
         conn.header_timer = conn.loop.call_later(self.timeout_s, self._expire, conn)
-        self._waiting[conn] = None
+        self._waiting[conn.transport] = conn
         while len(self._waiting) > self.max_pending:
-            self._expire(next(iter(self._waiting)))  # never `conn` itself: max_pending >= 1
+            self._expire(next(iter(self._waiting.values())))  # never `conn` itself: max_pending >= 1
 
     def disarm(self, conn: _Waiting) -> None:
         """`conn`'s request headers are complete, or it is gone."""
@@ -104,7 +106,21 @@ class HeaderDeadline:
         if timer is not None:
             timer.cancel()
             conn.header_timer = None
-        self._waiting.pop(conn, None)
+        if self._waiting.get(conn.transport) is conn:
+            del self._waiting[conn.transport]
+
+    def hand_over(self, old: _Waiting, new: _Waiting) -> None:
+        """`new` (armed by its connection_made) takes over `old`'s connection, and its deadline with it: the
+        headers are due when they were due, and the connection keeps its place among the waiting."""
+        timer, new_timer = old.header_timer, new.header_timer
+        if timer is None or new_timer is None:
+            self.disarm(old)
+            return
+        timer.cancel()
+        old.header_timer = None
+        new_timer.cancel()
+        new.header_timer = new.loop.call_at(timer.when(), self._expire, new)
+        self._waiting[old.transport] = new  # the same key (new's arm used it too): the same place
 
     def _expire(self, conn: _Waiting) -> None:
         self.disarm(conn)
@@ -155,6 +171,7 @@ class H11HeaderDeadline(H11Protocol):
 
 if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] brings it; h11 is the fallback
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
     from gateway.edge.transport import GatewayWSProtocol, request_bytes, upgrade_request
 
@@ -211,3 +228,109 @@ if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] bring
                 self.transport.set_protocol(protocol)
             finally:
                 self.parser = None  # type: ignore[assignment]
+
+
+    class UpgradeFirst(asyncio.Protocol):
+        """What uvicorn's `http=` factory makes for each new connection (with httptools): a connection whose
+        first read is a plain WebSocket upgrade request, whole, goes to the gateway's WebSocket protocol
+        (`plain_upgrade`, then `transport.upgrade_request`, the checks httptools, h11 and wsproto make);
+        any other connection is handed, with that first read, to uvicorn's own httptools protocol
+        (HttpToolsHeaderDeadline), which serves it as always: HTTP requests, keep-alive, an upgrade that
+        came in pieces, or after another request, every rejection.
+
+        A WebSocket client then costs no HTTP protocol object, parser, parser callbacks or HTTP scope
+        (a fifth of a handshake's CPU). The header deadline holds from the connection's start, through the
+        hand-over. What uvicorn asks of a connection before its first request is here: it is counted among
+        the server's connections, and closed on shutdown."""
+
+        header_timer: asyncio.TimerHandle | None = None
+        server: tuple[str, int | None] | None = None
+        client: tuple[str, int] | None = None
+        scheme: str = "http"
+
+        def __init__(
+            self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+            _loop: asyncio.AbstractEventLoop | None = None, *, deadline: HeaderDeadline,
+        ) -> None:
+            if not config.loaded:
+                config.load()
+            self.config = config
+            self.server_state = server_state
+            self.app_state = app_state
+            self.loop = _loop or asyncio.get_event_loop()
+            self.deadline = deadline
+            self.connections = cast("set[Any]", server_state.connections)  # typed as uvicorn's protocols only
+            self.transport: asyncio.Transport = None  # type: ignore[assignment]
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self.connections.add(self)
+            self.transport = transport
+            self.deadline.arm(self)
+
+        def data_received(self, data: bytes) -> None:
+            ws = self.config.ws_protocol_class
+            parsed = plain_upgrade(data) if isinstance(ws, type) and issubclass(ws, GatewayWSProtocol) else None
+            request = None if parsed is None else upgrade_request("GET", *parsed)
+            if parsed is None or request is None:
+                self._to_uvicorn(data)
+                return
+            target, headers = parsed
+            transport = self.transport
+            self.deadline.disarm(self)
+            self.connections.discard(self)
+            self.server, self.client = get_local_addr(transport), get_remote_addr(transport)
+            self.scheme = "https" if is_ssl(transport) else "http"
+            protocol = cast("type[GatewayWSProtocol]", ws)(
+                config=self.config, server_state=self.server_state, app_state=self.app_state)
+            protocol.connection_made_from(self)
+            protocol.upgrade(request, lambda: request_bytes("GET", target, headers))
+            transport.set_protocol(protocol)
+
+        def _to_uvicorn(self, data: bytes) -> None:
+            http = HttpToolsHeaderDeadline(self.config, self.server_state, self.app_state, self.loop,
+                                           deadline=self.deadline)
+            self.connections.discard(self)
+            http.connection_made(self.transport)
+            self.deadline.hand_over(self, http)
+            self.transport.set_protocol(http)
+            http.data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.connections.discard(self)
+            self.deadline.disarm(self)
+            if exc is None:
+                self.transport.close()
+
+        def eof_received(self) -> None:
+            pass  # as uvicorn's: the transport closes
+
+        def shutdown(self) -> None:
+            """uvicorn's server shutdown: a connection with no request yet is closed (as uvicorn's are)."""
+            self.transport.close()
+
+    _UPGRADE_START = b"GET "
+    _HEAD_BYTES = re.compile(rb"[\t\r\n\x20-\x7e\x80-\xff]*")  # no NUL or other control character
+    _PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9._~:/?\[\]@!$&'()*+,;=%-]*")  # origin-form, RFC 3986 characters
+
+    def plain_upgrade(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+        """(request-target, headers with lower-case names, values without leading blanks) of `data` when it is
+        exactly one whole `GET <origin-form target> HTTP/1.1` request head of CRLF-terminated `name: value` lines (what
+        browsers and WebSocket libraries send), with nothing after it; else None (uvicorn's httptools
+        protocol reads it). Where this returns a request, httptools reads the same (tests/test_uvicorn_seam.py
+        compares them); names and values are checked by `upgrade_request`."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 != len(data) or not data.startswith(_UPGRADE_START) or not _HEAD_BYTES.fullmatch(data):
+            return None
+        lines = data[:end].split(b"\r\n")
+        if data.count(b"\r") != len(lines) + 1 or data.count(b"\n") != len(lines) + 1:
+            return None  # a bare CR or LF inside a line
+        request_line = lines[0].split(b" ")
+        if len(request_line) != 3 or request_line[2] != b"HTTP/1.1" or not _PLAIN_TARGET.fullmatch(request_line[1]):
+            return None
+        headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                return None
+            headers.append((name.lower(), value.lstrip(b" \t")))  # as httptools: trailing blanks stay (and fail)
+        return request_line[1], headers
