@@ -28,7 +28,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import httpx
 import jwt
@@ -110,10 +110,16 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+class Lookup(Protocol):
+    """What extract_token reads of a query (a Mapping, Starlette's QueryParams, the session's Query)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
 def extract_token(
     headers: Mapping[str, str],
     subprotocols: Sequence[str],
-    query: Mapping[str, str],
+    query: Lookup,
     *,
     allow_query: bool,
 ) -> TokenSource:

@@ -17,6 +17,7 @@ import ast
 import asyncio
 import gc
 import inspect
+import os
 import re
 import textwrap
 import weakref
@@ -860,3 +861,53 @@ def test_plain_upgrade_reads_what_httptools_reads() -> None:
 
     check()
     assert len(taken) > 200, f"only {len(taken)} heads were read as plain upgrades: the comparison says little"
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_endpoints_are_uvicorns_addresses(loop_kind: str, host: str) -> None:
+    """transport.endpoints (compiled: two system calls, no Python socket objects) gives what uvicorn's
+    get_local_addr and get_remote_addr give for the same accepted connection, and the file descriptor."""
+    import socket
+
+    import uvloop
+    from uvicorn.protocols.utils import get_local_addr, get_remote_addr
+
+    from gateway.edge import transport as tr
+
+    assert tr._SOCKETS is not None, "gateway.core._fastpath is not built: `pip install -e .` builds it"
+
+    async def main() -> None:
+        accepted: asyncio.Future[asyncio.Transport] = asyncio.get_running_loop().create_future()
+
+        class Keep(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                accepted.set_result(transport)  # type: ignore[arg-type]
+
+        server = await asyncio.get_running_loop().create_server(Keep, host, 0)
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection(host, port)
+        t = await accepted
+        fd, local, peer = tr.endpoints(t)
+        assert (local, peer) == (get_local_addr(t), get_remote_addr(t))
+        assert local == (host, port) and peer is not None and peer[0] == host
+        assert fd == t.get_extra_info("socket").fileno()
+        saved, tr._SOCKETS = tr._SOCKETS, None  # the Python way, where the module is not built
+        try:
+            assert tr.endpoints(t) == (fd, local, peer)
+        finally:
+            tr._SOCKETS = saved
+        tr._SOCKETS.sndbuf(fd, 65536)
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536  # (Linux doubles it)
+        finally:
+            sock.close()
+        writer.close()
+        t.close()
+        server.close()
+
+    if loop_kind == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

@@ -5,6 +5,8 @@
  *   fan_out(targets, seq, frame, size, max_msgs, max_bytes, dirty) -> (recipients, slow)
  *   flush_live(dirty, live, touched) -> rest
  *   direct(write) -> a Sink for uvloop's TCP transport write (see below), else `write` itself
+ *   endpoints(fd) -> ((local host, port), (peer host, port)) of a TCP socket, or None (see below)
+ *   sndbuf(fd, size) -> None: SO_SNDBUF, errors ignored
  *
  * Connections and frames are read and written through their __slots__ (member offsets taken from the
  * classes once, by `configure`), so a delivery costs no attribute lookup, no bytecode and no call but
@@ -14,8 +16,11 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 
 /* Offsets of the slots used here (configure); -1 until configured. */
 static Py_ssize_t off_frames = -1, off_nbytes, off_last_seq, off_dirty, off_state, off_flag, off_native, off_write,
@@ -520,11 +525,69 @@ fail:
     return NULL;
 }
 
+/* --- a new connection's addresses, without a Python socket object per question -------------------------
+ *
+ * uvicorn reads a connection's local and peer addresses through the transport's socket; with uvloop each
+ * getsockname(), getpeername() and setsockopt() of its PseudoSocket builds and detaches a Python socket
+ * object (a twelfth of a handshake, for the three). Here: the two system calls, and the addresses as the
+ * socket module formats them (numeric host, port) for IPv4 and IPv6 without a scope id; None for anything
+ * else (a Unix socket, a scoped address, an error), which the caller reads the Python way. */
+static PyObject *inet_address(const struct sockaddr_storage *ss) {
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof host) == NULL) return NULL;
+        return Py_BuildValue("(si)", host, (int)ntohs(a->sin_port));
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        if (a->sin6_scope_id != 0 || inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host) == NULL) return NULL;
+        return Py_BuildValue("(si)", host, (int)ntohs(a->sin6_port));
+    }
+    return NULL;
+}
+
+static PyObject *endpoints(PyObject *self, PyObject *arg) {
+    long value = PyLong_AsLong(arg);
+    if (value == -1 && PyErr_Occurred()) return NULL;
+    if (value < 0 || value > INT_MAX) Py_RETURN_NONE;
+    int fd = (int)value;
+    struct sockaddr_storage local, peer;
+    socklen_t local_len = sizeof local, peer_len = sizeof peer;
+    if (getsockname(fd, (struct sockaddr *)&local, &local_len) != 0 ||
+        getpeername(fd, (struct sockaddr *)&peer, &peer_len) != 0)
+        Py_RETURN_NONE;
+    PyObject *l = inet_address(&local);
+    if (l == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *p = inet_address(&peer);
+    if (p == NULL) {
+        Py_DECREF(l);
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *r = PyTuple_Pack(2, l, p);
+    Py_DECREF(l);
+    Py_DECREF(p);
+    return r;
+}
+
+static PyObject *sndbuf(PyObject *self, PyObject *args) {
+    int fd, size;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &size)) return NULL;
+    if (fd >= 0 && size > 0) (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(Connection, OutFrame, Subscription): take the slot offsets of the three classes."},
     {"use_transport", use_transport, METH_O, "use_transport(uvloop.loop.TCPTransport): the class `direct` knows."},
     {"direct", direct, METH_O, "direct(write) -> a Sink for a uvloop TCPTransport's bound write, else write"},
+    {"endpoints", endpoints, METH_O, "endpoints(fd) -> ((local host, port), (peer host, port)), or None"},
+    {"sndbuf", sndbuf, METH_VARARGS, "sndbuf(fd, size): SO_SNDBUF (size > 0), errors ignored"},
     {"allowed", allowed, METH_O, "allowed(subs) -> the connections of the subscriptions allowed to see the scope"},
     {"fan_out", (PyCFunction)(void (*)(void))fan_out, METH_FASTCALL,
      "fan_out(targets, seq, frame, size, max_msgs, max_bytes, dirty) -> (recipients, slow)"},

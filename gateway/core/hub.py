@@ -97,6 +97,15 @@ class Hub:
         self._arm_expiry(conn)
         return conn
 
+    def write_first(self, conn: Connection, head: bytes) -> None:
+        """`head` (a WebSocket's 101, held back by the session until its connection opened), then the control
+        frames queued for it since (welcome, the URL subscriptions' answers), in one write: a new connection's
+        first bytes take one send, not two. Event frames (a replay's, never at this point) stay for the writer."""
+        frames = conn.frames
+        if conn.state is ConnState.LIVE and frames and all(not f.seq for f in frames):
+            head += conn.encode(conn.take())
+        conn.channel.write(head)
+
     def remove(self, conn: Connection) -> None:
         """Forget a connection and all its subscriptions (idempotent); nothing is written any more."""
         if conn.state is ConnState.CLOSED:

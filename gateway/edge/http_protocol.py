@@ -171,9 +171,9 @@ class H11HeaderDeadline(H11Protocol):
 
 if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] brings it; h11 is the fallback
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+    from uvicorn.protocols.utils import is_ssl
 
-    from gateway.edge.transport import GatewayWSProtocol, request_bytes, upgrade_request
+    from gateway.edge.transport import GatewayWSProtocol, endpoints, request_bytes, upgrade_request
 
     class HttpToolsHeaderDeadline(HttpToolsProtocol):
         """uvicorn's httptools protocol with a `HeaderDeadline`."""
@@ -244,6 +244,7 @@ if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] bring
         the server's connections, and closed on shutdown."""
 
         header_timer: asyncio.TimerHandle | None = None
+        fd = -1
         server: tuple[str, int | None] | None = None
         client: tuple[str, int] | None = None
         scheme: str = "http"
@@ -278,7 +279,7 @@ if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] bring
             transport = self.transport
             self.deadline.disarm(self)
             self.connections.discard(self)
-            self.server, self.client = get_local_addr(transport), get_remote_addr(transport)
+            self.fd, self.server, self.client = endpoints(transport)
             self.scheme = "https" if is_ssl(transport) else "http"
             protocol = cast("type[GatewayWSProtocol]", ws)(
                 config=self.config, server_state=self.server_state, app_state=self.app_state)

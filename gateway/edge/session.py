@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import secrets
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl
 
@@ -203,50 +203,64 @@ class ClientFrames:
 
 
 async def _handshake(gw: Gateway, channel: RawChannel, scope: Scope) -> Connection | Refused:
-    """Accept, check capacity, verify the token and the URL parameters: a connection in the hub, or a close.
+    """Check capacity, verify the token and the URL parameters, then accept: a connection in the hub, or a
+    close (after the 101: refusals are WebSocket close codes).
 
     The 101 goes out through the channel (`RawChannel.accept`), not as an ASGI message: a Starlette
-    WebSocket and uvicorn's ASGI send were a twentieth of a handshake's CPU."""
+    WebSocket and uvicorn's ASGI send were a twentieth of a handshake's CPU. An accepted connection's 101
+    is held back until its first frames (welcome, the URL subscriptions' answers) are queued, and goes out
+    with them in one write (`Hub.write_first`)."""
     metrics, hub, settings = gw.metrics, gw.hub, gw.settings
     q = Query(scope["query_string"])
     src = extract_token(
         _authorization(scope["headers"]), scope.get("subprotocols") or [], q, allow_query=settings.allow_query_token
     )
+    refused: Refused
+    reason = ""
+    if hub.full:
+        refused, reason = Refused("rejected", CLOSE_TOO_SLOW), "over connection limit: retry on another instance"
+    elif not gw.bus.started:  # before the ACLs are loaded every subscription would be refused, not resumed
+        refused, reason = Refused("rejected", CLOSE_TRY_AGAIN), STARTING
+    else:
+        try:
+            principal = await gw.verifier.verify(src.token)
+        except AuthError as exc:
+            metrics.auth_failures.labels(exc.reason).inc()
+            refused = Refused("unauthorized", CLOSE_UNAUTHORIZED, exc.reason)
+            reason = f"{exc.reason}: {exc.message}"
+        else:
+            try:
+                initial = parse_initial(q.getlist("scope"), q.get("since"), q.get("presence"), q.get("listed"),
+                                        q.get("compact"))
+            except FrameError as exc:
+                refused, reason = Refused("rejected", CLOSE_BAD_REQUEST), exc.message
+            else:
+                subprotocol = src.subprotocol
+                del q, src  # from here on the session only receives; the handshake objects and the token can go
+                head = await channel.accept(subprotocol, hold=True)
+                if channel.compresses:
+                    channel.compress_with(gw.deflater)
+                _forget_credentials(scope)
+                channel.limit_kernel_buffer(settings.socket_send_buffer)
+                try:
+                    conn = open_connection(gw, channel, principal, initial)
+                except BaseException:
+                    channel.write(head)  # the 101 is owed, whatever happens next (run_asgi's verdict)
+                    raise
+                hub.write_first(conn, head)
+                return conn
     await channel.accept(src.subprotocol)
     if channel.compresses:
         channel.compress_with(gw.deflater)
-    if hub.full:
-        metrics.connection_attempts.labels("rejected").inc()
-        channel.close(CLOSE_TOO_SLOW, "over connection limit: retry on another instance")
-        return Refused("rejected", CLOSE_TOO_SLOW)
-    if not gw.bus.started:  # before the ACLs are loaded every subscription would be refused, not resumed
-        metrics.connection_attempts.labels("rejected").inc()
-        channel.close(CLOSE_TRY_AGAIN, STARTING)
-        return Refused("rejected", CLOSE_TRY_AGAIN)
-    try:
-        principal = await gw.verifier.verify(src.token)
-    except AuthError as exc:
-        metrics.auth_failures.labels(exc.reason).inc()
-        metrics.connection_attempts.labels("unauthorized").inc()
-        channel.close(CLOSE_UNAUTHORIZED, f"{exc.reason}: {exc.message}")
-        return Refused("unauthorized", CLOSE_UNAUTHORIZED, exc.reason)
-    try:
-        initial = parse_initial(q.getlist("scope"), q.get("since"), q.get("presence"), q.get("listed"),
-                                q.get("compact"))
-    except FrameError as exc:
-        metrics.connection_attempts.labels("rejected").inc()
-        channel.close(CLOSE_BAD_REQUEST, exc.message)
-        return Refused("rejected", CLOSE_BAD_REQUEST)
-    del q, src  # from here on the session only receives; the handshake objects and the token can go
-    _forget_credentials(scope)
-    channel.limit_kernel_buffer(settings.socket_send_buffer)
-    return open_connection(gw, channel, principal, initial)
+    metrics.connection_attempts.labels(refused.outcome).inc()
+    channel.close(refused.code, reason)
+    return refused
 
 
 def open_connection(gw: Gateway, channel: Channel, principal: Principal, initial: Initial) -> Connection:
     """An authenticated client joins the hub: counted, welcomed, its expiry armed, its URL subscriptions
     started. Shared by the WebSocket session and the SSE endpoint."""
-    conn = gw.hub.open(channel, principal, uuid.uuid4().hex, cursor=initial.since)
+    conn = gw.hub.open(channel, principal, secrets.token_hex(16), cursor=initial.since)
     gw.metrics.connection_attempts.labels("accepted").inc()
     heartbeat = gw.settings.heartbeat_s if channel.kind == "websocket" else None  # SSE: comment lines
     gw.hub.send(conn, control(

@@ -30,7 +30,13 @@ from urllib.parse import unquote
 
 import wsproto.events
 from uvicorn.logging import TRACE_LOG_LEVEL
-from uvicorn.protocols.utils import ClientDisconnected, get_client_addr, get_path_with_query_string
+from uvicorn.protocols.utils import (
+    ClientDisconnected,
+    get_client_addr,
+    get_local_addr,
+    get_path_with_query_string,
+    get_remote_addr,
+)
 from uvicorn.protocols.websockets.wsproto_impl import WebsocketBuffer, WSProtocol
 from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -112,8 +118,14 @@ class RawChannel:
 
     def limit_kernel_buffer(self, size: int) -> None:
         """Bound the socket's kernel send buffer (SO_SNDBUF); 0 leaves the OS default."""
+        if not size:
+            return
+        fd = self._proto.fd
+        if _SOCKETS is not None and fd >= 0:
+            _SOCKETS.sndbuf(fd, size)
+            return
         sock = self._proto.transport.get_extra_info("socket")
-        if size and sock is not None:
+        if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
@@ -121,17 +133,21 @@ class RawChannel:
         """Start the close handshake now, even when the transport is paused (a slow client)."""
         self._proto.close_now(code, reason)
 
-    async def accept(self, subprotocol: str | None) -> None:
+    async def accept(self, subprotocol: str | None, *, hold: bool = False) -> bytes:
         """Send the 101 (the ASGI `websocket.accept` without its message, its Starlette wrapper and its
         ASGI send): the session's handshake. The `websocket.connect` event uvicorn queued, which the
-        session never reads, is dropped."""
+        session never reads, is dropped.
+
+        `hold`: the handshake is complete but its 101 is returned, not written: the caller writes it (with
+        the connection's first frames) before anything else can be (in the same turn of the loop). b"" when
+        the transport is closing (as uvicorn's: nothing is sent)."""
         proto = self._proto
         inbox = proto.queue
         if isinstance(inbox, _Inbox) and inbox._items and inbox._items[0].get("type") == "websocket.connect":
             del inbox._items[0]
         if not proto.flag.on:  # (uvicorn's first step; nothing has been written yet, so never in practice)
             await proto.flag.wait()
-        proto.accept_now(subprotocol)
+        return proto.accept_now(subprotocol, write=not hold)
 
     def receive_with(self, handler: Callable[[dict[str, Any]], None]) -> None:
         """Client events go to `handler` from now on, not to the ASGI `receive` (see GatewayWSProtocol)."""
@@ -414,6 +430,34 @@ _BAD_UPGRADE = (
 _INFLATE_CODES = (CloseReason.MESSAGE_TOO_BIG, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
 
 
+def _sockets() -> Any:
+    try:
+        from gateway.core import _fastpath  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _fastpath
+
+
+_SOCKETS = _sockets()  # the compiled helpers (gateway/core/_fastpath.c), None when not built
+
+
+def endpoints(transport: asyncio.BaseTransport) -> tuple[int, tuple[str, int | None] | None, tuple[str, int] | None]:
+    """(file descriptor or -1, local address, peer address) of a new connection, the addresses as uvicorn's
+    get_local_addr and get_remote_addr read them; compiled, without a Python socket object per question
+    (`_fastpath.endpoints`: IPv4 and IPv6 without a scope id, else uvicorn's way)."""
+    fd = -1
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = sock.fileno()
+    if _SOCKETS is not None and fd >= 0:
+        got = _SOCKETS.endpoints(fd)
+        if got is not None:
+            return fd, got[0], got[1]
+    t = cast("asyncio.Transport", transport)
+    return fd, get_local_addr(t), get_remote_addr(t)
+
+
 def text_frames(data: bytes, limit: int) -> list[str] | None:
     """The texts of `data` if it is nothing but whole, final, masked client text frames with no RSV bit and
     minimally encoded lengths up to 65,535 bytes (and `limit`), each valid UTF-8 (what a client sends:
@@ -491,6 +535,7 @@ class GatewayWSProtocol(WSProtocol):
     inflate: Inflate | None = None  # permessage-deflate, when the client offered it acceptably
     detached = False  # the session receives through a callback (`receive_with`); its ASGI task has ended
     holding = False  # the session asked for no more client frames for now (`hold_reading`)
+    fd = -1  # the socket's file descriptor, when the protocol that handed the connection over read it
     plain_reads = True  # every read so far was whole text frames (`_text_frames`); wsproto has seen none
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
@@ -598,6 +643,7 @@ class GatewayWSProtocol(WSProtocol):
         self.connections.add(self)
         self.transport = http.transport
         self.server, self.client = http.server, http.client
+        self.fd = getattr(http, "fd", -1)
         self.scheme = "wss" if http.scheme == "https" else "ws"
         if self.logger.level <= TRACE_LOG_LEVEL:
             prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
@@ -617,12 +663,14 @@ class GatewayWSProtocol(WSProtocol):
             return
         await super().send(message)
 
-    def accept_now(self, subprotocol: str | None, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    def accept_now(self, subprotocol: str | None, headers: Sequence[tuple[bytes, bytes]] = (), *,
+                   write: bool = True) -> bytes:
         """uvicorn's `websocket.accept` (the 101), now: its checks, log line and keepalive, and the 101 as
         wsproto's handshake writes it (RFC 6455 4.2.2: Upgrade, Connection, Sec-WebSocket-Accept, the
         selected subprotocol, our permessage-deflate answer when one was negotiated, then uvicorn's
         headers), without building it as an h11 response. The session's handshake calls it through
-        `RawChannel.accept` (no ASGI send, no Starlette), `send` for the ASGI message.
+        `RawChannel.accept` (no ASGI send, no Starlette; `write=False`: the 101 is returned for the caller
+        to write at once, with more), `send` for the ASGI message.
 
         The post-handshake wsproto `Connection` is made here, with our extension (never uvicorn's own
         unbounded one), held by a lighter `_Established`."""
@@ -651,11 +699,14 @@ class GatewayWSProtocol(WSProtocol):
             lines.append(b"%s: %s\r\n" % (name, value))
         lines.append(b"\r\n")
         if self.transport.is_closing():
-            return  # as uvicorn's: nothing is sent, and the handshake is not complete
+            return b""  # as uvicorn's: nothing is sent, and the handshake is not complete
         self.handshake_complete = True
         self.conn = _Established(extensions)
-        self.transport.write(b"".join(lines))
+        head = b"".join(lines)
+        if write:
+            self.transport.write(head)
         self.start_keepalive()
+        return head
 
     def receive_with(self, handler: Callable[[dict[str, Any]], None]) -> None:
         """Hand every later client event (`websocket.receive`, `websocket.disconnect`) to `handler` as it is
