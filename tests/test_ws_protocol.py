@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -416,3 +417,73 @@ def test_the_url_query_reader_agrees_with_starlette_on_anything(raw: str) -> Non
     for name in {*theirs.keys(), *ours._items}:
         assert ours.getlist(name) == theirs.getlist(name), (raw, name)
         assert ours.get(name) == theirs.get(name), (raw, name)
+
+
+class _Recording(asyncio.Transport):
+    """A transport that keeps what is written to it, each write apart (a socket cannot tell them apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.protocol: Any = None
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 50000)}.get(name, default)
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def test_the_101_and_the_first_frames_are_one_write(gw: RunningGateway, idp: TestIdP, platform: Platform) -> None:
+    """An accepted connection's 101, its welcome and its URL subscription's answer leave in one write (one
+    send, one segment for the client), through the protocols uvicorn makes for a new connection."""
+    await platform.grant("acme.org", ADMIN)
+    await platform.applied(idp, gw)
+    server, t = gw.server, _Recording()
+    proto = server.config.http_protocol_class(  # type: ignore[call-arg]
+        server.config, server.server_state, server.lifespan.state, asyncio.get_running_loop())
+    t.protocol = proto
+    proto.connection_made(t)
+    token = idp.mint("alice")
+    proto.data_received(
+        b"GET /v1/ws?scope=conversation:c1 HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n\r\n")
+    try:
+        assert len(t.writes) == 1, t.writes
+        head, _, frames = t.writes[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ") and b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+        texts = []
+        while frames:
+            assert frames[0] == 0x81, frames  # unmasked final text frames
+            size, at = frames[1] & 0x7F, 2
+            if size == 126:
+                size, at = int.from_bytes(frames[2:4], "big"), 4
+            texts.append(json.loads(frames[at:at + size]))
+            frames = frames[at + size:]
+        assert [f["type"] for f in texts] == ["welcome", "subscribed"], texts
+        assert texts[1]["scope"] == "conversation:c1"
+    finally:
+        t.protocol.connection_lost(None)
