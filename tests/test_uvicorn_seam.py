@@ -847,7 +847,7 @@ def test_plain_upgrade_reads_what_httptools_reads() -> None:
     def check(data: Any) -> None:
         raw = _head(data.draw)
         ours = plain_upgrade(raw)
-        if ours is None or upgrade_request("GET", *ours) is None:  # what UpgradeFirst takes: both accept it
+        if ours is None or upgrade_request("GET", *ours, checked=True) is None:  # what UpgradeFirst takes
             return
         seen = _HttptoolsHead()
         parser = httptools.HttpRequestParser(seen)
@@ -857,6 +857,7 @@ def test_plain_upgrade_reads_what_httptools_reads() -> None:
             pass
         assert seen.complete and parser.get_method() == b"GET" and parser.get_http_version() == "1.1", raw
         assert (seen.url, seen.headers) == ours, raw
+        assert upgrade_request("GET", *ours) == upgrade_request("GET", *ours, checked=True)  # h11's grammar too
         taken.append(raw)
 
     check()

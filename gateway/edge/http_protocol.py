@@ -271,7 +271,7 @@ if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] bring
         def data_received(self, data: bytes) -> None:
             ws = self.config.ws_protocol_class
             parsed = plain_upgrade(data) if isinstance(ws, type) and issubclass(ws, GatewayWSProtocol) else None
-            request = None if parsed is None else upgrade_request("GET", *parsed)
+            request = None if parsed is None else upgrade_request("GET", *parsed, checked=True)
             if parsed is None or request is None:
                 self._to_uvicorn(data)
                 return
@@ -309,29 +309,23 @@ if importlib.util.find_spec("httptools") is not None:  # uvicorn[standard] bring
             """uvicorn's server shutdown: a connection with no request yet is closed (as uvicorn's are)."""
             self.transport.close()
 
-    _UPGRADE_START = b"GET "
-    _HEAD_BYTES = re.compile(rb"[\t\r\n\x20-\x7e\x80-\xff]*")  # no NUL or other control character
-    _PLAIN_TARGET = re.compile(rb"/[A-Za-z0-9._~:/?\[\]@!$&'()*+,;=%-]*")  # origin-form, RFC 3986 characters
+    # A whole plain upgrade request head: origin-form target of RFC 3986 characters; header names are RFC 9110
+    # tokens; values start and end with a visible character or obs-text, with blanks only inside (stricter than
+    # h11's field-value, which also takes control characters, and than what httptools reads); CRLF line ends.
+    _PLAIN_HEAD = re.compile(
+        rb"GET (/[A-Za-z0-9._~:/?\[\]@!$&'()*+,;=%-]*) HTTP/1\.1\r\n"
+        rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t]*"
+        rb"(?:[\x21-\x7e\x80-\xff](?:[ \t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?\r\n)*)\r\n"
+    )
+    _HEADER_LINE = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")
 
     def plain_upgrade(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
-        """(request-target, headers with lower-case names, values without leading blanks) of `data` when it is
-        exactly one whole `GET <origin-form target> HTTP/1.1` request head of CRLF-terminated `name: value` lines (what
-        browsers and WebSocket libraries send), with nothing after it; else None (uvicorn's httptools
-        protocol reads it). Where this returns a request, httptools reads the same (tests/test_uvicorn_seam.py
-        compares them); names and values are checked by `upgrade_request`."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or end + 4 != len(data) or not data.startswith(_UPGRADE_START) or not _HEAD_BYTES.fullmatch(data):
+        """(request-target, headers with lower-case names) of `data` when it is exactly one whole
+        `GET <origin-form target> HTTP/1.1` request head in the plain form browsers and WebSocket libraries
+        send (`_PLAIN_HEAD`), with nothing after it; else None (uvicorn's httptools protocol reads it). Where
+        this returns a request, httptools reads the same (tests/test_uvicorn_seam.py compares them), and
+        `upgrade_request` needs no second look at the names and values (`checked`)."""
+        head = _PLAIN_HEAD.fullmatch(data)
+        if head is None:
             return None
-        lines = data[:end].split(b"\r\n")
-        if data.count(b"\r") != len(lines) + 1 or data.count(b"\n") != len(lines) + 1:
-            return None  # a bare CR or LF inside a line
-        request_line = lines[0].split(b" ")
-        if len(request_line) != 3 or request_line[2] != b"HTTP/1.1" or not _PLAIN_TARGET.fullmatch(request_line[1]):
-            return None
-        headers = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon:
-                return None
-            headers.append((name.lower(), value.lstrip(b" \t")))  # as httptools: trailing blanks stay (and fail)
-        return request_line[1], headers
+        return head[1], [(name.lower(), value) for name, value in _HEADER_LINE.findall(head[2])]

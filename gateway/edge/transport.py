@@ -359,7 +359,7 @@ _BODY_HEADERS = (b"content-length", b"transfer-encoding")
 
 
 def upgrade_request(
-    method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]]
+    method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]], *, checked: bool = False
 ) -> wsproto.events.Request | None:
     """The `Request` event wsproto's server handshake would make of this upgrade request, from what
     uvicorn's httptools protocol parsed (`headers`: lower-case names, in order), or None when wsproto
@@ -368,8 +368,11 @@ def upgrade_request(
 
     The checks are h11's (on the request uvicorn re-serializes) and wsproto's
     (`H11Handshake._process_connection_request`, the same loop: a later header wins, as there);
-    tests/test_uvicorn_seam.py compares the outcome with wsproto's for valid and invalid requests."""
-    if method != "GET" or not _REQUEST_TARGET.fullmatch(target):
+    tests/test_uvicorn_seam.py compares the outcome with wsproto's for valid and invalid requests.
+
+    `checked`: the target, names and values already matched a stricter grammar than h11's (the caller's,
+    `http_protocol.plain_upgrade`), and are not matched again."""
+    if method != "GET" or not (checked or _REQUEST_TARGET.fullmatch(target)):
         return None
     connection: list[str] | None = None
     extensions: list[str] = []
@@ -381,7 +384,9 @@ def upgrade_request(
     upgrade = b""
     try:
         for name, value in headers:
-            if not _HEADER_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value) or name in _BODY_HEADERS:
+            if not checked and (not _HEADER_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value)):
+                return None
+            if name in _BODY_HEADERS:
                 return None
             if name == b"connection":
                 connection = split_comma_header(value)
