@@ -167,6 +167,7 @@ class Metrics:
             self.auth_failures.labels(reason)
         for outcome in CONNECTION_OUTCOMES:
             self.connection_attempts.labels(outcome)
+        self.connections_accepted = self.connection_attempts.labels("accepted")  # counted on every handshake
         for invalid in InvalidEvent.REASONS:
             self.events_invalid.labels(invalid)
         for code in FRAME_ERROR_CODES:

@@ -261,7 +261,7 @@ def open_connection(gw: Gateway, channel: Channel, principal: Principal, initial
     """An authenticated client joins the hub: counted, welcomed, its expiry armed, its URL subscriptions
     started. Shared by the WebSocket session and the SSE endpoint."""
     conn = gw.hub.open(channel, principal, secrets.token_hex(16), cursor=initial.since)
-    gw.metrics.connection_attempts.labels("accepted").inc()
+    gw.metrics.connections_accepted.inc()
     heartbeat = gw.settings.heartbeat_s if channel.kind == "websocket" else None  # SSE: comment lines
     gw.hub.send(conn, control(
         "welcome", connection_id=conn.id, principal=principal_info(principal),

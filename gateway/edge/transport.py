@@ -432,6 +432,15 @@ _BAD_UPGRADE = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
     b"content-length: 40\r\n\r\nupgrade header values must be ASCII text"
 )
+_CHECKED_DEFAULTS: list[object] = [None]  # the last list of uvicorn's default headers found well-formed
+
+
+def _check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
+    for name, value in headers:
+        if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
+            raise LocalProtocolError(f"illegal header {name!r}")  # as h11 would refuse to write it
+
+
 _INFLATE_CODES = (CloseReason.MESSAGE_TOO_BIG, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
 
 
@@ -698,9 +707,12 @@ class GatewayWSProtocol(WSProtocol):
         if self.inflate is not None:
             extensions.append(self.inflate)
             lines.append(f"Sec-WebSocket-Extensions: {NAME}; {self.inflate.answer}\r\n".encode("ascii"))
-        for name, value in (*self.default_headers, *headers):
-            if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
-                raise LocalProtocolError(f"illegal header {name!r}")  # as h11 would refuse to write it
+        defaults = self.default_headers  # uvicorn's (server, date, --header): a new list each second
+        if defaults is not _CHECKED_DEFAULTS[0]:
+            _check_headers(defaults)
+            _CHECKED_DEFAULTS[0] = defaults
+        _check_headers(headers)  # the app's
+        for name, value in (*defaults, *headers):
             lines.append(b"%s: %s\r\n" % (name, value))
         lines.append(b"\r\n")
         if self.transport.is_closing():
