@@ -87,7 +87,7 @@ METHODS: dict[str, tuple[str, ...]] = {
 # What GatewayWSProtocol adds: names uvicorn's class must not have (or an override would be silent).
 ADDED = ("channel", "flag", "close_now", "fail", "failed", "inflate", "detached", "holding", "receive_with",
          "hold_reading", "release_reading", "_read_on", "upgrade", "accept_now", "connection_made_from",
-         "_start_eagerly", "_text_frames", "plain_reads")
+         "_start_eagerly", "_client_frames", "plain_reads")
 # What uvicorn may call on the objects transport.py replaces with lighter ones.
 QUEUE_USES = {"put_nowait", "get", "empty"}  # _Inbox
 WRITABLE_USES = {"set", "clear", "is_set", "wait"}  # _Flag
@@ -729,9 +729,17 @@ def _client_frame(draw: Any) -> bytes:
 
     from tests.support.rawws import frame
 
-    kind = draw(st.sampled_from(["text"] * 12 + ["fragment", "binary", "ping", "badutf8", "unmasked", "rsv", "wide"]))
+    kinds = ["text"] * 10 + ["pong"] * 3 + ["fragment", "binary", "ping", "badutf8", "unmasked", "rsv", "wide",
+                                            "longpong", "widepong"]
+    kind = draw(st.sampled_from(kinds))
     text = draw(st.text(max_size=draw(st.sampled_from([5, 130, 300]))))
     payload = text.encode()
+    if kind == "pong":
+        return frame(0xA, draw(st.binary(max_size=125)))
+    if kind == "longpong":
+        return frame(0xA, draw(st.binary(min_size=126, max_size=200)))
+    if kind == "widepong":
+        return frame(0xA, draw(st.binary(max_size=20)), wide_length=True)
     if kind == "binary":
         return frame(0x2, payload)
     if kind == "ping":
@@ -747,38 +755,55 @@ def _client_frame(draw: Any) -> bytes:
     return frame(0x1, payload, fin=kind != "fragment")
 
 
-def test_text_frames_reads_what_wsproto_reads() -> None:
-    """transport.text_frames (whole text frames read without wsproto) returns texts only where wsproto's
-    server connection reads exactly those TextMessages from the same bytes, cut anywhere."""
+def test_client_frames_reads_what_wsproto_reads() -> None:
+    """transport.client_frames (whole text and pong frames read without wsproto) returns frames only where
+    wsproto's server connection reads exactly those TextMessage and Pong events from the same bytes, cut
+    anywhere."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from gateway.edge.transport import text_frames
+    from gateway.edge.transport import client_frames
 
     taken = []
 
-    @settings(max_examples=600, deadline=None)
+    @settings(max_examples=800, deadline=None)
     @given(st.data())
     def check(data: Any) -> None:
         frames = b"".join(_client_frame(data.draw) for _ in range(data.draw(st.integers(1, 4))))
         cut = data.draw(st.integers(0, len(frames)))
         raw = frames[:cut] if data.draw(st.integers(0, 3)) == 0 else frames
         limit = data.draw(st.sampled_from([64, 1 << 20]))
-        ours = text_frames(raw, limit)
+        ours = client_frames(raw, limit)
         if ours is None:
             return
         conn = Connection(ConnectionType.SERVER)
         conn.receive_data(raw)
         events = list(conn.events())
-        assert [type(e).__name__ for e in events] == ["TextMessage"] * len(ours), events
-        assert [e.data for e in events] == ours  # type: ignore[attr-defined]
-        assert all(e.message_finished for e in events)  # type: ignore[attr-defined]
-        assert all(len(t.encode()) <= limit for t in ours)
+        want = ["TextMessage" if isinstance(f, str) else "Pong" for f in ours]
+        assert [type(e).__name__ for e in events] == want, events
+        assert [e.data if isinstance(e, wsproto.events.TextMessage) else bytes(e.payload)  # type: ignore[attr-defined]
+                for e in events] == ours
+        assert all(e.message_finished for e in events if isinstance(e, wsproto.events.TextMessage))
+        assert all(len(f.encode()) <= limit for f in ours if isinstance(f, str))
         taken.append(len(ours))
 
     check()
-    assert sum(taken) > 100, "too few inputs were whole text frames: the comparison says little"
-    assert text_frames(b"", 10) == []
+    assert sum(taken) > 100, "too few inputs were whole text or pong frames: the comparison says little"
+    assert client_frames(b"", 10) == []
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00\x01\x02\x03", b"x" * 125])
+def test_a_keepalive_ping_or_pong_is_written_as_wsproto_writes_it(payload: bytes) -> None:
+    """_Established writes pings and pongs itself while it has made no wsproto Connection: the same bytes."""
+    from gateway.edge.deflate import Inflate, negotiate
+
+    for extensions in ([], [Inflate(negotiate(["permessage-deflate"]) or "", 1 << 20)]):
+        for event in (wsproto.events.Ping(payload=payload), wsproto.events.Pong(payload=payload)):
+            ours = _Established(list(extensions))
+            assert ours.send(event) == Connection(ConnectionType.SERVER, list(extensions)).send(event)
+            assert ours._connection is None  # nothing was made for it
+    with pytest.raises(ValueError):  # too long for a control frame: wsproto's error, as before
+        _Established([]).send(wsproto.events.Ping(payload=b"x" * 126))
 
 
 class _HttptoolsHead:

@@ -95,3 +95,35 @@ async def test_a_disconnect_during_a_refresh_removes_the_connection(gw: RunningG
     finally:
         conn.close()
     await eventually(lambda: not gw.gateway.hub.connections, what="the connection to leave the hub")
+
+
+async def test_an_idle_connection_answers_keepalives_without_a_wsproto_connection(
+    nats_server: object, idp: TestIdP, platform: Platform
+) -> None:
+    """An idle subscriber's only traffic is the keepalive: the gateway's pings and the client's pongs. They are
+    written and read without wsproto's Connection (none is made for such a connection: less memory and CPU per
+    idle connection); the client stays connected through several of them and is served an event after."""
+    from gateway.edge.transport import GatewayWSProtocol
+    from tests.support.gateway import run_gateway
+
+    await platform.grant("acme.org", {"admins": ["user:alice"]})
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, heartbeat_s=1.0) as g:  # type: ignore[attr-defined]
+        await platform.applied(idp, g)
+        # a client that answers pings (websockets' default) and offers no compression (a compressing client's
+        # frames are wsproto's to read: its own messages arrive compressed)
+        ws = await connect(g.ws, idp.mint("alice"), compression=None)
+        await welcome(ws)
+        assert (await subscribe(ws, "conversation:c1"))["type"] == "subscribed"
+        (proto,) = [p for p in g.server.server_state.connections if isinstance(p, GatewayWSProtocol)]
+        answered = []
+
+        def pongs() -> bool:
+            if proto.last_ping_rtt and (not answered or proto.ping_sent_at != answered[-1]):
+                answered.append(proto.ping_sent_at)
+            return len(answered) >= 3
+
+        await eventually(pongs, what="three pings answered", info=lambda: f"{len(answered)} so far")
+        assert proto.conn._connection is None, "a wsproto Connection was made for pings and pongs"  # type: ignore[union-attr]
+        seq = await platform.publish("acme", "conversation:c1")
+        assert (await events(ws, 1))[0]["seq"] == seq
+        await ws.close()

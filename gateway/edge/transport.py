@@ -269,15 +269,19 @@ class _EventList(list[wsproto.events.Event]):
         return self.pop(0)
 
 
+_CONTROL_OPCODES: dict[type, int] = {wsproto.events.Ping: 0x89, wsproto.events.Pong: 0x8A}  # FIN + opcode
+
+
 class _Established:
     """What uvicorn calls on its WSConnection (send, receive_data, events, state) once the upgrade is
     done, served by wsproto's public post-handshake `Connection` alone, made when first used.
 
     WSConnection keeps the spent HTTP handshake (an H11Handshake and its h11 connection, ~3.4 KiB) for
     the connection's whole life; an idle gateway connection has no use for it. Nor, mostly, for the
-    Connection: the session's text frames are read without it (`text_frames`), so it is made for the
-    first frame that is not one, or for the first frame wsproto writes (a pong, a close), and an idle
-    connection that never needed it holds none (its making was a tenth of a handshake's Python).
+    Connection: the session's text frames and the keepalive's pongs are read without it (`client_frames`),
+    and the keepalive's pings written without it (`send`), so it is made for the first frame that is none
+    of these (a close, a binary frame, a violation), and an idle connection holds none (its making was a
+    tenth of a handshake's Python, and it is ~1.5 KiB).
     """
 
     __slots__ = ("_connection", "_extensions")
@@ -302,6 +306,15 @@ class _Established:
         return ConnectionState.OPEN if conn is None else conn.state  # a Connection starts OPEN
 
     def send(self, event: wsproto.events.Event) -> bytes:
+        """wsproto's bytes for `event`; a ping or a pong (the keepalive's) written here while no Connection is
+        made: an unmasked final control frame, the same bytes wsproto writes (tests/test_uvicorn_seam.py;
+        the extension, Inflate, leaves control frames as they are)."""
+        if self._connection is None:
+            opcode = _CONTROL_OPCODES.get(type(event))
+            if opcode is not None:
+                payload = bytes(cast("wsproto.events.Ping", event).payload)
+                if len(payload) <= 125:
+                    return bytes((opcode, len(payload))) + payload
         return self.connection.send(event)
 
     def receive_data(self, data: bytes | None) -> None:
@@ -472,20 +485,26 @@ def endpoints(transport: asyncio.BaseTransport) -> tuple[int, tuple[str, int | N
     return fd, get_local_addr(t), get_remote_addr(t)
 
 
-def text_frames(data: bytes, limit: int) -> list[str] | None:
-    """The texts of `data` if it is nothing but whole, final, masked client text frames with no RSV bit and
-    minimally encoded lengths up to 65,535 bytes (and `limit`), each valid UTF-8 (what a client sends:
-    subscribe and ping frames); else None, for wsproto to parse (a control frame, a fragment, a frame split
-    over two reads, a violation). Where it returns texts, wsproto would have read the same
-    TextMessages (tests/test_uvicorn_seam.py compares them)."""
-    texts = []
+def client_frames(data: bytes, limit: int) -> list[str | bytes] | None:
+    """What `data` holds when it is nothing but whole, final, masked client frames with no RSV bit that are
+    text (minimally encoded lengths up to 65,535 bytes and `limit`, valid UTF-8: a `str` each) or pong
+    (at most 125 bytes: the payload, `bytes`): what a client sends (subscribe and ping frames, the
+    keepalive's answers); else None, for wsproto to parse (another frame, a fragment, a frame split over
+    two reads, a violation). Where it returns frames, wsproto reads the same TextMessage and Pong events
+    (tests/test_uvicorn_seam.py compares them)."""
+    frames: list[str | bytes] = []
     at, end = 0, len(data)
     while at < end:
-        if end - at < 6 or data[at] != 0x81 or data[at + 1] < 0x80:  # FIN + text, MASK
+        if end - at < 6 or data[at + 1] < 0x80:  # MASK
             return None
-        size = data[at + 1] & 0x7F
+        first, size = data[at], data[at + 1] & 0x7F
         at += 2
-        if size == 126:
+        if first == 0x8A:  # FIN + pong
+            if size > 125:
+                return None
+        elif first != 0x81:  # FIN + text
+            return None
+        elif size == 126:
             size = int.from_bytes(data[at:at + 2], "big")
             at += 2
             if size < 126:
@@ -498,11 +517,14 @@ def text_frames(data: bytes, limit: int) -> list[str] | None:
         at += 4
         payload = (int.from_bytes(data[at:at + size], "little") ^ mask).to_bytes(size, "little")
         at += size
+        if first == 0x8A:
+            frames.append(payload)
+            continue
         try:
-            texts.append(payload.decode("utf-8"))  # strict, as wsproto's (no surrogates, no overlong forms)
+            frames.append(payload.decode("utf-8"))  # strict, as wsproto's (no surrogates, no overlong forms)
         except UnicodeDecodeError:
             return None  # wsproto's 1007
-    return texts
+    return frames
 
 
 class _Continued:
@@ -550,7 +572,7 @@ class GatewayWSProtocol(WSProtocol):
     detached = False  # the session receives through a callback (`receive_with`); its ASGI task has ended
     holding = False  # the session asked for no more client frames for now (`hold_reading`)
     fd = -1  # the socket's file descriptor, when the protocol that handed the connection over read it
-    plain_reads = True  # every read so far was whole text frames (`_text_frames`); wsproto has seen none
+    plain_reads = True  # every read so far was whole text or pong frames (`_client_frames`); wsproto saw none
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -782,7 +804,7 @@ class GatewayWSProtocol(WSProtocol):
         if self.failed:
             return  # answered with a close frame (fail): nothing more from this peer is parsed, or buffered
         if self.handshake_complete:
-            if self.plain_reads and self.detached and self.inflate is None and self._text_frames(data):
+            if self.plain_reads and self.detached and self.inflate is None and self._client_frames(data):
                 return
             self.plain_reads = False  # wsproto has seen this connection's bytes: from now on it parses them all
             super().data_received(data)
@@ -793,20 +815,23 @@ class GatewayWSProtocol(WSProtocol):
             self.transport.write(_BAD_UPGRADE)
             self.transport.close()
 
-    def _text_frames(self, data: bytes) -> bool:
-        """Client frames without wsproto (`text_frames`): each goes to the session as wsproto's TextMessage
-        would (uvicorn's `handle_message`); the subscribe frame's parse through wsproto's generators was a
-        tenth of a handshake. Anything else returns False with nothing consumed, and wsproto parses it, as
-        every later read of the connection (`plain_reads`): wsproto never holds part of a stream it did
-        not see."""
-        texts = text_frames(data, self.config.ws_max_size)
-        if texts is None:
+    def _client_frames(self, data: bytes) -> bool:
+        """Client frames without wsproto (`client_frames`): a text frame goes to the session as wsproto's
+        TextMessage would (uvicorn's `handle_message`), a pong to uvicorn's `handle_pong`; the subscribe
+        frame's parse through wsproto's generators was a tenth of a handshake. Anything else returns False
+        with nothing consumed, and wsproto parses it, as every later read of the connection (`plain_reads`):
+        wsproto never holds part of a stream it did not see."""
+        frames = client_frames(data, self.config.ws_max_size)
+        if frames is None:
             return False
         queue = self.queue
-        for text in texts:
+        for frame in frames:
             if self.close_sent:
                 break  # as uvicorn's handle_events: after our close frame, only the peer's close counts
-            queue.put_nowait({"type": "websocket.receive", "text": text})
+            if isinstance(frame, str):
+                queue.put_nowait({"type": "websocket.receive", "text": frame})
+            else:
+                self.handle_pong(wsproto.events.Pong(payload=frame))
         return True
 
     def handle_close(self, event: wsproto.events.CloseConnection) -> None:
