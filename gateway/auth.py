@@ -647,7 +647,5 @@ class TokenVerifier:
             expires_at = min(float(claims["exp"]), MAX_EXPIRES_AT)  # (frames carry it as a 64-bit integer)
         except OverflowError:
             expires_at = MAX_EXPIRES_AT
-        # every field is checked above (types included): built without a second, slower validation
-        return Principal.model_construct(
-            subject=sub, tenant=tenant, groups=groups, expires_at=expires_at,
-            display_name=profile_name(claims.get("name")), picture=profile_picture(claims.get("picture")))
+        return Principal(subject=sub, tenant=tenant, groups=groups, expires_at=expires_at,
+                         display_name=profile_name(claims.get("name")), picture=profile_picture(claims.get("picture")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -170,8 +171,10 @@ async def test_custom_and_nested_claim_names(idp: TestIdP) -> None:
 
 async def test_principal_is_frozen() -> None:
     p = Principal(subject="a", tenant="t", groups=("g",), expires_at=1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         p.subject = "b"  # type: ignore[misc]
+    assert (p.name, p.ids) == ("user:a", frozenset({"user:a", "group:g"}))
+    assert p == Principal(subject="a", tenant="t", groups=("g",), expires_at=1.0) and hash(p)
 
 
 # -- each failure reason -------------------------------------------------------------------------
