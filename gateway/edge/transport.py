@@ -19,12 +19,14 @@ parsing, pings, size limits and the close handshake stay uvicorn's; the hot path
 from __future__ import annotations
 
 import asyncio
+import binascii
 import contextlib
 import contextvars
 import logging
 import re
 import socket
 from collections.abc import Callable, Coroutine, Generator, Iterator, Sequence
+from hashlib import sha1
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
@@ -42,7 +44,7 @@ from wsproto import WSConnection
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason
-from wsproto.utilities import LocalProtocolError, generate_accept_token, split_comma_header
+from wsproto.utilities import ACCEPT_GUID, LocalProtocolError, split_comma_header
 
 from gateway.core.channel import websocket_encode
 from gateway.edge.deflate import NAME, Inflate, negotiate
@@ -405,7 +407,9 @@ def upgrade_request(
                 connection = split_comma_header(value)
             elif name == b"host":
                 hosts += 1
-                host = value.decode("idna")
+                # an ASCII name without an A-label decodes to itself: the idna codec's work only for the rest
+                plain = value.isascii() and b"xn--" not in value.lower()
+                host = value.decode("ascii") if plain else value.decode("idna")
                 continue
             elif name == b"sec-websocket-extensions":
                 extensions.extend(split_comma_header(value))
@@ -720,7 +724,7 @@ class GatewayWSProtocol(WSProtocol):
                              get_path_with_query_string(scope))
         key = next((v for k, v in scope["headers"] if k == b"sec-websocket-key"), b"")  # wsproto: there is one
         lines = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Accept: %s\r\n" % generate_accept_token(key)]
+                 b"Sec-WebSocket-Accept: %s\r\n" % binascii.b2a_base64(sha1(key + ACCEPT_GUID).digest(), newline=False)]
         if subprotocol is not None:
             if subprotocol not in scope["subprotocols"]:
                 raise LocalProtocolError(f"unexpected subprotocol {subprotocol}")
