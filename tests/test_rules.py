@@ -100,3 +100,28 @@ def test_the_data_path_imports_no_jwt_or_http_client_library() -> None:
                       "print(sorted(m for m in ('gateway.auth', 'jwt', 'httpx') if m in sys.modules))"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_json_that_is_kept_takes_its_own_size() -> None:
+    """orjson's result keeps the 4 KiB buffer it wrote into; what the gateway keeps (a presence member's row,
+    a queued control frame, a merged delta) is copied to its size (`protocol.kept_json`). A presence row per
+    member cost 4 KiB per connection before (bench/fanout.py: 12.5 KiB per idle connection instead of 10.5)."""
+    import tracemalloc
+
+    from gateway.core.presence import Member, member_row
+    from gateway.protocol import kept_json, server_payload
+
+    makers = {
+        "kept_json": lambda i: kept_json({"type": "x", "i": i}),
+        "member_row": lambda i: member_row(f"user:u{i}", Member(None, None), 1),
+        "server_payload": lambda i: server_payload("subscribed", id=i, scope="conversation:c1", seq=i),
+    }
+    for name, make in makers.items():
+        tracemalloc.start()
+        try:
+            kept = [make(i) for i in range(500)]
+            per = tracemalloc.get_traced_memory()[0] / len(kept)
+        finally:
+            tracemalloc.stop()
+        assert per < 256, f"{name}: {per:.0f} bytes per result kept"
+    assert kept_json([1, "a", None]) == orjson.dumps([1, "a", None])

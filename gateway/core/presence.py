@@ -33,7 +33,7 @@ import orjson
 from gateway.core.queue import OutFrame, control
 from gateway.events import KINDS, NAME_RE
 from gateway.principal import Principal, profile_name, profile_picture
-from gateway.protocol import INBOX, WILDCARD
+from gateway.protocol import INBOX, WILDCARD, kept_json
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -61,7 +61,7 @@ class Agent(NamedTuple):
 
 def member_row(pid: str, m: Member, n: int) -> bytes:
     """One member of an encoded entry: `[id, name, picture, connections]`."""
-    return orjson.dumps([pid, m.name, m.picture, n])
+    return kept_json([pid, m.name, m.picture, n])  # one per member, kept: its own size
 
 
 class Entry:

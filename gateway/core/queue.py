@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from gateway.events import Envelope, coalesce_key, delivery_class
-from gateway.protocol import event_payload, server_payload, ws_text_frame
+from gateway.protocol import event_payload, kept_json, server_payload, ws_text_frame
 
 
 class EventMeta:
@@ -153,7 +153,7 @@ def _merge_deltas(run: list[OutFrame]) -> OutFrame:
         parts.append(orjson.loads(f.meta.raw)["data"].get("delta", ""))
     parts.append(env_b["data"].get("delta", ""))
     env_b["data"]["delta"] = "".join(parts)
-    raw = orjson.dumps(env_b)
+    raw = kept_json(env_b)  # queued until written
     count = sum(f.count for f in run)
     return OutFrame(event_payload(newer.seq, raw, count), newer.seq, newer.latency, run[0].t,
                     EventMeta("delta", b.key, raw), count=count)
