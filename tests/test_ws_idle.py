@@ -107,7 +107,7 @@ async def test_an_idle_connection_answers_keepalives_without_a_wsproto_connectio
     from tests.support.gateway import run_gateway
 
     await platform.grant("acme.org", {"admins": ["user:alice"]})
-    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, heartbeat_s=1.0) as g:  # type: ignore[attr-defined]
+    async with run_gateway(nats_server.url, idp.issuer, audience=idp.audience, heartbeat_s=2.0) as g:  # type: ignore[attr-defined]
         await platform.applied(idp, g)
         # a client that answers pings (websockets' default) and offers no compression (a compressing client's
         # frames are wsproto's to read: its own messages arrive compressed)
