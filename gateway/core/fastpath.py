@@ -99,12 +99,21 @@ def flush_live_py(dirty: list[Connection], live: ConnState, touched: list[OutFra
     return rest
 
 
-def _compiled() -> Loops | None:
+def _module() -> Any:
     try:
         from gateway.core import _fastpath  # type: ignore[attr-defined]
     except ImportError:
         return None
-    mod: Any = _fastpath
+    return _fastpath
+
+
+MODULE: Any = _module()  # the compiled module (its loops, and the socket helpers the edge uses); None: not built
+
+
+def _compiled() -> Loops | None:
+    mod = MODULE
+    if mod is None:
+        return None
     mod.configure(Connection, OutFrame, Subscription)
     try:
         from uvloop.loop import TCPTransport  # type: ignore[attr-defined]  # (its stubs omit the class)
@@ -130,6 +139,6 @@ def select(fast: bool) -> Loops:
 
 
 __all__ = [
-    "AVAILABLE", "PYTHON", "Allowed", "FanOut", "FlushLive", "Loops", "Write", "direct_py", "fan_out_py",
+    "AVAILABLE", "MODULE", "PYTHON", "Allowed", "FanOut", "FlushLive", "Loops", "Write", "direct_py", "fan_out_py",
     "flush_live_py", "select",
 ]

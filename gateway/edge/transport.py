@@ -46,6 +46,7 @@ from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import ACCEPT_GUID, LocalProtocolError, split_comma_header
 
+from gateway.core import fastpath
 from gateway.core.channel import websocket_encode
 from gateway.edge.deflate import NAME, Inflate, negotiate
 
@@ -461,15 +462,7 @@ def _check_headers(headers: Sequence[tuple[bytes, bytes]]) -> None:
 _INFLATE_CODES = (CloseReason.MESSAGE_TOO_BIG, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
 
 
-def _sockets() -> Any:
-    try:
-        from gateway.core import _fastpath  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _fastpath
-
-
-_SOCKETS = _sockets()  # the compiled helpers (gateway/core/_fastpath.c), None when not built
+_SOCKETS: Any = fastpath.MODULE  # the compiled helpers (gateway/core/_fastpath.c), None when not built
 
 
 def endpoints(transport: asyncio.BaseTransport) -> tuple[int, tuple[str, int | None] | None, tuple[str, int] | None]:
